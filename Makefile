@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (the pipeline on the embedded digits data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+DEMO_STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(DEMO_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@ $(DEMO_STAMP)
+
+install: $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) train.py pipeline --config configs/digits.yaml --run.name demo
+	$(PY) eval.py --run runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache
