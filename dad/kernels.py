@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from dad.mmd import j_statistic, mmd2_biased, mmd2_unbiased, mmd2_unbiased_unpaired, mmd2_variance, pairwise_sq_dists
 
-__all__ = ["semantic_gram", "SemanticKernel", "Grams", "Estimator"]
+__all__ = ["semantic_gram", "SemanticKernel", "Grams", "Estimator", "ESTIMATORS"]
 
 Estimator = Literal["unbiased", "biased", "unpaired"]
 Grams = tuple[Tensor, Tensor, Tensor]
 
-_ESTIMATORS = {"unbiased": mmd2_unbiased, "biased": mmd2_biased, "unpaired": mmd2_unbiased_unpaired}
+ESTIMATORS = {"unbiased": mmd2_unbiased, "biased": mmd2_biased, "unpaired": mmd2_unbiased_unpaired}
 
 
 def semantic_gram(
@@ -151,9 +151,9 @@ class SemanticKernel(nn.Module):
 
     def mmd2(self, x: Tensor, y: Tensor, estimator: Estimator = "unbiased") -> Tensor:
         """MMD^2 between two batches with the chosen estimator (``unbiased`` is paired)."""
-        if estimator not in _ESTIMATORS:
-            raise ValueError(f"Unknown estimator {estimator!r}; expected one of {sorted(_ESTIMATORS)}")
-        return _ESTIMATORS[estimator](*self.gram(x, y))
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Unknown estimator {estimator!r}; expected one of {sorted(ESTIMATORS)}")
+        return ESTIMATORS[estimator](*self.gram(x, y))
 
     def j_statistic(self, x: Tensor, y: Tensor, reg: float = 1e-8) -> Tensor:
         """Test power proxy J of a paired (clean, adversarial) batch."""

@@ -1,0 +1,175 @@
+"""DADDefense: the assembled defense as a plain ``nn.Module`` (no Lightning at inference).
+
+Images in [0, 1] go in, logits come out. Each batch is scored by MMD-OPT against clean reference
+data; a batch judged clean goes straight to the classifier, a batch judged adversarial is noised,
+denoised and then classified. The batch score and decision are exposed for logging.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dad.denoisers import UNetDenoiser
+from dad.detector import MMDDetector
+from dad.io import atomic_torch_save
+from dad.kernels import SemanticKernel
+from dad.models import create_model
+from dad.noise import NOISE_MODES, NoiseMode, add_noise
+
+__all__ = ["DADDefense", "DefenseOutput", "load_defense", "InvalidInputError", "IncompatibleFileError"]
+
+_FORMAT = "dad-defense"
+_VERSION = 1
+
+
+class InvalidInputError(ValueError):
+    """Raised for inputs the defense must not silently process (wrong shape, NaN/inf, outside [0, 1])."""
+
+
+class IncompatibleFileError(ValueError):
+    """Raised when a file is not a saved DAD defense or was saved by an incompatible version."""
+
+
+@dataclass
+class DefenseOutput:
+    """What one forward pass of the defense produced."""
+
+    logits: Tensor
+    score: Tensor  # the batch's MMD^2 against the reference set, differentiable in the input
+    adversarial: Tensor  # the routing decision: True if the batch went through the denoiser
+
+
+def check_images(x: Tensor, shape: tuple[int, ...]) -> None:
+    """Raise :class:`InvalidInputError` unless ``x`` is a finite batch of ``shape`` images in [0, 1]."""
+    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise InvalidInputError(f"Expected a batch of images of shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InvalidInputError(f"Expected floating-point images in [0, 1], got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise InvalidInputError("Input contains NaN or inf values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise InvalidInputError(f"Expected pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+class DADDefense(nn.Module):
+    """Classifier + MMD-OPT detector + denoiser with per-batch routing.
+
+    Args:
+        classifier: maps images in [0, 1] to logits; if it is also the kernel's feature extractor,
+            one forward pass yields both the logits and the detection features.
+        detector: the calibrated MMD detector.
+        denoiser: maps noisy images to denoised ones.
+        noise_std, noise: the noise added before denoising (as in the denoiser's training).
+        specs: plain-data description of the architectures (``classifier``, ``feature_extractor``,
+            ``denoiser``), used by :meth:`save` so :func:`load_defense` can rebuild the module.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        detector: MMDDetector,
+        denoiser: nn.Module,
+        noise_std: float = 0.25,
+        noise: NoiseMode = "one_sided",
+        specs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if noise_std < 0:
+            raise ValueError(f"Expected `noise_std` >= 0, got {noise_std}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"Unknown noise mode {noise!r}; expected one of {NOISE_MODES}")
+        self.classifier = classifier
+        self.detector = detector
+        self.denoiser = denoiser
+        self.noise_std = noise_std
+        self.noise = noise
+        self.specs = specs or {}
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.detector.reference.shape[1:])
+
+    @property
+    def shares_features(self) -> bool:
+        """Whether the kernel's ``phi`` is the classifier itself (one forward pass serves both)."""
+        return self.detector.kernel.phi is self.classifier
+
+    def purify(self, x: Tensor) -> Tensor:
+        """Noise then denoise, clamped to the valid image range."""
+        return self.denoiser(add_noise(x, self.noise_std, self.noise)).clamp(0.0, 1.0)
+
+    def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of the classifier and the detector's features of ``x``."""
+        if self.shares_features:
+            return self.classifier.forward_with_features(x)
+        return self.classifier(x), self.detector.kernel.features(x)
+
+    def forward_with_info(self, x: Tensor) -> DefenseOutput:
+        """Route the batch and return logits, the batch's MMD score and the decision."""
+        check_images(x, self.image_shape)
+        logits, features = self.classify_with_features(x)
+        score = self.detector.score(x, features)
+        adversarial = self.detector.decide(score, x.shape[0])
+        if bool(adversarial):
+            logits = self.classifier(self.purify(x))
+        return DefenseOutput(logits=logits, score=score, adversarial=adversarial)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_info(x).logits
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the defense to one file, atomically (temporary file, then rename)."""
+        payload = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "specs": self.specs,
+            "noise_std": self.noise_std,
+            "noise": self.noise,
+            "target_fpr": self.detector.target_fpr,
+            "train_features": self.detector.kernel.train_features,
+            "shares_features": self.shares_features,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        atomic_torch_save(payload, path)
+
+
+def load_defense(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DADDefense:
+    """Rebuild a :class:`DADDefense` from :meth:`DADDefense.save`'s file.
+
+    The file is read with ``weights_only=True``: only tensors and plain data are accepted, so a file
+    from elsewhere can never run code. Architectures are rebuilt from their stored names and kwargs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved defense at {path}: run `train.py pipeline` first (it writes defense.pt)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors differ by cause; all mean "not a loadable defense"
+        raise IncompatibleFileError(f"{path} is not a loadable DAD defense: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise IncompatibleFileError(f"{path} is not a saved DAD defense (no '{_FORMAT}' header)")
+    if payload.get("version") != _VERSION:
+        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_VERSION}")
+    specs = payload["specs"]
+    state = payload["state_dict"]
+    classifier = create_model(specs["classifier"]["name"], **specs["classifier"].get("kwargs", {}))
+    if payload["shares_features"]:
+        phi = classifier
+    else:
+        phi = create_model(specs["feature_extractor"]["name"], **specs["feature_extractor"].get("kwargs", {}))
+    kernel = SemanticKernel(phi, train_features=payload["train_features"])
+    detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]), target_fpr=payload["target_fpr"])
+    denoiser = UNetDenoiser(**specs["denoiser"])
+    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], specs)
+    try:
+        defense.load_state_dict(state)
+    except RuntimeError as err:
+        raise IncompatibleFileError(f"{path} does not match its stored architecture: {str(err).splitlines()[0]}") from None
+    return defense.eval()

@@ -1,0 +1,59 @@
+"""Atomic file writes and checksums: a crash mid-write never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["atomic_open", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "sha256_file"]
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success it is renamed over ``path``, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through :func:`atomic_open`."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write text through :func:`atomic_open`."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike[str], default: Callable[[Any], Any] | None = None) -> None:
+    """Write indented JSON through :func:`atomic_open`."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=default) + "\n", path)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

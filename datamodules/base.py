@@ -1,0 +1,224 @@
+"""The base data module: images held in memory, and the DAD splits carved from a seed.
+
+Splits (all disjoint):
+- ``mmd``: N images per class from the training data (trains the MMD-OPT kernel; the detector's
+  reference set is drawn from it);
+- ``denoiser``: the rest of the training data (trains the denoiser);
+- ``val``: clean held-out images (threshold calibration and model selection);
+- ``test``: the dataset's test split, or a held-out part of the data where there is none.
+The classifier trains on ``mmd`` + ``denoiser``. The indices are a pure function of the seed and are
+saved in the run directory, so a resumed or later stage sees exactly the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dad.io import atomic_write_json
+
+__all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits"]
+
+SPLIT_NAMES = ("mmd", "denoiser", "val", "test")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured (missing files, too few samples, bad labels)."""
+
+
+@dataclass
+class Splits:
+    """Indices of each split; ``mmd``/``denoiser``/``val`` index the training pool, ``test`` the test pool."""
+
+    mmd: list[int]
+    denoiser: list[int]
+    val: list[int]
+    test: list[int]
+
+    def digest(self) -> str:
+        """A short hash identifying the split (recorded in AE-cache manifests)."""
+        return hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()[:16]
+
+
+class ImageTensorDataset(Dataset):
+    """``(image, label)`` pairs from in-memory tensors; uint8 images are scaled to [0, 1] on access."""
+
+    def __init__(self, images: Tensor, labels: Tensor, indices: list[int] | None = None) -> None:
+        self.images = images
+        self.labels = labels
+        self.indices = indices if indices is not None else list(range(len(labels)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        j = self.indices[i]
+        return to_float(self.images[j]), self.labels[j]
+
+
+def to_float(images: Tensor) -> Tensor:
+    """Images as float32 in [0, 1] (uint8 is divided by 255, floats are passed through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def carve_splits(
+    train_labels: Tensor,
+    num_test: int,
+    mmd_per_class: int,
+    val_size: int,
+    seed: int,
+    test_size: int = 0,
+) -> Splits:
+    """Carve the DAD splits deterministically from ``seed``.
+
+    ``mmd`` takes exactly ``mmd_per_class`` images of every class; ``val`` is a random sample of
+    ``val_size`` of the rest; ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
+    from the training pool too (datasets without a test split), else it is the whole test pool of
+    ``num_test`` images, in a seeded random order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(train_labels)
+    order = torch.randperm(n, generator=g)
+    # The test split is kept in a seeded random order, so consecutive test batches are i.i.d. draws as
+    # the batch-level detector assumes (ordered data, e.g. digits grouped by writer, would otherwise
+    # make whole batches look distribution-shifted).
+    if test_size > 0:
+        test, order = order[:test_size].tolist(), order[test_size:]
+    else:
+        test = torch.randperm(num_test, generator=g).tolist()
+    labels = train_labels[order]
+    mmd: list[int] = []
+    for c in labels.unique().tolist():
+        members = order[labels == c]
+        if len(members) < mmd_per_class:
+            raise DataError(f"Class {c} has {len(members)} training images, fewer than mmd_per_class={mmd_per_class}")
+        mmd.extend(members[:mmd_per_class].tolist())
+    taken = set(mmd)
+    rest = [i for i in order.tolist() if i not in taken]
+    if len(rest) <= val_size:
+        raise DataError(f"Only {len(rest)} training images left after the MMD set; val_size={val_size} leaves none")
+    return Splits(mmd=sorted(mmd), denoiser=sorted(rest[val_size:]), val=sorted(rest[:val_size]), test=test)
+
+
+class DADDataModule(pl.LightningDataModule):
+    """In-memory image data with the DAD splits. Subclasses implement :meth:`load`.
+
+    Args:
+        mmd_per_class: images per class in the MMD set (the paper uses 50).
+        val_size: clean held-out images for calibration and model selection.
+        test_size: if > 0, carve a test split of this size from the training data.
+        subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
+        batch_size: batch size of the classifier's loaders (per process).
+        num_workers: data-loader workers.
+        seed: seed of the split.
+    """
+
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self,
+        mmd_per_class: int = 50,
+        val_size: int = 1000,
+        test_size: int = 0,
+        subset: int | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("mmd_per_class", mmd_per_class), ("val_size", val_size), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"Expected `{name}` >= 1, got {value}")
+        self.mmd_per_class = mmd_per_class
+        self.val_size = val_size
+        self.test_size = test_size
+        self.subset = subset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_images: Tensor | None = None
+        self.train_labels: Tensor | None = None
+        self.test_images: Tensor | None = None
+        self.test_labels: Tensor | None = None
+        self.splits: Splits | None = None
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Return ``(train_images, train_labels, test_images, test_labels)``; images (N, C, H, W), uint8 or
+        float in [0, 1]; labels int64. ``test_*`` may be None when the dataset has no test split."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        train_x, train_y, test_x, test_y = self.load()
+        if self.subset is not None:
+            train_x, train_y = train_x[: self.subset], train_y[: self.subset]
+            if test_x is not None:
+                test_x, test_y = test_x[: self.subset], test_y[: self.subset]
+        check_labels(train_y, self.num_classes)
+        if test_x is None:
+            if self.test_size < 1:
+                raise DataError("This dataset has no test split: set `test_size` > 0 to carve one")
+            test_x, test_y = train_x, train_y
+        else:
+            check_labels(test_y, self.num_classes)
+        self.train_images, self.train_labels = train_x, train_y
+        self.splits = carve_splits(train_y, len(test_y), self.mmd_per_class, self.val_size, self.seed, self.test_size)
+        self.test_images, self.test_labels = test_x, test_y
+
+    def save_splits(self, path: str | Path) -> None:
+        """Write the split indices (and their digest) as JSON."""
+        assert self.splits is not None, "call setup() first"
+        atomic_write_json({"digest": self.splits.digest(), **asdict(self.splits)}, path)
+
+    def split_tensors(self, name: str) -> tuple[Tensor, Tensor]:
+        """Float images in [0, 1] and labels of one split."""
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"Unknown split {name!r}; expected one of {SPLIT_NAMES}")
+        self.setup()
+        idx = torch.tensor(getattr(self.splits, name), dtype=torch.long)
+        if name == "test":
+            return to_float(self.test_images[idx]), self.test_labels[idx]
+        return to_float(self.train_images[idx]), self.train_labels[idx]
+
+    def dataset(self, name: str) -> ImageTensorDataset:
+        self.setup()
+        if name == "test":
+            return ImageTensorDataset(self.test_images, self.test_labels, self.splits.test)
+        if name == "train":
+            return ImageTensorDataset(self.train_images, self.train_labels, sorted(self.splits.mmd + self.splits.denoiser))
+        return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name))
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(name),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise :class:`DataError` if a label is outside ``[0, num_classes)``."""
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"Labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+        )

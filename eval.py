@@ -1,0 +1,14 @@
+"""Evaluate a trained DAD run and write ``report.json`` and ``report.md`` into its directory.
+
+    python eval.py --run runs/demo
+    python eval.py --run runs/demo --eval.max_test 200
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning_modules.cli import main_eval
+
+if __name__ == "__main__":
+    sys.exit(main_eval(sys.argv[1:]))

@@ -1,0 +1,18 @@
+"""Train DAD: one stage or the whole pipeline.
+
+    python train.py pipeline --config configs/digits.yaml --run.name demo
+    python train.py kernel --run.name demo --kernel.lr 0.01 --ckpt_path last
+    python train.py pipeline --config configs/digits.yaml --trainer.strategy ddp --trainer.devices 2
+
+Flags follow LightningCLI conventions (jsonargparse): ``--config`` YAML, dotted ``--section.field``
+overrides, ``--print_config``, and ``--ckpt_path last`` to resume a stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning_modules.cli import main_train
+
+if __name__ == "__main__":
+    sys.exit(main_train(sys.argv[1:]))
