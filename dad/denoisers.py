@@ -17,19 +17,22 @@ from torch import Tensor, nn
 _OUTPUT_INIT_STD = 1e-4
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    """3x3 convolution (padding 1, so stride 2 gives ceil(H / 2)), batch norm, ReLU."""
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, batch_norm: bool = True) -> nn.Sequential:
+    """3x3 convolution (padding 1, so stride 2 gives ceil(H / 2)), batch norm (optional), ReLU."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=not batch_norm),
+        nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity(),
         nn.ReLU(inplace=True),
     )
 
 
-def _stage(in_channels: int, width: int, depth: int, stride: int) -> nn.Sequential:
+def _stage(in_channels: int, width: int, depth: int, stride: int, batch_norm: bool) -> nn.Sequential:
     """``depth`` conv-BN-ReLU blocks of ``width`` channels; the first one carries the stride."""
     return nn.Sequential(
-        *(_conv_bn_relu(in_channels if i == 0 else width, width, stride if i == 0 else 1) for i in range(depth))
+        *(
+            _conv_bn_relu(in_channels if i == 0 else width, width, stride if i == 0 else 1, batch_norm)
+            for i in range(depth)
+        )
     )
 
 
@@ -59,6 +62,8 @@ class UNetDenoiser(nn.Module):
         enc_depths: conv-BN-ReLU blocks per encoder stage.
         dec_widths: decoder stage widths, deepest first; ``len(enc_widths) - 1`` entries.
         dec_depths: conv-BN-ReLU blocks per decoder stage.
+        batch_norm: use batch norm (the HGD design); without it the convolutions get biases. Under DDP
+            batch norm uses each rank's own batch statistics (``SyncBatchNorm`` needs GPUs).
 
     Attributes:
         config: the constructor arguments as plain data; ``UNetDenoiser(**config)`` rebuilds the
@@ -72,6 +77,7 @@ class UNetDenoiser(nn.Module):
         enc_depths: Sequence[int] = (2, 3, 3, 3, 3),
         dec_widths: Sequence[int] = (256, 256, 128, 64),
         dec_depths: Sequence[int] = (3, 3, 3, 2),
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
@@ -96,17 +102,18 @@ class UNetDenoiser(nn.Module):
             "enc_depths": enc_depths,
             "dec_widths": dec_widths,
             "dec_depths": dec_depths,
+            "batch_norm": batch_norm,
         }
         channels = in_channels
         encoder = []
         for index, (width, depth) in enumerate(zip(enc_widths, enc_depths)):
-            encoder.append(_stage(channels, width, depth, stride=1 if index == 0 else 2))
+            encoder.append(_stage(channels, width, depth, 1 if index == 0 else 2, batch_norm))
             channels = width
         self.encoder = nn.ModuleList(encoder)
         skip_widths = enc_widths[-2::-1]
         decoder = []
         for skip_width, width, depth in zip(skip_widths, dec_widths, dec_depths):
-            decoder.append(_stage(channels + skip_width, width, depth, stride=1))
+            decoder.append(_stage(channels + skip_width, width, depth, 1, batch_norm))
             channels = width
         self.decoder = nn.ModuleList(decoder)
         self.output = nn.Conv2d(channels, in_channels, kernel_size=1, bias=False)

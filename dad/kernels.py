@@ -137,12 +137,13 @@ class SemanticKernel(nn.Module):
         The statistics are computed in float32 even under mixed precision.
         """
         fx, fy, x, y = (t.float() for t in (fx, fy, x, y))
-        args = (self.sigma_phi, self.sigma_q, self.eps)
-        return (
-            semantic_gram(fx, fx, x, x, *args),
-            semantic_gram(fy, fy, y, y, *args),
-            semantic_gram(fx, fy, x, y, *args),
-        )
+        with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 would ruin the distances
+            args = (self.sigma_phi.float(), self.sigma_q.float(), self.eps.float())
+            return (
+                semantic_gram(fx, fx, x, x, *args),
+                semantic_gram(fy, fy, y, y, *args),
+                semantic_gram(fx, fy, x, y, *args),
+            )
 
     def gram(self, x: Tensor, y: Tensor) -> Grams:
         """``(Kxx, Kyy, Kxy)`` of two batches; ``phi`` runs once on both."""

@@ -119,6 +119,7 @@ def test_rebuild_from_config_and_state_dict(tmp_path: Path) -> None:
         "enc_depths": [1, 1, 1, 1, 1],
         "dec_widths": [32, 32, 32, 16],
         "dec_depths": [1, 1, 1, 1],
+        "batch_norm": True,
     }
 
 
@@ -143,3 +144,12 @@ def test_wrong_input_raises() -> None:
 def test_invalid_config_raises(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         UNetDenoiser(**{**TINY, **kwargs})
+
+
+def test_without_batch_norm_has_no_norm_layers_and_works():
+    denoiser = UNetDenoiser(in_channels=1, enc_widths=[4, 8], enc_depths=[1, 1], dec_widths=[4], dec_depths=[1],
+                            batch_norm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in denoiser.modules())
+    x = _images(2, 1, 8, 8)
+    assert denoiser(x).shape == x.shape
+    assert UNetDenoiser(**denoiser.config).config["batch_norm"] is False
