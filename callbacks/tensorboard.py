@@ -6,7 +6,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from torch import Tensor
 from torchvision.utils import make_grid
 
 __all__ = ["DenoiserImageLogger", "DetectionHistogramLogger"]
@@ -22,23 +21,22 @@ def _experiment(trainer: pl.Trainer):  # type: ignore[no-untyped-def]
 class DenoiserImageLogger(Callback):
     """After each validation epoch: a grid of clean / adversarial / denoised images (one row each).
 
-    Args:
-        clean, adv: a few fixed validation images and their AEs.
+    The images are the first ``num_images`` validation pairs of the trainer's
+    :class:`~datamodules.paired.PairedDataModule`.
     """
 
-    def __init__(self, clean: Tensor, adv: Tensor) -> None:
-        self.clean = clean
-        self.adv = adv
+    def __init__(self, num_images: int = 8) -> None:
+        self.num_images = num_images
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = _experiment(trainer)
-        if writer is None or trainer.sanity_checking or not trainer.is_global_zero:
+        data = getattr(trainer, "datamodule", None)
+        if writer is None or trainer.sanity_checking or not trainer.is_global_zero or data is None:
             return
-        adv = self.adv.to(pl_module.device)
-        denoised = pl_module.purify(adv).cpu()
-        rows = torch.cat([self.clean, self.adv, denoised])
-        grid = make_grid(rows, nrow=len(self.clean), padding=1)
+        clean, adv, _ = (t[: self.num_images] for t in data.triples(data.val_split))
+        denoised = pl_module.purify(adv.to(pl_module.device)).cpu()
+        grid = make_grid(torch.cat([clean, adv, denoised]), nrow=len(clean), padding=1)
         writer.add_image("images/clean_adv_denoised", grid, global_step=trainer.global_step)
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -23,8 +25,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dad.io import atomic_write_json
+from datamodules.sampling import ResumableSampler
 
-__all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits"]
+__all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits", "open_torchvision_dataset"]
 
 SPLIT_NAMES = ("mmd", "denoiser", "val", "test")
 
@@ -198,12 +201,14 @@ class DADDataModule(pl.LightningDataModule):
         return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name))
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        data = self.dataset(name)
         return DataLoader(
-            self.dataset(name),
+            data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=ResumableSampler(len(data), shuffle=shuffle, seed=self.seed, pad=shuffle),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -222,3 +227,29 @@ def check_labels(labels: Tensor, num_classes: int) -> None:
         raise DataError(
             f"Labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
         )
+
+
+def open_torchvision_dataset(
+    factory: Callable[..., Any], name: str, root: str | None, download: bool, layout: str, **kwargs: Any
+) -> Any:
+    """Open a torchvision dataset, turning its "not found" and failed downloads into one-line :class:`DataError`.
+
+    Args:
+        factory: the torchvision dataset class (called with ``root``, ``download`` and ``kwargs``).
+        name: the dataset's name for messages (``"CIFAR-10"``).
+        root: the data folder, or None when none was configured.
+        download: let torchvision download the files (needs internet; never the default).
+        layout: the files expected under ``root``, e.g. ``"cifar-10-batches-py/{data_batch_1..5,test_batch}"``.
+        **kwargs: further arguments of ``factory`` (``train=True``, ``split="test"``).
+    """
+    where = root if root is not None else "DIR"
+    hint = f"pass --data.root {where} holding {where}/{layout}, or --data.download true (needs internet)"
+    if root is None:
+        raise DataError(f"{name} needs a data folder: {hint}")
+    try:
+        return factory(root=root, download=download, **kwargs)
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        raise DataError(f"{name} not found or corrupted under {root}: expected {root}/{layout}; {hint}") from None
+    except OSError as err:  # a failed download (URLError is an OSError), or an unreadable folder
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"Could not get {name} into {root} ({reason}); place the files as {root}/{layout}") from None

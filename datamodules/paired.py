@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dad.attacks.config import AttackConfig
 from datamodules.ae_cache import load_or_generate
 from datamodules.base import DADDataModule
+from datamodules.sampling import ResumableSampler
 
 __all__ = ["PairedDataModule"]
 
@@ -84,11 +86,12 @@ class PairedDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.pairs[split]
-        world = self.trainer.world_size if self.trainer is not None else 1
-        per_rank = -(-len(data) // world)
+        sampler = ResumableSampler(len(data), shuffle=shuffle, seed=self.base.seed, pad=shuffle)
+        per_rank = len(sampler)
         size = min(self.batch_size or per_rank, per_rank)
         # training batches all have the same size: a trailing batch of one pair has no U-statistic
-        return DataLoader(data, batch_size=size, shuffle=shuffle, drop_last=shuffle, num_workers=self.num_workers)
+        return DataLoader(data, batch_size=size, sampler=sampler, drop_last=shuffle, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.base.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True)

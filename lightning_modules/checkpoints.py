@@ -12,18 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
+from dad.io import atomic_torch_save
 from dad.kernels import SemanticKernel
 from dad.models import ImageClassifier, create_model
 
-__all__ = ["StageCheckpointError", "read_checkpoint", "sub_state_dict", "build_classifier", "build_kernel"]
+__all__ = [
+    "StageCheckpointError", "AtomicCheckpointIO", "read_checkpoint", "sub_state_dict", "build_classifier", "build_kernel",
+]
 
 STAGE_KEY = "dad_stage"
 
 
 class StageCheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, of another stage, or of mismatching shapes."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes a temporary file and renames it: a crash mid-write never
+    leaves a truncated ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_torch_save(checkpoint, path)
 
 
 def read_checkpoint(path: str | Path, stage: str, hint: str = "") -> dict[str, Any]:

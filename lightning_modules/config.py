@@ -36,11 +36,18 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class RunConfig:
-    """Where the run lives: ``<root>/<name>/``; ``seed`` seeds every stage."""
+    """Where the run lives: ``<root>/<name>/``; ``seed`` seeds every stage; ``last.ckpt`` is written every
+    ``checkpoint_every_n_steps`` training steps (None: at the end of every epoch)."""
 
     name: str = "default"
     root: str = "runs"
     seed: int = 0
+    checkpoint_every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"Expected a plain `run.name`, got {self.name!r}")
+        _require(self.checkpoint_every_n_steps is None or self.checkpoint_every_n_steps >= 1,
+                 f"Expected `run.checkpoint_every_n_steps` >= 1, got {self.checkpoint_every_n_steps}")
 
     @property
     def dir(self) -> Path:

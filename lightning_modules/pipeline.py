@@ -18,9 +18,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from callbacks import DenoiserImageLogger, ThresholdCalibration
+from callbacks.resume import ResumeState
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
@@ -29,7 +31,7 @@ from dad.models import freeze, load_classifier_weights
 from datamodules import DADDataModule, PairedDataModule
 from datamodules.registry import build_datamodule
 from lightning_modules.checkpoints import (
-    STAGE_KEY, build_classifier, build_kernel, load_into, read_checkpoint, sub_state_dict,
+    STAGE_KEY, AtomicCheckpointIO, build_classifier, build_kernel, load_into, read_checkpoint, sub_state_dict,
 )
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.config import ConfigError, PipelineConfig, dump_config
@@ -93,22 +95,24 @@ def _trainer(cfg: PipelineConfig, paths: RunPaths, stage: str, callbacks: list[C
     return pl.Trainer(
         default_root_dir=str(paths.root),
         logger=logger,
-        callbacks=callbacks,
+        callbacks=[*callbacks, ResumeState()],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data modules shard by rank themselves (datamodules.sampling)
         **{**cfg.trainer.kwargs(), **kwargs},
     )
 
 
-def _checkpointing(paths: RunPaths, stage: str, monitor: str | None = None, **kwargs: Any) -> ModelCheckpoint:
-    return ModelCheckpoint(
-        dirpath=str(paths.stage_dir(stage)),
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_top_k=1 if monitor else 0,
-        save_last=True,
-        enable_version_counter=False,
-        **kwargs,
-    )
+def _checkpointing(cfg: PipelineConfig, paths: RunPaths, stage: str, monitor: str | None = None,
+                   every_n_steps: int | None = None) -> list[Callback]:
+    """``best.ckpt`` (when a metric is monitored) and ``last.ckpt`` (every n steps, else every epoch)."""
+    directory = str(paths.stage_dir(stage))
+    last = ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, enable_version_counter=False,
+                           every_n_train_steps=every_n_steps or cfg.run.checkpoint_every_n_steps)
+    if monitor is None:
+        return [last]
+    best = ModelCheckpoint(dirpath=directory, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                           enable_version_counter=False)
+    return [best, last]
 
 
 def _resume_path(ckpt_path: str | None, paths: RunPaths, stage: str) -> str | None:
@@ -139,15 +143,15 @@ def _datamodule(cfg: PipelineConfig, paths: RunPaths) -> DADDataModule:
     return dm
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (known from the launcher's environment, before any Trainer)."""
+    return rank_zero_only.rank == 0
+
+
 def _save_run_files(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule) -> None:
-    if pl.utilities.rank_zero.rank_zero_only.rank == 0:
+    if _is_rank_zero():
         atomic_write_text(dump_config(cfg), paths.config)
         dm.save_splits(paths.splits)
-
-
-def _finish(paths: RunPaths, stage: str, summary: dict[str, Any], trainer: pl.Trainer | None = None) -> None:
-    if trainer is None or trainer.is_global_zero:
-        atomic_write_json(summary, paths.done(stage))
 
 
 def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_path: str | None) -> dict[str, Any]:
@@ -157,11 +161,13 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt
     if c.weights:
         load_classifier_weights(module.model, c.weights)
         ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), STAGE_KEY: "classifier"}
-        atomic_torch_save(ckpt, paths.product("classifier"))
+        if _is_rank_zero():
+            atomic_torch_save(ckpt, paths.product("classifier"))
         trainer = _trainer(cfg, paths, "classifier", [], max_epochs=1)
         val = trainer.validate(module, datamodule=dm, verbose=False)[0]
         return {"val_acc": val["val/acc"], "weights": c.weights}
-    trainer = _trainer(cfg, paths, "classifier", [_checkpointing(paths, "classifier", "val/acc")], max_epochs=c.epochs)
+    trainer = _trainer(cfg, paths, "classifier", _checkpointing(cfg, paths, "classifier", "val/acc"),
+                       max_epochs=c.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(ckpt_path, paths, "classifier"))
     best = trainer.checkpoint_callback.best_model_score
     return {"val_acc": float(best) if best is not None else None, "epochs": trainer.current_epoch}
@@ -181,8 +187,8 @@ def run_kernel(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_pat
     paired = _paired(cfg, paths, dm, "mmd", None, k.batch_size)
     module = KernelModule(str(paths.product("classifier")), k.feature_extractor, k.feature_extractor_kwargs,
                           k.feature_extractor_ckpt, k.train_features, k.lr, k.reg)
-    ckpt_cb = _checkpointing(paths, "kernel", every_n_train_steps=max(1, k.steps // 10))
-    trainer = _trainer(cfg, paths, "kernel", [ckpt_cb], max_steps=k.steps, max_epochs=-1, limit_val_batches=0,
+    callbacks = _checkpointing(cfg, paths, "kernel", every_n_steps=max(1, k.steps // 10))
+    trainer = _trainer(cfg, paths, "kernel", callbacks, max_steps=k.steps, max_epochs=-1, limit_val_batches=0,
                        num_sanity_val_steps=0)
     trainer.fit(module, datamodule=paired, ckpt_path=_resume_path(ckpt_path, paths, "kernel"))
     trainer.save_checkpoint(paths.last("kernel"))
@@ -201,10 +207,7 @@ def run_denoiser(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_p
     paired = _paired(cfg, paths, dm, "denoiser", "val", d.batch_size)
     module = DenoiserModule(str(paths.product("classifier")), str(paths.product("kernel")), d.net, d.alpha, d.lr,
                             d.milestones, d.gamma, d.noise_std, d.noise, d.estimator)
-    paired.setup()
-    clean, adv, _ = paired.triples("val")
-    callbacks: list[Callback] = [_checkpointing(paths, "denoiser", "val/robust_acc"),
-                                 DenoiserImageLogger(clean[:8], adv[:8])]
+    callbacks = [*_checkpointing(cfg, paths, "denoiser", "val/robust_acc"), DenoiserImageLogger()]
     trainer = _trainer(cfg, paths, "denoiser", callbacks, max_epochs=d.epochs)
     trainer.fit(module, datamodule=paired, ckpt_path=_resume_path(ckpt_path, paths, "denoiser"))
     return {"val_robust_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
@@ -248,7 +251,7 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_pa
     trainer = _trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False)
     loader = DataLoader(dm.dataset("val"), batch_size=cfg.defense.batch_size)
     trainer.validate(DADModule(defense, keep_images=False), dataloaders=loader, verbose=False)
-    if trainer.is_global_zero:
+    if _is_rank_zero():
         defense.save(paths.defense)
     return {"calibration": {str(b): r for b, r in calib.results.items()}, "defense": str(paths.defense)}
 
@@ -267,7 +270,8 @@ def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None) -> 
     start = time.perf_counter()
     summary = _RUNNERS[stage](cfg, paths, dm, ckpt_path)
     summary["seconds"] = time.perf_counter() - start
-    _finish(paths, stage, summary)
+    if _is_rank_zero():
+        atomic_write_json(summary, paths.done(stage))
     return summary
 
 
