@@ -48,7 +48,10 @@ class DefenseOutput:
 def check_images(x: Tensor, shape: tuple[int, ...]) -> None:
     """Raise :class:`InvalidInputError` unless ``x`` is a finite batch of ``shape`` images in [0, 1]."""
     if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
-        raise InvalidInputError(f"Expected a batch of images of shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        expected = ", ".join(map(str, shape))
+        raise InvalidInputError(f"Expected a batch of images of shape (B, {expected}), got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise InvalidInputError(f"DAD detects per batch: expected a batch of at least 2 images, got {x.shape[0]}")
     if not x.is_floating_point():
         raise InvalidInputError(f"Expected floating-point images in [0, 1], got dtype {x.dtype}")
     if not torch.isfinite(x).all():
@@ -114,6 +117,7 @@ class DADDefense(nn.Module):
     def forward_with_info(self, x: Tensor) -> DefenseOutput:
         """Route the batch and return logits, the batch's MMD score and the decision."""
         check_images(x, self.image_shape)
+        x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
         logits, features = self.classify_with_features(x)
         score = self.detector.score(x, features)
         adversarial = self.detector.decide(score, x.shape[0])

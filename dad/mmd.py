@@ -9,6 +9,8 @@ adversarial example), so all three matrices are square of the same size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,9 +39,14 @@ def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
 
     Returns:
         Tensor of shape ``(n, m)``.
+
+    Raises:
+        ValueError: for non-floating-point inputs or samples of different sizes.
     """
-    x = x.reshape(x.shape[0], -1)
-    y = y.reshape(y.shape[0], -1)
+    if not (x.is_floating_point() and y.is_floating_point()):
+        raise ValueError(f"Expected floating-point samples, got {x.dtype} and {y.dtype}")
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    y = y.reshape(y.shape[0], math.prod(y.shape[1:]))
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"Expected samples of equal size, got {x.shape[1]} and {y.shape[1]} features")
     centre = torch.cat([x, y]).mean(0, keepdim=True).detach()

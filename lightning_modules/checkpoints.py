@@ -31,11 +31,19 @@ class StageCheckpointError(ValueError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O that writes a temporary file and renames it: a crash mid-write never
-    leaves a truncated ``last.ckpt`` behind."""
+    """Lightning checkpoint I/O that writes a temporary file and renames it (a crash mid-write never
+    leaves a truncated ``last.ckpt`` behind) and reads only with ``weights_only=True`` (a resumed
+    checkpoint can never run code)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StageCheckpointError(f"Refusing to load {path}: not a plain checkpoint ({first})") from None
 
 
 def read_checkpoint(path: str | Path, stage: str, hint: str = "") -> dict[str, Any]:

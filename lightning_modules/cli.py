@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from lightning_modules.config import (
     ConfigError, PipelineConfig, add_config_arguments, config_from_namespace,
@@ -36,15 +36,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 
+def _fail(err: BaseException, debug: bool) -> int:
+    """Print ``error: <one line>`` (or re-raise with ``--debug``) and return the exit code 2."""
+    if debug:
+        raise err
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _run_guarded(debug: bool, fn: Callable[[], Any]) -> int:
     try:
         fn()
-    except _user_errors() as err:
-        if debug:
-            raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (*_user_errors(), ArgumentError) as err:
+        return _fail(err, debug)
     return 0
 
 
@@ -54,7 +59,7 @@ def _configure_logging() -> None:
 
 def _stage_parser() -> ArgumentParser:
     default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
-    parser = ArgumentParser(default_config_files=default_files)
+    parser = ArgumentParser(default_config_files=default_files, exit_on_error=False)
     add_config_arguments(parser)
     parser.add_argument("--ckpt_path", type=str | None, default=None,
                         help="'last' resumes the stage from its last checkpoint, or a checkpoint path")
@@ -64,12 +69,17 @@ def _stage_parser() -> ArgumentParser:
 
 def main_train(argv: Sequence[str]) -> int:
     """``train.py {classifier,kernel,denoiser,defense,pipeline} [--config ...] [--section.field ...]``."""
-    root = ArgumentParser(prog="train.py", description="Train DAD: one stage or the whole pipeline.")
+    root = ArgumentParser(prog="train.py", description="Train DAD: one stage or the whole pipeline.",
+                          exit_on_error=False)
     commands = root.add_subcommands(dest="stage")
     for name in STAGE_COMMANDS:
         commands.add_subcommand(name, _stage_parser(), help=f"run the {name} stage" if name != "pipeline"
                                 else "run every unfinished stage in order")
-    ns = root.parse_args(list(argv))
+    debug = "--debug" in argv
+    try:
+        ns = root.parse_args(list(argv))
+    except ArgumentError as err:
+        return _fail(err, debug)
     stage = ns.stage
     args = ns[stage]
     _configure_logging()
@@ -103,7 +113,7 @@ def main_eval(argv: Sequence[str]) -> int:
     holder: dict[str, PipelineConfig] = {}
 
     def parse() -> None:
-        parser = ArgumentParser(prog="eval.py", description="Evaluate a trained DAD run.")
+        parser = ArgumentParser(prog="eval.py", description="Evaluate a trained DAD run.", exit_on_error=False)
         add_config_arguments(parser)
         parser.add_argument("--debug", action="store_true", help="show full tracebacks")
         rest = argv

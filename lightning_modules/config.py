@@ -212,6 +212,11 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.training_attack()
         self.eval.attack_configs()
+        _require(
+            self.defense.reference_size >= self.defense.batch_size,
+            f"The reference set ({self.defense.reference_size}) must be at least as large as the inference batch "
+            f"({self.defense.batch_size}): raise `defense.reference_size` or lower `defense.batch_size`",
+        )
 
     def training_attack(self) -> AttackConfig:
         """The attack that makes the kernel's and the denoiser's training AEs."""

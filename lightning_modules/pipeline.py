@@ -121,6 +121,7 @@ def _resume_path(ckpt_path: str | None, paths: RunPaths, stage: str) -> str | No
     if ckpt_path == "last":
         last = paths.last(stage)
         if last.is_file():
+            read_checkpoint(last, stage)
             return str(last)
         log.info("No %s to resume from: starting the %s stage from scratch", last, stage)
         return None
@@ -264,6 +265,7 @@ def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None) -> 
     if stage not in _RUNNERS:
         raise ConfigError(f"Unknown stage {stage!r}; expected one of {STAGES}")
     paths = RunPaths(cfg.run.dir)
+    _resume_path(ckpt_path, paths, stage)  # fail fast on a missing, foreign or unsafe checkpoint
     pl.seed_everything(cfg.run.seed + STAGES.index(stage), workers=True, verbose=False)
     dm = _datamodule(cfg, paths)
     _save_run_files(cfg, paths, dm)

@@ -30,7 +30,7 @@ def tiny_config(root: Path, name: str = "tiny", **sections: object) -> PipelineC
         kernel=KernelConfig(steps=6, lr=1e-2),
         denoiser=DenoiserConfig(epochs=1, batch_size=50, milestones=[], noise_std=0.1,
                                 net={"enc_widths": [8, 16], "enc_depths": [1, 1], "dec_widths": [8], "dec_depths": [1]}),
-        defense=DefenseConfig(reference_size=20, calibration_batches=200, batch_size=25),
+        defense=DefenseConfig(reference_size=25, calibration_batches=400, batch_size=25),
         eval=EvalConfig(
             attacks={
                 "pgd_linf": {**TINY_ATTACK, "threat": "classifier"},

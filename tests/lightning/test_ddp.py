@@ -70,3 +70,18 @@ def test_sharded_ae_generation_matches_one_process(checkpoints, tmp_path):
     assert (merged - clean).abs().amax() <= ATTACK.eps + 1e-6
     assert not list((tmp_path / "aes_ddp").glob("*.shard*"))  # shards merged and removed
     assert isinstance(ATTACK, AttackConfig)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failing_rank_fails_the_run_quickly(rank, tmp_path):
+    from lightning_modules.config import dump_config
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(dump_config(tiny_config(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("LOCAL_RANK", None)
+    script = Path(__file__).parent / "scripts" / "failing_rank.py"
+    result = subprocess.run([sys.executable, str(script), str(config), str(rank)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)  # a hang would exceed this
+    assert result.returncode != 0
+    assert f"rank {rank} failed on purpose" in result.stderr
