@@ -157,8 +157,12 @@ def _save_run_files(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule) -> 
 
 def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_path: str | None) -> dict[str, Any]:
     c = cfg.classifier
-    module = ClassifierModule(c.model, dm.num_classes, {"in_channels": dm.image_shape[0], **c.model_kwargs},
-                              c.optimizer, c.lr, c.weight_decay, scheduler=c.scheduler)
+    model_kwargs = {"in_channels": dm.image_shape[0], **c.model_kwargs}
+    if model_kwargs["in_channels"] != dm.image_shape[0]:
+        raise ConfigError(f"`classifier.model_kwargs.in_channels`={model_kwargs['in_channels']} does not match the "
+                          f"data's {dm.image_shape[0]} channel(s) (images {tuple(dm.image_shape)})")
+    module = ClassifierModule(c.model, dm.num_classes, model_kwargs, c.optimizer, c.lr, c.weight_decay,
+                              scheduler=c.scheduler)
     if c.weights:
         load_classifier_weights(module.model, c.weights)
         ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), STAGE_KEY: "classifier"}

@@ -136,3 +136,15 @@ def test_unbiased_mmd_of_kernel_uses_paired_estimator():
     x, y = _easy_pair(3)
     kernel = SemanticKernel(_Constant(), sigma_q=2.0)
     assert kernel.mmd2(x, y).item() == pytest.approx(mmd2_unbiased(*kernel.gram(x, y)).item())
+
+
+def test_statistics_stay_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.rand(16, 1, 8, 8, generator=g) + 0.01
+    kernel = SemanticKernel(_Constant(), sigma_q=20.0)
+    reference = kernel.gram(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grams = kernel.gram(x, y)
+    for got, want in zip(grams, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # bf16 distances would be off by ~1e-2

@@ -43,6 +43,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, expected: str
         (["pipeline", "--eval.attacks", '{"x": {"name": "nope"}}'], "Unknown attack"),
         (["pipeline", "--classifier.model", "nope"], "Unknown model"),
         (["pipeline", "--no_such_flag", "1"], "no_such_flag"),
+        (["pipeline", "--classifier.model_kwargs", '{"in_channels": 3}'], "channel"),
         (["pipeline", "--classifier.weights", "/nonexistent/w.pt"], "not found"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40],

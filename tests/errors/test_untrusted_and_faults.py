@@ -108,3 +108,17 @@ def test_load_defense_errors(tmp_path, defense):
     torch.save(payload, tmp_path / "bad_shapes.pt")
     with pytest.raises(IncompatibleFileError, match="does not match"):
         load_defense(tmp_path / "bad_shapes.pt")
+
+
+def test_labels_outside_the_class_range_are_refused():
+    from datamodules import DigitsDataModule
+    from datamodules.base import DataError
+
+    class BadLabels(DigitsDataModule):
+        def load(self):  # type: ignore[no-untyped-def]
+            x, y, _, _ = super().load()
+            y[5] = 10
+            return x, y, None, None
+
+    with pytest.raises(DataError, match=r"Labels must lie in \[0, 10\)"):
+        BadLabels().setup()
