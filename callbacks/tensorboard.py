@@ -1,14 +1,18 @@
-"""TensorBoard visualisations: image grids of the denoiser, histograms of the detector's scores."""
+"""TensorBoard visualisations: image grids of the denoiser, histograms of the detector's scores, figures."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytorch_lightning as pl
 import torch
+from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["DenoiserImageLogger", "DetectionHistogramLogger"]
+__all__ = ["DenoiserImageLogger", "DetectionHistogramLogger", "log_figures"]
 
 
 def _experiment(trainer: pl.Trainer):  # type: ignore[no-untyped-def]
@@ -41,12 +45,22 @@ class DenoiserImageLogger(Callback):
 
 
 class DetectionHistogramLogger(Callback):
-    """After testing a DADModule: histograms of the batch MMD scores, clean vs each attack."""
+    """After testing a DADModule: histograms of the batch MMD scores, clean vs each attack.
+
+    ``pl_module.scores`` maps each name to a tensor of batch scores (or a list of them).
+    """
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = _experiment(trainer)
         if writer is None or not trainer.is_global_zero:
             return
         for name, scores in pl_module.scores.items():
-            if scores:
-                writer.add_histogram(f"detection/mmd_{name}", torch.cat(scores), global_step=trainer.global_step)
+            values = torch.cat([s.reshape(-1) for s in scores]) if isinstance(scores, list) and scores else scores
+            if isinstance(values, Tensor) and values.numel():
+                writer.add_histogram(f"detection/mmd_{name}", values, global_step=trainer.global_step)
+
+
+def log_figures(logger: TensorBoardLogger, figures: Mapping[str, Figure], step: int = 0) -> None:
+    """Add matplotlib figures to a TensorBoard run (e.g. the evaluation's ROC and accuracy-vs-eps plots)."""
+    for tag, fig in figures.items():
+        logger.experiment.add_figure(tag, fig, global_step=step, close=False)

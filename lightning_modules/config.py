@@ -17,6 +17,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from dad.attacks.config import AttackConfig
+from dad.attacks.presets import AttackPreset
 
 __all__ = [
     "RunConfig", "DataConfig", "TrainerConfig", "ClassifierConfig", "KernelConfig", "DenoiserConfig",
@@ -171,28 +172,125 @@ class DefenseConfig:
                  f"Expected `defense.calibration_batches` >= 1, got {self.calibration_batches}")
 
 
+_LINF, _L2 = 8 / 255, 0.5
+
+
 def _default_attacks() -> dict[str, dict[str, Any]]:
+    """The paper-scale suite (CIFAR-10 threat models: Linf 8/255, L2 0.5), for GPUs."""
+    linf = {"norm": "linf", "eps": _LINF, "step_size": 2 / 255}
+    white_box = {"threat": "defense", "name": "pgd", **linf, "steps": 200, "eot_samples": 20}
     return {
-        "pgd_linf": {"name": "pgd", "threat": "classifier"},
-        "adaptive_pgd_eot": {"name": "pgd", "threat": "defense", "eot_samples": 5},
+        "pgd_linf": {"name": "pgd", "threat": "classifier", **linf, "steps": 20},
+        "pgd_l2": {"name": "pgd", "threat": "classifier", "norm": "l2", "eps": _L2, "step_size": 0.1, "steps": 20},
+        "mma_linf": {"name": "mma", "threat": "classifier", **linf, "steps": 20, "k": 3},
+        "cw_l2": {"name": "cw_l2", "threat": "classifier", "norm": "l2", "eps": _L2, "steps": 100, "step_size": 0.01},
+        "autoattack_linf": {"name": "autoattack", "threat": "classifier", **linf, "steps": 100},
+        "adaptive_pgd_eot": {**white_box, "mmd_weight": 1.0},
+        "evade_clean": {**white_box, "objective": "evade_clean", "eot_samples": 1, "lambdas": [1.0, 10.0, 100.0]},
+        "evade_denoised": {**white_box, "objective": "evade_denoised", "lambdas": [1.0]},
+        "evade_bpda": {**white_box, "objective": "evade_bpda", "lambdas": [0.0, 1.0]},
+        "autoattack_rand": {"name": "autoattack", "threat": "defense", "norm": "linf", "eps": _LINF, "steps": 100,
+                            "eot_samples": 20},
     }
 
 
 @dataclass
+class TransferConfig:
+    """The transfer evaluation: classifier-only attacks crafted on another model of the factory.
+
+    Attributes:
+        attacks: names of classifier-threat attacks of ``eval.attacks`` to re-craft on the source model
+            (reported as ``transfer_<name>``); empty: no transfer evaluation.
+        model, model_kwargs: the source architecture (None: the defended classifier's).
+        weights: a trained source's weights file; None: trained here on the training split.
+        epochs, lr, seed: the quick training of the source (Adam, cosine schedule).
+    """
+
+    attacks: list[str] = field(default_factory=list)
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    epochs: int = 3
+    lr: float = 2e-3
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"Expected `eval.transfer.epochs` >= 1, got {self.epochs}")
+        _require(self.lr > 0, f"Expected `eval.transfer.lr` > 0, got {self.lr}")
+
+
+@dataclass
 class EvalConfig:
-    """Evaluation: named attacks (each an :class:`~dad.attacks.config.AttackConfig` as a mapping),
-    the batch sizes of the detection metrics, and an optional cap on the number of test images."""
+    """Evaluation (``eval.py``): the attacks, detection metrics, mixed batches, transfer and sanity checks.
+
+    Attributes:
+        attacks: named attacks, each an :class:`~dad.attacks.presets.AttackPreset` as a mapping.
+        detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
+        random_batches: random batches drawn per batch size for the detection metrics.
+        max_test: cap on the number of test images (None: all).
+        mixed_fractions: shares of AEs per batch in the mixed-batch evaluation.
+        mixed_batches: random batches per share.
+        mixed_attack: the classifier-threat attack whose AEs are mixed in (None: the first one).
+        transfer: a :class:`TransferConfig` as a mapping.
+        sanity_attack: the full-white-box attack the sanity checks re-run (None: the strongest one of the
+            primary threat model, that of the first full-white-box attack).
+        sanity_batches: evaluation batches the re-runs use (the first ones of the test split).
+        sweep_factors: multiples of the attack's ``eps`` of the eps sweep (the largest must reach chance).
+        sanity_z: noise level of the sanity comparisons, in standard errors.
+        plots: write PNG plots (and log them to TensorBoard).
+        resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
+    """
 
     attacks: dict[str, dict[str, Any]] = field(default_factory=_default_attacks)
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     random_batches: int = 1000
     max_test: int | None = None
+    mixed_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0])
+    mixed_batches: int = 100
+    mixed_attack: str | None = None
+    transfer: dict[str, Any] = field(default_factory=dict)
+    sanity_attack: str | None = None
+    sanity_batches: int = 2
+    sweep_factors: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.5])
+    sanity_z: float = 2.0
+    plots: bool = True
+    resume: bool = True
 
-    def attack_configs(self) -> dict[str, AttackConfig]:
+    def __post_init__(self) -> None:
+        _require(self.random_batches >= 1, f"Expected `eval.random_batches` >= 1, got {self.random_batches}")
+        _require(self.max_test is None or self.max_test >= 2, f"Expected `eval.max_test` >= 2, got {self.max_test}")
+        _require(all(b >= 2 for b in self.detection_batch_sizes),
+                 f"Expected `eval.detection_batch_sizes` >= 2, got {self.detection_batch_sizes}")
+        _require(all(0.0 <= p <= 1.0 for p in self.mixed_fractions),
+                 f"Expected `eval.mixed_fractions` in [0, 1], got {self.mixed_fractions}")
+        _require(self.mixed_batches >= 1, f"Expected `eval.mixed_batches` >= 1, got {self.mixed_batches}")
+        _require(self.sanity_batches >= 1, f"Expected `eval.sanity_batches` >= 1, got {self.sanity_batches}")
+        _require(bool(self.sweep_factors) and all(f > 0 for f in self.sweep_factors),
+                 f"Expected positive `eval.sweep_factors`, got {self.sweep_factors}")
+        _require(self.sanity_z > 0, f"Expected `eval.sanity_z` > 0, got {self.sanity_z}")
+
+    def transfer_config(self) -> TransferConfig:
         try:
-            return {name: AttackConfig(**spec) for name, spec in self.attacks.items()}
+            return TransferConfig(**self.transfer)
+        except TypeError as err:
+            raise ConfigError(f"Invalid `eval.transfer`: {err}") from None
+
+    def attack_configs(self) -> dict[str, AttackPreset]:
+        """The attacks as validated presets; also checks the names the other settings refer to."""
+        try:
+            presets = {name: AttackPreset(**spec) for name, spec in self.attacks.items()}
         except (TypeError, ValueError) as err:
             raise ConfigError(f"Invalid `eval.attacks`: {err}") from None
+        by_threat = {name: p.threat for name, p in presets.items()}
+        for setting, names, threat in (("eval.transfer.attacks", self.transfer_config().attacks, "classifier"),
+                                       ("eval.mixed_attack", [self.mixed_attack] * (self.mixed_attack is not None),
+                                        "classifier"),
+                                       ("eval.sanity_attack", [self.sanity_attack] * (self.sanity_attack is not None),
+                                        "defense")):
+            for name in names:
+                _require(by_threat.get(name) == threat,
+                         f"`{setting}` must name a threat-{threat} attack of `eval.attacks`, got {name!r}")
+        return presets
 
 
 @dataclass

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from dad.attacks.adaptive import attack_defense
 from dad.attacks.config import AttackConfig
+from dad.attacks.presets import AttackPreset, run_attack
+from dad.attacks.state import AttackState
 from dad.defense import DADDefense
 
 __all__ = ["DADModule", "CLEAN"]
@@ -20,87 +23,155 @@ CLEAN = "clean"
 _COUNTS = ("n", "undefended", "dad", "denoised", "batches", "flagged")
 
 
+def _as_preset(cfg: AttackConfig) -> AttackPreset:
+    return cfg if isinstance(cfg, AttackPreset) else AttackPreset(**cfg.as_dict())
+
+
 class DADModule(pl.LightningModule):
     """Runs the defense on clean test batches and on each configured attack.
 
-    For every batch and every attack it counts correct predictions of the undefended classifier and of
-    DAD, and how many batches the detector flagged. Counts are torchmetrics sums, so they are exact
-    under DDP. Clean and classifier-threat adversarial images are kept (``kept``) for the
-    random-batch detection metrics computed afterwards.
+    For every batch and every attack it records, per sample (keyed by the sample's index in the test
+    split), whether the undefended classifier, DAD and the denoiser path are right, and per batch the
+    detector's score and decision (``states``, one :class:`~dad.attacks.state.AttackState` per name).
+    The totals are torchmetrics sums, so they are exact under DDP. A batch already present in a given
+    state (same batch index, same sample indices) is reused instead of attacked again: that is how an
+    interrupted evaluation resumes.
 
     Args:
         defense: the assembled :class:`~dad.defense.DADDefense`.
-        attacks: named attack configurations.
-        keep_images: keep the images for detection metrics on random batches.
+        attacks: named attacks (:class:`~dad.attacks.presets.AttackPreset`, or plain
+            :class:`~dad.attacks.config.AttackConfig` taken with the default objective).
+        keep_images: keep the AEs in the states (for detection metrics on random batches and plots).
+        states: states to resume from (and to fill), by name; missing names start empty.
+        sources: per attack name, the model a transfer attack is crafted on (moved with this module).
+        with_clean: also evaluate the clean batches (under the name ``clean``).
     """
 
-    def __init__(self, defense: DADDefense, attacks: dict[str, AttackConfig] | None = None,
-                 keep_images: bool = True) -> None:
+    def __init__(
+        self,
+        defense: DADDefense,
+        attacks: Mapping[str, AttackConfig] | None = None,
+        keep_images: bool = True,
+        states: Mapping[str, AttackState] | None = None,
+        sources: Mapping[str, nn.Module] | None = None,
+        with_clean: bool = True,
+    ) -> None:
         super().__init__()
         self.defense = defense
-        self.attacks = dict(attacks or {})
+        self.attacks = {name: _as_preset(cfg) for name, cfg in (attacks or {}).items()}
+        if CLEAN in self.attacks:
+            raise ValueError(f"`{CLEAN}` is reserved for the clean images; rename that attack")
         self.keep_images = keep_images
-        names = [CLEAN, *self.attacks]
-        self.counts = torch.nn.ModuleDict(
-            {f"{name}__{key}": SumMetric() for name in names for key in _COUNTS}
-        )
-        self.kept: dict[str, list[Tensor]] = defaultdict(list)
-        self.scores: dict[str, list[Tensor]] = defaultdict(list)
+        self.names = [CLEAN] * with_clean + list(self.attacks)
+        # ModuleDict keys cannot hold every attack name (dots): counts and sources are stored by position
+        self._slot = {name: f"m{i}" for i, name in enumerate(self.names)}
+        unknown = set(sources or {}) - set(self.attacks)
+        if unknown:
+            raise ValueError(f"Sources given for unknown attacks {sorted(unknown)}")
+        self.sources = nn.ModuleDict({self._slot[name]: model for name, model in (sources or {}).items()})
+        self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric() for slot in self._slot.values()
+                                           for key in _COUNTS})
+        given = dict(states or {})
+        self.states = {name: given.get(name, AttackState(key="")) for name in self.names}
+        self.dirty: set[str] = set()
 
     def train(self, mode: bool = True) -> "DADModule":
         super().train(mode)
         self.defense.eval()
+        self.sources.eval()
         return self
 
     @torch.no_grad()
-    def _record(self, name: str, x: Tensor, y: Tensor, with_denoised: bool = False) -> None:
-        undefended = self.defense.classifier(x).argmax(1)
+    def _evaluate(self, x: Tensor, y: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """One batch through the undefended classifier, the defense (whole batch) and the denoiser path."""
         out = self.defense.forward_with_info(x)
-        c = self.counts
-        c[f"{name}__n"].update(float(len(y)))
-        c[f"{name}__undefended"].update((undefended == y).sum().float())
-        c[f"{name}__dad"].update((out.logits.argmax(1) == y).sum().float())
-        c[f"{name}__batches"].update(1.0)
-        c[f"{name}__flagged"].update(out.adversarial.float())
-        if with_denoised:
-            c[f"{name}__denoised"].update((self.defense.classifier(self.defense.purify(x)).argmax(1) == y).sum().float())
-        self.scores[name].append(out.score.detach().reshape(1).cpu())
-        if self.keep_images:
-            self.kept[name].append(x.detach().cpu())
+        return {
+            "index": index,
+            "x_adv": x.detach() if self.keep_images else x.new_empty(0),
+            "undefended": self.defense.classifier(x).argmax(1) == y,
+            "dad": out.logits.argmax(1) == y,
+            "denoised": self.defense.classifier(self.defense.purify(x)).argmax(1) == y,
+            "score": out.score.detach().reshape(()),
+            "flagged": out.adversarial.reshape(()),
+        }
 
-    def attack(self, cfg: AttackConfig, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+    def _count(self, name: str, record: dict[str, Tensor]) -> None:
+        c, slot = self.counts, self._slot[name]
+        c[f"{slot}__n"].update(float(record["index"].numel()))
+        for key in ("undefended", "dad", "denoised"):
+            c[f"{slot}__{key}"].update(record[key].sum().float().to(self.device))
+        c[f"{slot}__batches"].update(1.0)
+        c[f"{slot}__flagged"].update(record["flagged"].float().to(self.device))
+
+    @staticmethod
+    @contextmanager
+    def _seeded(seed: int, batch_idx: int, like: Tensor, stream: int) -> Iterator[None]:
+        """Seed the random generators from the attack's seed and the batch index, restoring them after.
+
+        The attack and the defense's noise in the evaluation of its AEs then depend only on the batch, not
+        on what ran before, so a resumed evaluation reproduces an uninterrupted one exactly. The attack
+        (``stream`` 0) and the evaluation (``stream`` 1) get different seeds: an attack must never see
+        the noise its AEs will be evaluated with.
+        """
+        devices = [like.device] if like.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(2 * (seed * 1_000_003 + batch_idx) + stream)
+            yield
+
+    def attack(self, cfg: AttackConfig, x: Tensor, y: Tensor, batch_idx: int,
+               source: nn.Module | None = None) -> Tensor:
         """AEs of one batch under ``cfg`` (seeded by the attack's seed and the batch index)."""
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(cfg.seed * 1_000_003 + batch_idx)
-            if cfg.threat == "classifier":
-                return cfg.run_on_classifier(self.defense.classifier, x, y)
-            return attack_defense(self.defense, x, y, cfg)
+        with self._seeded(cfg.seed, batch_idx, x, stream=0), torch.enable_grad():
+            return run_attack(_as_preset(cfg), self.defense, x, y, source)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._record(CLEAN, *batch)
-        self.log("val/dad_clean_acc", self.results([CLEAN])[CLEAN]["dad"], batch_size=len(batch[1]))
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    @staticmethod
+    def _unpack(batch: tuple[Tensor, ...], batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, y, index)``; loaders without indices get consecutive ones (valid for unshuffled equal batches)."""
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
         x, y = batch
-        self._record(CLEAN, x, y, with_denoised=True)
-        for name, cfg in self.attacks.items():
-            self._record(name, self.attack(cfg, x, y, batch_idx), y)
+        return x, y, torch.arange(len(y), device=y.device) + batch_idx * len(y)
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y, index = self._unpack(batch, batch_idx)
+        self._count(CLEAN, self._evaluate(x, y, index))
+        self.log("val/dad_clean_acc", self.results([CLEAN])[CLEAN]["dad"], batch_size=len(y))
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y, index = self._unpack(batch, batch_idx)
+        for name in self.names:
+            state = self.states[name]
+            record = state.batches.get(batch_idx)
+            if record is None or not torch.equal(record["index"], index.cpu()):
+                start = time.perf_counter()
+                source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
+                x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
+                with self._seeded(0 if name == CLEAN else self.attacks[name].seed, batch_idx, x, stream=1):
+                    record = self._evaluate(x_adv, y, index)
+                record["seconds"] = torch.tensor(time.perf_counter() - start)
+                state.add(batch_idx, record)
+                self.dirty.add(name)
+            self._count(name, record)
+
+    @property
+    def scores(self) -> dict[str, Tensor]:
+        """The detector's score of every evaluated batch, per name."""
+        return {name: state.per_batch("score") for name, state in self.states.items() if state.batches}
 
     def results(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
         """Accuracies and the detection rate per name (``clean`` and each attack), as fractions."""
         out: dict[str, dict[str, float]] = {}
-        for name in names or [CLEAN, *self.attacks]:
-            total = {key: self.counts[f"{name}__{key}"].compute().item() for key in _COUNTS}
+        for name in names or self.names:
+            total = {key: self.counts[f"{self._slot[name]}__{key}"].compute().item() for key in _COUNTS}
             n = max(total["n"], 1.0)
             out[name] = {
                 "n": int(total["n"]),
                 "undefended": total["undefended"] / n,
                 "dad": total["dad"] / n,
+                "denoised": total["denoised"] / n,
                 "detection_rate": total["flagged"] / max(total["batches"], 1.0),
                 "batches": int(total["batches"]),
             }
-            if name == CLEAN:
-                out[name]["denoised"] = total["denoised"] / n
         return out
 
     def configure_optimizers(self) -> Any:
