@@ -7,13 +7,16 @@ batches, never image by image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-__all__ = ["auroc", "roc_curve", "rate_above", "worst_case", "batched_predictions", "mixed_batch_rates", "even_splits"]
+__all__ = [
+    "auroc", "roc_curve", "rate_above", "worst_case", "batched_predictions", "mixed_batch_rates", "even_splits", "seeded",
+]
 
 
 def _scaled(negatives: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,13 +69,32 @@ def even_splits(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+@contextmanager
+def seeded(seed: int, like: Tensor) -> Iterator[None]:
+    """Run the block with the random generators (CPU, and ``like``'s GPU) seeded, restoring them after.
+
+    The defense's noise then depends on the seed only, not on what ran before in this process, so
+    results agree across runs and across the ranks of a distributed evaluation.
+    """
+    with torch.random.fork_rng(devices=[like.device] if like.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
-def batched_predictions(defense: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def batched_predictions(defense: nn.Module, x: Tensor, batch_size: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """The defense's predictions on ``x`` run in consecutive whole batches of ``batch_size``.
+
+    The defense's noise is seeded by ``seed`` (see :func:`seeded`).
 
     Returns:
         ``(predictions (N,), batch scores (M,), batch decisions (M,))``.
     """
+    with seeded(seed, x):
+        return _batched_predictions(defense, x, batch_size)
+
+
+def _batched_predictions(defense: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     preds, scores, flags = [], [], []
     for start, stop in even_splits(len(x), batch_size):
         out = defense.forward_with_info(x[start:stop])
@@ -92,6 +114,7 @@ def mixed_batch_rates(
     batch_size: int,
     num_batches: int,
     generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> dict[str, float | int | None]:
     """Detection and accuracy on batches in which a fraction of the images are AEs.
 
@@ -106,6 +129,7 @@ def mixed_batch_rates(
         batch_size: images per batch (<= number of samples).
         num_batches: batches drawn.
         generator: CPU generator of the draws.
+        seed: seed of the defense's noise (see :func:`seeded`).
 
     Returns:
         ``detection_rate`` (flagged batches), ``acc_clean_part``, ``acc_adv_part`` (None where a part is
@@ -117,14 +141,15 @@ def mixed_batch_rates(
         raise ValueError(f"Expected `batch_size` in [2, {len(y)}], got {batch_size}")
     n_adv = round(fraction * batch_size)
     flagged = right_clean = right_adv = 0
-    for _ in range(num_batches):
-        draw = torch.randperm(len(y), generator=generator)[:batch_size].to(y.device)
-        a, c = draw[:n_adv], draw[n_adv:]
-        out = defense.forward_with_info(torch.cat([adv[a], clean[c]]))
-        correct = out.logits.argmax(1) == torch.cat([y[a], y[c]])
-        flagged += int(out.adversarial)
-        right_adv += int(correct[:n_adv].sum())
-        right_clean += int(correct[n_adv:].sum())
+    with seeded(seed, clean):
+        for _ in range(num_batches):
+            draw = torch.randperm(len(y), generator=generator)[:batch_size].to(y.device)
+            a, c = draw[:n_adv], draw[n_adv:]
+            out = defense.forward_with_info(torch.cat([adv[a], clean[c]]))
+            correct = out.logits.argmax(1) == torch.cat([y[a], y[c]])
+            flagged += int(out.adversarial)
+            right_adv += int(correct[:n_adv].sum())
+            right_clean += int(correct[n_adv:].sum())
     n_clean = batch_size - n_adv
     return {
         "detection_rate": flagged / num_batches,

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableSampler", "rank_and_world"]
+__all__ = ["ResumableSampler", "ShardedBatchSampler", "rank_and_world"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -69,3 +69,29 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Consecutive batches of ``batch_size`` indices, whole batches dealt round-robin to the ranks.
+
+    For evaluation: every sample is seen exactly once (no padding, unlike ``DistributedSampler``), and
+    each batch is the same batch a single process would form, so batch-level detection and the
+    per-batch seeds give the same results whatever the number of processes.
+    """
+
+    def __init__(self, length: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1, got {batch_size}")
+        self.length = length
+        self.batch_size = batch_size
+
+    def _batches(self) -> list[list[int]]:
+        rank, world = rank_and_world()
+        starts = range(rank * self.batch_size, self.length, world * self.batch_size)
+        return [list(range(s, min(s + self.batch_size, self.length))) for s in starts]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

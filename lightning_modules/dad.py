@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
@@ -55,8 +56,10 @@ class DADModule(pl.LightningModule):
         states: Mapping[str, AttackState] | None = None,
         sources: Mapping[str, nn.Module] | None = None,
         with_clean: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.batch_size = batch_size
         self.defense = defense
         self.attacks = {name: _as_preset(cfg) for name, cfg in (attacks or {}).items()}
         if CLEAN in self.attacks:
@@ -139,6 +142,8 @@ class DADModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)
+        if self.batch_size:  # the global batch number: the same seeds and state keys on any number of ranks
+            batch_idx = int(index[0]) // self.batch_size
         for name in self.names:
             state = self.states[name]
             record = state.batches.get(batch_idx)
@@ -152,6 +157,16 @@ class DADModule(pl.LightningModule):
                 state.add(batch_idx, record)
                 self.dirty.add(name)
             self._count(name, record)
+
+    def on_test_epoch_end(self) -> None:
+        """Under DDP, give every rank the records of all ranks (each evaluated a share of the batches)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        shares: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, {name: (state.key, state.batches) for name, state in self.states.items()})
+        for share in shares:
+            for name, (key, batches) in share.items():
+                self.states[name].merge(AttackState(key, batches))
 
     @property
     def scores(self) -> dict[str, Tensor]:

@@ -50,6 +50,7 @@ from dad.sanity import (
     check_unchanged, is_randomized,
 )
 from datamodules import DADDataModule
+from datamodules.sampling import ShardedBatchSampler
 from lightning_modules import plots
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.config import PipelineConfig, TransferConfig
@@ -79,10 +80,17 @@ class AttackStateWriter(Callback):
         self.interval_s = interval_s
         self._last = time.monotonic()
 
-    def _flush(self, trainer: pl.Trainer, module: DADModule) -> None:
-        if trainer.is_global_zero:
-            for name in sorted(module.dirty):
-                module.states[name].to_disk(self.paths[name])
+    def _flush(self, trainer: pl.Trainer, module: DADModule, merged: bool = False) -> None:
+        # single process, or all ranks' records merged: rank 0 writes the state; otherwise every rank
+        # writes its own share beside it (merged again when the evaluation resumes)
+        for name in sorted(module.dirty):
+            if merged or trainer.world_size == 1:
+                if trainer.is_global_zero:
+                    module.states[name].to_disk(self.paths[name])
+                    for partial in _rank_files(self.paths[name]):
+                        partial.unlink(missing_ok=True)
+            else:
+                module.states[name].to_disk(_rank_file(self.paths[name], trainer.global_rank))
         module.dirty.clear()
         self._last = time.monotonic()
 
@@ -91,10 +99,26 @@ class AttackStateWriter(Callback):
             self._flush(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush(trainer, pl_module)
+        self._flush(trainer, pl_module, merged=True)  # DADModule.on_test_epoch_end merged the ranks' records
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._flush(trainer, pl_module)  # an interrupted evaluation keeps every finished batch
+
+
+def _rank_file(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _rank_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
+def _load_state(path: Path, key: str) -> AttackState:
+    """The saved state of an attack, with the shares saved by the ranks of an interrupted DDP evaluation."""
+    state = AttackState.from_disk(path, key)
+    for partial in _rank_files(path):
+        state.merge(AttackState.from_disk(partial, key))
+    return state
 
 
 class ProgressLog(Callback):
@@ -144,6 +168,11 @@ class _Context:
         return self.state_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', name)}.pt"
 
 
+def _trainer_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The run's Trainer settings, without the batch limits of training."""
+    return {k: v for k, v in cfg.trainer.kwargs().items() if not k.startswith("limit_")}
+
+
 def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackPreset], num_samples: int | None = None,
                  sources: Mapping[str, tuple[nn.Module, str]] | None = None, with_clean: bool = False,
                  callbacks: list[Callback] | None = None) -> DADModule:
@@ -155,20 +184,21 @@ def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackPreset], num_samples
     for name in names:
         config = "clean" if name == CLEAN else attacks[name].as_dict()
         key = state_key(attack=config, source=sources[name][1] if name in sources else None, **ctx.key_parts)
-        states[name] = (AttackState.from_disk(ctx.state_path(name), key) if ctx.cfg.eval.resume
-                        else AttackState(key))
+        states[name] = _load_state(ctx.state_path(name), key) if ctx.cfg.eval.resume else AttackState(key)
         if states[name].batches:
             log.info("%s: %d batches reused from %s", name, len(states[name].batches), ctx.state_path(name))
     module = DADModule(ctx.defense, attacks, states=states, with_clean=with_clean,
-                       sources={name: model for name, (model, _) in sources.items()})
+                       sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size)
     writer = AttackStateWriter({name: ctx.state_path(name) for name in names})
     progress = ProgressLog("attacks" if with_clean else "sanity re-runs")
     trainer = pl.Trainer(
         default_root_dir=str(ctx.paths.root), logger=ctx.logger, callbacks=[writer, progress, *(callbacks or [])],
-        inference_mode=False, **{k: v for k, v in ctx.cfg.trainer.kwargs().items() if not k.startswith("limit_")},
+        inference_mode=False, use_distributed_sampler=False, **_trainer_kwargs(ctx.cfg),
     )
     index = torch.arange(n)
-    loader = DataLoader(TensorDataset(ctx.x[:n], ctx.y[:n], index), batch_size=ctx.batch_size)
+    # whole batches per rank, no padding: every test sample is counted exactly once under DDP
+    data = TensorDataset(ctx.x[:n], ctx.y[:n], index)
+    loader = DataLoader(data, batch_sampler=ShardedBatchSampler(n, ctx.batch_size))
     log.info("evaluating %s on %d test images", ", ".join(names), n)
     trainer.test(module, dataloaders=loader, verbose=False)
     return module
@@ -198,11 +228,12 @@ def _transfer_source(ctx: _Context, dm: DADDataModule, spec: TransferConfig) -> 
     else:
         log.info("transfer: training a %s source model for %d epochs (seed %d)", name, spec.epochs, spec.seed)
         pl.seed_everything(spec.seed, verbose=False)
-        trainer_kwargs = {k: v for k, v in ctx.cfg.trainer.kwargs().items() if not k.startswith("limit_")}
+        trainer_kwargs = {**_trainer_kwargs(ctx.cfg), "use_distributed_sampler": False}
         trainer = pl.Trainer(max_epochs=spec.epochs, logger=False, enable_checkpointing=False,
                              **{**trainer_kwargs, "enable_progress_bar": False})
         trainer.fit(module, train_dataloaders=dm.train_dataloader())
-        atomic_torch_save({"key": key, "state_dict": module.model.state_dict()}, path)
+        if trainer.is_global_zero:
+            atomic_torch_save({"key": key, "state_dict": module.model.state_dict()}, path)
     return freeze(module.model.cpu()), key
 
 

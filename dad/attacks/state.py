@@ -60,6 +60,11 @@ class AttackState:
             raise ValueError(f"Record of batch {batch_idx} lacks {sorted(missing)}")
         self.batches[int(batch_idx)] = {k: v.detach().cpu() for k, v in record.items()}
 
+    def merge(self, other: "AttackState") -> None:
+        """Add the batches of ``other`` (another rank's share, or a saved partial state) made under the same key."""
+        if other.key == self.key:
+            self.batches.update(other.batches)
+
     def to_disk(self, path: str | os.PathLike[str]) -> None:
         """Write the state atomically (a crash never leaves a truncated file)."""
         atomic_torch_save({"format": _FORMAT, "version": _VERSION, "key": self.key, "batches": self.batches}, path)

@@ -85,3 +85,34 @@ def test_a_failing_rank_fails_the_run_quickly(rank, tmp_path):
                             capture_output=True, text=True, timeout=180)  # a hang would exceed this
     assert result.returncode != 0
     assert f"rank {rank} failed on purpose" in result.stderr
+
+
+def test_ddp_evaluation_counts_every_sample_once_and_matches_one_process(tmp_path):
+    import json
+    import shutil
+
+    from lightning_modules.config import dump_config
+    from lightning_modules.evaluation import evaluate
+    from lightning_modules.pipeline import run_pipeline
+
+    cfg = tiny_config(tmp_path, "single")
+    cfg.eval.max_test = 90  # 3 full batches of 25 and one of 15: uneven shares across the 2 ranks
+    cfg.eval.plots = False
+    run_pipeline(cfg)
+    shutil.copytree(cfg.run.dir, tmp_path / "ddp")
+    single = evaluate(cfg)
+
+    cfg.run.name = "ddp"
+    cfg.trainer.strategy, cfg.trainer.devices = "ddp", 2
+    (tmp_path / "ddp" / "config.yaml").write_text(dump_config(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "--run", str(tmp_path / "ddp")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    single = json.loads(json.dumps(single))
+    assert ddp["num_test"] == single["num_test"] == 90
+    for key in ("clean_acc", "robust_acc", "worst_case", "detection", "sanity"):
+        assert ddp[key] == single[key], key
+    assert not list((tmp_path / "ddp" / "eval_state").glob("*.rank*"))  # shares merged into one state
