@@ -57,8 +57,10 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _stage_parser() -> ArgumentParser:
-    default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.is_file() else []
+def _stage_parser(with_default_config: bool) -> ArgumentParser:
+    # configs/digits.yaml is the default only when no --config is given: a config file is layered on the
+    # dataclass defaults, never on the digits values
+    default_files = [str(DEFAULT_CONFIG)] if with_default_config and DEFAULT_CONFIG.is_file() else []
     parser = ArgumentParser(default_config_files=default_files, exit_on_error=False)
     add_config_arguments(parser)
     parser.add_argument("--ckpt_path", type=str | None, default=None,
@@ -72,8 +74,9 @@ def main_train(argv: Sequence[str]) -> int:
     root = ArgumentParser(prog="train.py", description="Train DAD: one stage or the whole pipeline.",
                           exit_on_error=False)
     commands = root.add_subcommands(dest="stage")
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     for name in STAGE_COMMANDS:
-        commands.add_subcommand(name, _stage_parser(), help=f"run the {name} stage" if name != "pipeline"
+        commands.add_subcommand(name, _stage_parser(not has_config), help=f"run the {name} stage" if name != "pipeline"
                                 else "run every unfinished stage in order")
     debug = "--debug" in argv
     try:

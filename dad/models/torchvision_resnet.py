@@ -38,6 +38,12 @@ class TorchvisionResNet(ImageClassifier):
         self.body = nn.Sequential(OrderedDict((name, child) for name, child in net.named_children() if name != "fc"))
         self.head = fc
 
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map torchvision's own key layout (``conv1.*``, ..., ``fc.*``) onto ``body.*`` / ``head.*``."""
+        if "fc.weight" not in state_dict:
+            return state_dict
+        return {(f"head.{k[3:]}" if k.startswith("fc.") else f"body.{k}"): v for k, v in state_dict.items()}
+
     def _features(self, x: Tensor) -> Tensor:
         return self.body(x).flatten(1)
 
@@ -51,6 +57,7 @@ def resnet50(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     weights_path: str | None = None,
+    in_channels: int = 3,
 ) -> TorchvisionResNet:
     """torchvision ResNet-50 (2048-d features), optionally with local torchvision weights.
 
@@ -61,7 +68,10 @@ def resnet50(
         weights_path: a local file holding torchvision's ResNet-50 state dict (e.g. the
             IMAGENET1K_V2 file ``resnet50-11ad3fa6.pth``); ``None`` keeps random weights.
             Nothing is ever downloaded.
+        in_channels: must be 3 (accepted so that configs can pass the data's channel count).
     """
+    if in_channels != 3:
+        raise ValueError(f"resnet50 takes 3-channel images, got in_channels={in_channels}")
     net = tv_resnet50(weights=None, num_classes=num_classes)
     if weights_path is not None:
         if not os.path.isfile(weights_path):

@@ -77,7 +77,9 @@ def load_classifier_weights(model: nn.Module, path: str) -> nn.Module:
 
     Accepts a plain state dict, a Lightning checkpoint (``{"state_dict": ...}``) and keys
     prefixed by wrapper names (``module.``, ``model.``, ``net.``, possibly nested), which are
-    stripped so the keys match the model's. The file is read with ``weights_only=True``.
+    stripped so the keys match the model's. A model with an ``adapt_state_dict(state_dict)`` method
+    maps other layouts of its weights (torchvision's ResNet-50 file, say) onto its own keys. The file
+    is read with ``weights_only=True``.
 
     Args:
         model: the network to fill; its architecture must match the file.
@@ -92,6 +94,9 @@ def load_classifier_weights(model: nn.Module, path: str) -> nn.Module:
     """
     state_dict = _read_state_dict(path)
     state_dict = _strip_wrapper_prefixes(state_dict, set(model.state_dict()))
+    adapt = getattr(model, "adapt_state_dict", None)  # e.g. a wrapper reading its source library's layout
+    if callable(adapt):
+        state_dict = adapt(state_dict)
     _check_match(state_dict, model, path)
     model.load_state_dict(state_dict, strict=True)
     return model

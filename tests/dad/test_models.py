@@ -284,3 +284,17 @@ def test_small_cnn_learns_digits() -> None:
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(dim=1) == labels[test]).float().mean().item()
     assert accuracy >= 0.95
+
+
+def test_resnet50_reads_torchvision_layout_weights(tmp_path):
+    from torchvision.models import resnet50 as tv_resnet50
+
+    from dad.models import create_model, load_classifier_weights
+
+    net = tv_resnet50(weights=None, num_classes=7)
+    torch.save(net.state_dict(), tmp_path / "tv.pth")  # keys conv1.*, layer1.*, fc.*
+    model = load_classifier_weights(create_model("resnet50", num_classes=7, in_channels=3), str(tmp_path / "tv.pth"))
+    torch.testing.assert_close(model.head.weight, net.fc.weight)
+    torch.testing.assert_close(model.body.conv1.weight, net.conv1.weight)
+    with pytest.raises(ValueError, match="3-channel"):
+        create_model("resnet50", in_channels=1)

@@ -1,0 +1,149 @@
+"""Time of the detector's batch score against the reference-set size R and the batch size B.
+
+The score is the unbiased MMD^2 between a batch and the reference set; it needs three gram matrices of the
+semantic kernel: batch x batch (B^2), reference x reference (R^2) and batch x reference (B R), each over the
+flattened images (3,072-d at 32x32) and the features. Three figures per (R, B), in milliseconds:
+
+- ``score_ms``: :meth:`~dad.detector.MMDDetector.score` given the batch's features (as in DAD inference when
+  ``phi`` is the classifier: the features come with the logits);
+- ``score_with_features_ms``: the same with ``phi`` run on the batch;
+- ``score_cached_ref_ms``: the same score with the constant reference x reference gram computed once
+  beforehand (batch x batch and batch x reference grams only): what it would cost without the R^2 part.
+
+Writes ``bench/results/detector_scaling.json`` (with a Markdown table) and ``detector_scaling.png``.
+
+    OMP_NUM_THREADS=1 python bench/detector_scaling.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
+from dad.detector import MMDDetector  # noqa: E402
+from dad.kernels import SemanticKernel, semantic_gram  # noqa: E402
+from dad.mmd import mmd2_unbiased_unpaired  # noqa: E402
+from dad.models import create_model, freeze  # noqa: E402
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: str) -> list[dict[str, Any]]:
+    """One row per (R, B) with the three timings of the module docstring."""
+    gen = torch.Generator().manual_seed(0)
+    phi = freeze(create_model(model).eval())
+    pool = torch.rand(max(ref_sizes) + max(batch_sizes), 3, 32, 32, generator=gen)
+    kernel = SemanticKernel(phi)
+    kernel.init_bandwidths(pool[:200], pool[200:400])
+    rows = []
+    with torch.inference_mode():
+        params = (kernel.sigma_phi, kernel.sigma_q, kernel.eps)
+        for r in ref_sizes:
+            detector = MMDDetector(kernel, pool[:r])
+            k_rr = semantic_gram(detector.ref_features, detector.ref_features, detector.reference,
+                                 detector.reference, *params)
+            for b in batch_sizes:
+                x = pool[r : r + b]
+                fx = kernel.features(x)
+
+                def cached() -> torch.Tensor:
+                    k_xx = semantic_gram(fx, fx, x, x, *params)
+                    k_xr = semantic_gram(fx, detector.ref_features, x, detector.reference, *params)
+                    return mmd2_unbiased_unpaired(k_xx, k_rr, k_xr)
+
+                assert torch.allclose(cached(), detector.score(x, fx), rtol=1e-4, atol=1e-7)
+                rows.append({
+                    "reference_size": r,
+                    "batch_size": b,
+                    "score_ms": _median_ms(lambda: detector.score(x, fx), repeats),
+                    "score_with_features_ms": _median_ms(lambda: detector.score(x), repeats),
+                    "score_cached_ref_ms": _median_ms(cached, repeats),
+                })
+                print(rows[-1], flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], key: str) -> str:
+    """Rows: reference sizes; columns: batch sizes; cells: ``key`` in ms."""
+    refs = sorted({row["reference_size"] for row in rows})
+    batches = sorted({row["batch_size"] for row in rows})
+    cell = {(row["reference_size"], row["batch_size"]): row[key] for row in rows}
+    lines = ["| R \\ B | " + " | ".join(map(str, batches)) + " |", "| --- |" + " --- |" * len(batches)]
+    lines += [f"| {r} | " + " | ".join(f"{cell[r, b]:.2f}" for b in batches) + " |" for r in refs]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Score time vs R (one line per B), and vs B at the largest R, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refs = sorted({row["reference_size"] for row in rows})
+    batches = sorted({row["batch_size"] for row in rows})
+    cell = {(row["reference_size"], row["batch_size"]): row for row in rows}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in batches:
+        left.plot(refs, [cell[r, b]["score_ms"] for r in refs], marker="o", label=f"B={b}")
+    shown = 100 if 100 in batches else batches[-1]
+    left.plot(refs, [cell[r, shown]["score_cached_ref_ms"] for r in refs], "k--",
+              label=f"B={shown}, R x R gram cached")
+    left.set(xscale="log", yscale="log", xlabel="reference-set size R", ylabel="score time (ms)",
+             title="detector score vs R (features given)")
+    left.legend(fontsize=8)
+    for r in refs:
+        right.plot(batches, [cell[r, b]["score_with_features_ms"] for b in batches], marker="o", label=f"R={r}")
+    right.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="time (ms)",
+              title="score incl. phi(batch) vs B")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-sizes", type=int, nargs="+", default=[50, 100, 200, 500, 1000, 2000])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 50, 100, 200, 500])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default="cifar_resnet18_small", help="phi (random weights)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    start = time.perf_counter()
+    rows = measure(args.reference_sizes, args.batch_sizes, args.repeats, args.model)
+    result = {
+        "machine": machine_description(torch.device("cpu")),
+        "settings": {"image_shape": [3, 32, 32], "phi": args.model, "threads": threads, "repeats": args.repeats},
+        "rows": rows,
+        "table_score_ms_markdown": markdown_table(rows, "score_ms"),
+        "table_score_cached_ref_ms_markdown": markdown_table(rows, "score_cached_ref_ms"),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    write_result("detector_scaling", result)
+    plot(rows, RESULTS / "detector_scaling.png")
+    print(result["table_score_ms_markdown"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""What every benchmark records beside its numbers: the machine, the software, the threads, and peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from dad.io import atomic_write_json
+
+__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: leave torch's default) and return the number in use."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"Expected `threads` >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, memory, GPU, torch version and thread settings of this process."""
+    try:
+        cores_available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores_available = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": cores_available,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return info
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> Path:
+    """Write ``payload`` as ``<out_dir>/<name>.json`` and return the path."""
+    path = out_dir / f"{name}.json"
+    atomic_write_json(json.loads(json.dumps(payload, default=str)), path)
+    return path
+
+
+def _release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so the next block's growth shows in the RSS."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of a code block above what was in use when it started.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (reset at entry). On CPU: the process's resident set size,
+    sampled every ``interval`` seconds by a background thread (Linux ``/proc``), after freed heap memory was
+    returned to the OS at entry; spikes between two samples can be missed, and memory the allocator still
+    holds from earlier blocks is reused without showing, so the figure is a lower bound of the block's need.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak_mib: float = float("nan")
+        self._stop = threading.Event()
+        self._peak = 0
+        self._base = 0
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif Path("/proc/self/statm").is_file():
+            _release_free_memory()
+            self._base = self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_mib = (self._peak - self._base) / 2**20

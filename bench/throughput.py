@@ -1,0 +1,246 @@
+"""Throughput (images/s) and peak memory of every DAD stage, on a config's architectures with random data.
+
+Stages, at the inference batch size of the config (100 for ``cifar10_cpu.yaml``), 32x32 RGB:
+
+- ``classifier_train_step``: cross-entropy forward, backward and optimiser step of the classifier;
+- ``ae_pgd10`` and ``ae_training_attack``: PGD-10 (Linf 8/255) and the config's training attack (MMA);
+- ``kernel_train_step``: one MMD-OPT step on the full MMD set (clean vs adversarial, ``phi`` recomputed per
+  step as :class:`~lightning_modules.kernel.KernelModule` does); images/s counts both sets;
+- ``denoiser_train_step``: the :class:`~lightning_modules.denoiser.DenoiserModule` loss (biased MMD-OPT +
+  alpha CE through the frozen classifier), backward and Adam step;
+- ``bare_classifier``, ``dad_clean``, ``dad_adversarial``: inference of the classifier alone and of
+  :class:`~dad.defense.DADDefense` on a batch it routes straight to the classifier and on one it denoises.
+
+The three inference figures are timed interleaved in one loop, so background load hits them alike, and
+their ratios are written as ``dad_clean_over_bare`` and ``dad_adv_over_bare``. The defense is built from
+the real classes with random weights; its detector is calibrated on random clean images, so a fresh clean
+batch is not flagged and a heavily noised batch is (both checked before timing).
+
+    OMP_NUM_THREADS=1 python bench/throughput.py --config configs/cifar10_cpu.yaml --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import PeakMemory, configure_threads, machine_description, write_result  # noqa: E402
+from dad.attacks.config import AttackConfig  # noqa: E402
+from dad.defense import DADDefense  # noqa: E402
+from dad.denoisers import UNetDenoiser  # noqa: E402
+from dad.detector import MMDDetector  # noqa: E402
+from dad.kernels import SemanticKernel  # noqa: E402
+from dad.mmd import j_statistic, mmd2_biased  # noqa: E402
+from dad.models import create_model, freeze  # noqa: E402
+from dad.noise import add_noise  # noqa: E402
+from lightning_modules.config import PipelineConfig, load_config  # noqa: E402
+
+TARGET_CLEAN_RATIO = 1.5
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float], images: int, peak_mib: float) -> dict[str, Any]:
+    median = statistics.median(times)
+    return {"images_per_call": images, "seconds_median": median, "images_per_s": images / median,
+            "seconds_all": times, "peak_memory_mib": peak_mib}
+
+
+def _classifier(cfg: PipelineConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+    kwargs = {"num_classes": num_classes, "in_channels": 3, **cfg.classifier.model_kwargs}
+    return create_model(cfg.classifier.model, **kwargs).to(device)
+
+
+def build_defense(cfg: PipelineConfig, classifier: torch.nn.Module, pool: torch.Tensor,
+                  generator: torch.Generator) -> DADDefense:
+    """The assembled defense of ``cfg`` with random weights, its detector calibrated on ``pool``."""
+    shifted = (pool + 0.25 * torch.rand(pool.shape, generator=generator).to(pool)).clamp(0, 1)
+    kernel = SemanticKernel(classifier)
+    kernel.init_bandwidths(pool[:500], shifted[:500])
+    reference, held_out = pool[: cfg.defense.reference_size], pool[cfg.defense.reference_size:]
+    detector = MMDDetector(kernel, reference, cfg.defense.target_fpr)
+    detector.calibrate(held_out, [cfg.defense.batch_size], num_batches=400, generator=generator)
+    denoiser = UNetDenoiser(**{"in_channels": 3, **cfg.denoiser.net}).to(pool.device)
+    return DADDefense(classifier, detector, denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise).eval()
+
+
+def bench_training(cfg: PipelineConfig, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Classifier step, AE generation, kernel step and denoiser step."""
+    b, gen = args.batch_size, torch.Generator().manual_seed(0)
+    x = torch.rand(b, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, args.num_classes, (b,), generator=gen).to(device)
+    out: dict[str, Any] = {}
+    run = dict(repeats=args.repeats, warmup=args.warmup, device=device)
+
+    model = _classifier(cfg, args.num_classes, device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def classifier_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    with PeakMemory(device) as mem:
+        times = time_calls(classifier_step, **run)
+    out["classifier_train_step"] = _summary(times, b, mem.peak_mib)
+
+    classifier = freeze(model.eval())
+    pgd10 = AttackConfig(name="pgd", eps=8 / 255, step_size=2 / 255, steps=10)
+    for name, attack in (("ae_pgd10", pgd10), ("ae_training_attack", cfg.training_attack())):
+        with PeakMemory(device) as mem:
+            times = time_calls(lambda a=attack: a.run_on_classifier(classifier, x, y), **run)
+        out[name] = {**_summary(times, b, mem.peak_mib), "attack": attack.as_dict()}
+
+    n = args.num_classes * cfg.data.mmd_per_class
+    clean = torch.rand(n, 3, 32, 32, generator=gen).to(device)
+    adv = (clean + (8 / 255) * torch.randn(clean.shape, generator=gen).to(device).sign()).clamp(0, 1)
+    kernel = SemanticKernel(classifier)
+    kernel.init_bandwidths(clean, adv)
+    kernel_opt = torch.optim.Adam(kernel.parameters(), lr=cfg.kernel.lr)
+
+    def kernel_step() -> None:
+        kernel_opt.zero_grad(set_to_none=True)
+        grams = kernel.gram_from_features(kernel.features(clean), kernel.features(adv), clean, adv)
+        (-j_statistic(*grams, reg=cfg.kernel.reg)).backward()
+        kernel_opt.step()
+
+    with PeakMemory(device) as mem:
+        times = time_calls(kernel_step, **{**run, "repeats": max(2, run["repeats"] // 2)})
+    out["kernel_train_step"] = {**_summary(times, 2 * n, mem.peak_mib), "mmd_set_size": n}
+
+    freeze(kernel)
+    denoiser = UNetDenoiser(**{"in_channels": 3, **cfg.denoiser.net}).to(device).train()
+    den_opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.denoiser.lr)
+    x_adv = adv[:b]
+    d = cfg.denoiser
+
+    def denoiser_step() -> None:
+        den_opt.zero_grad(set_to_none=True)
+        denoised = denoiser(add_noise(x_adv, d.noise_std, d.noise))
+        logits, f_den = classifier.forward_with_features(denoised)
+        with torch.no_grad():
+            f_clean = kernel.features(x)
+        loss = mmd2_biased(*kernel.gram_from_features(f_clean, f_den, x, denoised)) + d.alpha * F.cross_entropy(
+            logits, y)
+        loss.backward()
+        den_opt.step()
+
+    with PeakMemory(device) as mem:
+        times = time_calls(denoiser_step, **run)
+    out["denoiser_train_step"] = {**_summary(times, b, mem.peak_mib), "net": dict(d.net)}
+    return out
+
+
+def bench_inference(cfg: PipelineConfig, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Bare classifier vs DAD on a clean batch vs DAD on a flagged batch, interleaved."""
+    gen = torch.Generator().manual_seed(1)
+    b = cfg.defense.batch_size
+    classifier = freeze(_classifier(cfg, args.num_classes, device).eval())
+    pool = torch.rand(args.calibration_pool, 3, 32, 32, generator=gen).to(device)
+    defense = build_defense(cfg, classifier, pool, gen)
+    with torch.inference_mode():
+        clean = next(c for c in (torch.rand(b, 3, 32, 32, generator=gen).to(device) for _ in range(50))
+                     if not bool(defense.forward_with_info(c).adversarial))
+        noisy = (clean + 0.5 * torch.rand(clean.shape, generator=gen).to(device)).clamp(0, 1)
+        if not bool(defense.forward_with_info(noisy).adversarial):
+            raise RuntimeError("The noised batch was not flagged: the adversarial path cannot be timed")
+    calls = {
+        "bare_classifier": lambda: classifier(clean),
+        "dad_clean": lambda: defense(clean),
+        "dad_adversarial": lambda: defense(noisy),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, fn in calls.items():
+            with PeakMemory(device) as mem:
+                time_calls(fn, repeats=1, warmup=args.warmup, device=device)
+            peaks[name] = mem.peak_mib
+        for _ in range(args.inference_repeats):
+            for name, fn in calls.items():
+                times[name] += time_calls(fn, repeats=1, warmup=0, device=device)
+    out = {name: _summary(times[name], b, peaks[name]) for name in calls}
+    bare = out["bare_classifier"]["seconds_median"]
+    return {
+        "stages": out,
+        "dad_clean_over_bare": out["dad_clean"]["seconds_median"] / bare,
+        "dad_adv_over_bare": out["dad_adversarial"]["seconds_median"] / bare,
+        "shares_features": defense.shares_features,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/cifar10_cpu.yaml", help="architectures and settings to time")
+    parser.add_argument("--batch-size", type=int, default=100, help="batch of the training and attack stages")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per training/attack stage")
+    parser.add_argument("--inference-repeats", type=int, default=30, help="timed calls per inference variant")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--calibration-pool", type=int, default=1100, help="random clean images for calibration")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="throughput", help="result file: bench/results/<name>.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    threads = configure_threads(args.threads)
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    training = bench_training(cfg, args, device)
+    inference = bench_inference(cfg, args, device)
+    result = {
+        "machine": machine_description(device),
+        "settings": {
+            "config": args.config, "image_shape": [3, 32, 32], "batch_size": args.batch_size,
+            "inference_batch_size": cfg.defense.batch_size, "reference_size": cfg.defense.reference_size,
+            "classifier": {"model": cfg.classifier.model, **cfg.classifier.model_kwargs},
+            "denoiser_net": dict(cfg.denoiser.net), "threads": threads, "repeats": args.repeats,
+            "inference_repeats": args.inference_repeats, "weights_and_data": "random",
+        },
+        "stages": {**training, **inference["stages"]},
+        "dad_clean_over_bare": inference["dad_clean_over_bare"],
+        "dad_adv_over_bare": inference["dad_adv_over_bare"],
+        "target_dad_clean_over_bare": TARGET_CLEAN_RATIO,
+        "meets_target": inference["dad_clean_over_bare"] <= TARGET_CLEAN_RATIO,
+        "detector_reuses_classifier_features": inference["shares_features"],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    path = write_result(args.name, result)
+    width = max(map(len, result["stages"]))
+    for name, stage in result["stages"].items():
+        print(f"{name:<{width}}  {stage['images_per_s']:9.1f} img/s  peak +{stage['peak_memory_mib']:.0f} MiB")
+    print(f"dad_clean_over_bare {result['dad_clean_over_bare']:.3f}  dad_adv_over_bare "
+          f"{result['dad_adv_over_bare']:.3f}  ({threads} threads) -> {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
