@@ -28,7 +28,7 @@ def _tensor(shape: tuple[int, ...], dtype: torch.dtype, kind: str, seed: int) ->
     return x.to(dtype)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(0, 6), m=st.integers(0, 6), d=st.integers(1, 5), d2=st.integers(1, 5), dtype=DTYPES,
        kind=VALUES, seed=st.integers(0, 1000))
 def test_mmd_functions_return_finite_or_raise_value_error(n, m, d, d2, dtype, kind, seed):
@@ -40,8 +40,8 @@ def test_mmd_functions_return_finite_or_raise_value_error(n, m, d, d2, dtype, ki
         assert d != d2 or dtype == torch.int64
         return
     assert dist.shape == (n, m)
-    if kind in ("nan", "inf"):
-        return  # garbage in, NaN out: the defense (below) rejects such inputs before any statistic
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return  # NaN/inf (also 1e30 overflowing float16) in, NaN out: the defense rejects such inputs first
     if dtype.is_floating_point and torch.finfo(dtype).max > 1e30 or kind != "huge":
         assert torch.isfinite(dist.float()).all() or kind == "huge"
     k = semantic_gram(x.double(), y.double(), x.double(), y.double(), 1.0, 1.0, 0.5) if n and m else None
@@ -71,7 +71,7 @@ def defense(tmp_path_factory: pytest.TempPathFactory):
     return load_defense(RunPaths(cfg.run.dir).defense)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(b=st.integers(0, 30), c=st.sampled_from([1, 3]), h=st.sampled_from([4, 8]), dtype=DTYPES, kind=VALUES,
        seed=st.integers(0, 1000))
 def test_defense_returns_finite_logits_or_raises(defense, b, c, h, dtype, kind, seed):
