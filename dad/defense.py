@@ -61,6 +61,11 @@ def check_images(x: Tensor, shape: tuple[int, ...]) -> None:
         raise InvalidInputError(f"Expected pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 
 
+def purify(denoiser: nn.Module, x: Tensor, noise_std: float, noise: NoiseMode) -> Tensor:
+    """Noise, denoise and clamp to [0, 1]: the path of a batch judged adversarial (training validation too)."""
+    return denoiser(add_noise(x, noise_std, noise)).clamp(0.0, 1.0)
+
+
 class DADDefense(nn.Module):
     """Classifier + MMD-OPT detector + denoiser with per-batch routing.
 
@@ -106,7 +111,7 @@ class DADDefense(nn.Module):
 
     def purify(self, x: Tensor) -> Tensor:
         """Noise then denoise, clamped to the valid image range."""
-        return self.denoiser(add_noise(x, self.noise_std, self.noise)).clamp(0.0, 1.0)
+        return purify(self.denoiser, x, self.noise_std, self.noise)
 
     def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits of the classifier and the detector's features of ``x``."""

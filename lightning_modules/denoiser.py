@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from dad.defense import purify
 from dad.denoisers import UNetDenoiser
 from dad.kernels import ESTIMATORS, Estimator
 from dad.models import freeze
@@ -91,7 +92,7 @@ class DenoiserModule(pl.LightningModule):
 
     def purify(self, x: Tensor) -> Tensor:
         """Noise, denoise and clamp: the path of a batch judged adversarial at inference."""
-        return self.denoiser(add_noise(x, self.hparams.noise_std, self.hparams.noise)).clamp(0.0, 1.0)
+        return purify(self.denoiser, x, self.hparams.noise_std, self.hparams.noise)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         clean, adv, y = batch
