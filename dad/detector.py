@@ -50,6 +50,10 @@ class MMDDetector(nn.Module):
         self.target_fpr = target_fpr
         self.register_buffer("reference", reference.detach().clone())
         self.register_buffer("ref_features", torch.empty(0))
+        # k(reference, reference) does not depend on the batch: computed once (it dominates the score's cost
+        # from ~500 reference images on), and recomputed from the loaded weights rather than saved.
+        self.register_buffer("ref_gram", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.register_buffer("batch_sizes", torch.zeros(0, dtype=torch.long))
         self.register_buffer("thresholds", torch.zeros(0))
         self._warned_sizes: set[int] = set()
@@ -57,8 +61,13 @@ class MMDDetector(nn.Module):
 
     @torch.no_grad()
     def refresh_reference_features(self) -> None:
-        """Cache ``phi(reference)``; call again if the kernel's feature extractor changes."""
+        """Cache ``phi(reference)`` and the reference gram; call again if the kernel changes."""
         self.ref_features = self.kernel.features(self.reference).detach()
+        self._refresh_ref_gram()
+
+    @torch.no_grad()
+    def _refresh_ref_gram(self) -> None:
+        self.ref_gram = self.kernel.cross_gram(self.ref_features, self.ref_features, self.reference, self.reference)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # Calibration buffers change size with the number of calibrated batch sizes: adopt the saved shapes.
@@ -82,8 +91,9 @@ class MMDDetector(nn.Module):
                 f"got {tuple(x.shape[1:])}"
             )
         fx = self.kernel.features(x) if features is None else features.reshape(x.shape[0], -1)
-        kxx, kyy, kxy = self.kernel.gram_from_features(fx, self.ref_features, x, self.reference)
-        return mmd2_unbiased_unpaired(kxx, kyy, kxy)
+        kxx = self.kernel.cross_gram(fx, fx, x, x)
+        kxr = self.kernel.cross_gram(fx, self.ref_features, x, self.reference)
+        return mmd2_unbiased_unpaired(kxx, self.ref_gram, kxr)
 
     @property
     def calibrated(self) -> bool:
@@ -118,23 +128,26 @@ class MMDDetector(nn.Module):
         Returns a function ``(batch_size, num_batches, generator) -> scores`` whose every score equals
         :meth:`score` of the corresponding batch (drawn without replacement inside a batch): the gram
         matrices of the pool against itself and the reference are computed once, and each batch's
-        score is read off them with two matrix products.
+        score is read off them by indexing (``B^2`` entries per batch, whatever the pool's size).
         """
         fp = torch.cat([self.kernel.features(chunk) for chunk in pool.split(256)])
-        k_pp, k_rr, k_pr = self.kernel.gram_from_features(fp, self.ref_features, pool, self.reference)
+        k_pp = self.kernel.cross_gram(fp, fp, pool, pool)
+        k_pr = self.kernel.cross_gram(fp, self.ref_features, pool, self.reference)
         r = self.reference.shape[0]
-        ref_term = (k_rr.sum() - k_rr.diagonal().sum()) / (r * (r - 1))
-        k_pp_off = k_pp - torch.diag_embed(k_pp.diagonal())
+        ref_term = (self.ref_gram.sum() - self.ref_gram.diagonal().sum()) / (r * (r - 1))
+        diagonal = k_pp.diagonal()
         cross = k_pr.mean(1)
         size = pool.shape[0]
 
         def scores(batch_size: int, num_batches: int, generator: torch.Generator | None = None) -> Tensor:
             if not 2 <= batch_size <= size:
                 raise ValueError(f"Expected a batch size in [2, {size}] (the pool's size), got {batch_size}")
-            order = torch.rand(num_batches, size, generator=generator).argsort(1)[:, :batch_size]
-            masks = torch.zeros(num_batches, size).scatter_(1, order, 1.0).to(k_pp)
-            within = ((masks @ k_pp_off) * masks).sum(1) / (batch_size * (batch_size - 1))
-            return within + ref_term - 2.0 * (masks @ cross) / batch_size
+            order = torch.rand(num_batches, size, generator=generator).argsort(1)[:, :batch_size].to(k_pp.device)
+            out = []
+            for idx in order.split(max(1, 2**22 // batch_size**2)):  # bounds the (n, B, B) block to 16 MiB
+                block = k_pp[idx[:, :, None], idx[:, None, :]].sum((1, 2)) - diagonal[idx].sum(1)
+                out.append(block / (batch_size * (batch_size - 1)) + ref_term - 2.0 * cross[idx].sum(1) / batch_size)
+            return torch.cat(out)
 
         return scores
 
@@ -200,6 +213,11 @@ class MMDDetector(nn.Module):
         self.thresholds = torch.stack(thresholds).to(device)
         self._warned_sizes.clear()
         return results
+
+
+def _refresh_after_load(detector: MMDDetector, incompatible_keys: object) -> None:
+    """Load hook: rebuild the reference gram from the loaded kernel and reference features."""
+    detector._refresh_ref_gram()
 
 
 def finite_pool_factor(pool: int, batch_size: int) -> float:

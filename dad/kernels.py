@@ -131,19 +131,15 @@ class SemanticKernel(nn.Module):
         self.eps_logit.fill_(math.log(eps) - math.log1p(-eps))
         self.initialized.fill_(True)
 
-    def gram_from_features(self, fx: Tensor, fy: Tensor, x: Tensor, y: Tensor) -> Grams:
-        """``(Kxx, Kyy, Kxy)`` from precomputed features (used when features are gathered across ranks).
-
-        The statistics are computed in float32 even under mixed precision.
-        """
+    def cross_gram(self, fx: Tensor, fy: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``K[i, j] = k(x_i, y_j)`` from precomputed features, in float32 even under mixed precision."""
         fx, fy, x, y = (t.float() for t in (fx, fy, x, y))
         with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 would ruin the distances
-            args = (self.sigma_phi.float(), self.sigma_q.float(), self.eps.float())
-            return (
-                semantic_gram(fx, fx, x, x, *args),
-                semantic_gram(fy, fy, y, y, *args),
-                semantic_gram(fx, fy, x, y, *args),
-            )
+            return semantic_gram(fx, fy, x, y, self.sigma_phi.float(), self.sigma_q.float(), self.eps.float())
+
+    def gram_from_features(self, fx: Tensor, fy: Tensor, x: Tensor, y: Tensor) -> Grams:
+        """``(Kxx, Kyy, Kxy)`` from precomputed features (used when features are gathered across ranks)."""
+        return self.cross_gram(fx, fx, x, x), self.cross_gram(fy, fy, y, y), self.cross_gram(fx, fy, x, y)
 
     def gram(self, x: Tensor, y: Tensor) -> Grams:
         """``(Kxx, Kyy, Kxy)`` of two batches; ``phi`` runs once on both."""

@@ -4,7 +4,11 @@ Splits (all disjoint):
 - ``mmd``: N images per class from the training data (trains the MMD-OPT kernel; the detector's
   reference set is drawn from it);
 - ``denoiser``: the rest of the training data (trains the denoiser);
-- ``val``: clean held-out images (threshold calibration and model selection);
+- ``val``: clean held-out images (model selection; threshold calibration too unless there is a
+  ``calibration`` split);
+- ``calibration``: optional clean held-out images for the detector's thresholds only. Calibration needs
+  no adversarial examples, so this pool can be large (its own sampling error moves the realised FPR)
+  without the cost of attacking a large ``val``;
 - ``test``: the dataset's test split, or a held-out part of the data where there is none.
 The classifier trains on ``mmd`` + ``denoiser``. The indices are a pure function of the seed and are
 saved in the run directory, so a resumed or later stage sees exactly the same split.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from datamodules.sampling import ResumableSampler
 
 __all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits", "open_torchvision_dataset"]
 
-SPLIT_NAMES = ("mmd", "denoiser", "val", "test")
+SPLIT_NAMES = ("mmd", "denoiser", "val", "calibration", "test")
 
 
 class DataError(ValueError):
@@ -38,16 +42,28 @@ class DataError(ValueError):
 
 @dataclass
 class Splits:
-    """Indices of each split; ``mmd``/``denoiser``/``val`` index the training pool, ``test`` the test pool."""
+    """Indices of each split; ``test`` indexes the test pool, the others the training pool."""
 
     mmd: list[int]
     denoiser: list[int]
     val: list[int]
     test: list[int]
+    calibration: list[int] = field(default_factory=list)
 
     def digest(self) -> str:
-        """A short hash identifying the split (recorded in AE-cache manifests)."""
-        return hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()[:16]
+        """A short hash identifying the split (recorded in AE-cache manifests).
+
+        An empty ``calibration`` split is left out, so runs made before it existed keep their digest.
+        """
+        fields = asdict(self)
+        if not fields["calibration"]:
+            del fields["calibration"]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+
+    @property
+    def calibration_split(self) -> str:
+        """The split the detector's thresholds are calibrated on: ``calibration`` if carved, else ``val``."""
+        return "calibration" if self.calibration else "val"
 
 
 class ImageTensorDataset(Dataset):
@@ -78,11 +94,13 @@ def carve_splits(
     val_size: int,
     seed: int,
     test_size: int = 0,
+    calibration_size: int = 0,
 ) -> Splits:
     """Carve the DAD splits deterministically from ``seed``.
 
     ``mmd`` takes exactly ``mmd_per_class`` images of every class; ``val`` is a random sample of
-    ``val_size`` of the rest; ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
+    ``val_size`` of the rest, ``calibration`` one of ``calibration_size`` of what is left after it;
+    ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
     from the training pool too (datasets without a test split), else it is the whole test pool of
     ``num_test`` images, in a seeded random order.
     """
@@ -105,9 +123,12 @@ def carve_splits(
         mmd.extend(members[:mmd_per_class].tolist())
     taken = set(mmd)
     rest = [i for i in order.tolist() if i not in taken]
-    if len(rest) <= val_size:
-        raise DataError(f"Only {len(rest)} training images left after the MMD set; val_size={val_size} leaves none")
-    return Splits(mmd=sorted(mmd), denoiser=sorted(rest[val_size:]), val=sorted(rest[:val_size]), test=test)
+    held_out = val_size + calibration_size
+    if len(rest) <= held_out:
+        raise DataError(f"Only {len(rest)} training images left after the MMD set; val_size={val_size} and "
+                        f"calibration_size={calibration_size} leave none for the denoiser")
+    return Splits(mmd=sorted(mmd), denoiser=sorted(rest[held_out:]), val=sorted(rest[:val_size]), test=test,
+                  calibration=sorted(rest[val_size:held_out]))
 
 
 class DADDataModule(pl.LightningDataModule):
@@ -117,6 +138,7 @@ class DADDataModule(pl.LightningDataModule):
         mmd_per_class: images per class in the MMD set (the paper uses 50).
         val_size: clean held-out images for calibration and model selection.
         test_size: if > 0, carve a test split of this size from the training data.
+        calibration_size: if > 0, carve a clean split of this size for threshold calibration only.
         subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
         batch_size: batch size of the classifier's loaders (per process).
         num_workers: data-loader workers.
@@ -131,6 +153,7 @@ class DADDataModule(pl.LightningDataModule):
         mmd_per_class: int = 50,
         val_size: int = 1000,
         test_size: int = 0,
+        calibration_size: int = 0,
         subset: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
@@ -142,7 +165,10 @@ class DADDataModule(pl.LightningDataModule):
                 raise ValueError(f"Expected `{name}` >= 1, got {value}")
         self.mmd_per_class = mmd_per_class
         self.val_size = val_size
+        if calibration_size < 0:
+            raise ValueError(f"Expected `calibration_size` >= 0, got {calibration_size}")
         self.test_size = test_size
+        self.calibration_size = calibration_size
         self.subset = subset
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -174,7 +200,8 @@ class DADDataModule(pl.LightningDataModule):
         else:
             check_labels(test_y, self.num_classes)
         self.train_images, self.train_labels = train_x, train_y
-        self.splits = carve_splits(train_y, len(test_y), self.mmd_per_class, self.val_size, self.seed, self.test_size)
+        self.splits = carve_splits(train_y, len(test_y), self.mmd_per_class, self.val_size, self.seed, self.test_size,
+                                   self.calibration_size)
         self.test_images, self.test_labels = test_x, test_y
 
     def save_splits(self, path: str | Path) -> None:

@@ -46,12 +46,13 @@ class CIFAR10DataModule(DADDataModule):
         mmd_per_class: int = 50,
         val_size: int = 1000,
         test_size: int = 0,
+        calibration_size: int = 0,
         subset: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(mmd_per_class, val_size, test_size, subset, batch_size, num_workers, seed)
+        super().__init__(mmd_per_class, val_size, test_size, calibration_size, subset, batch_size, num_workers, seed)
         self.root = root
         self.download = download
 

@@ -25,12 +25,13 @@ class DigitsDataModule(DADDataModule):
         mmd_per_class: int = 20,
         val_size: int = 500,
         test_size: int = 450,
+        calibration_size: int = 0,
         subset: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(mmd_per_class, val_size, test_size, subset, batch_size, num_workers, seed)
+        super().__init__(mmd_per_class, val_size, test_size, calibration_size, subset, batch_size, num_workers, seed)
 
     def load(self) -> tuple[Tensor, Tensor, None, None]:
         data = load_digits()

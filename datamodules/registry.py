@@ -26,7 +26,8 @@ def build_datamodule(cfg: Any, seed: int) -> DADDataModule:
     """Instantiate the data module named by ``cfg.dataset`` (a :class:`~lightning_modules.config.DataConfig`)."""
     if cfg.dataset not in DATAMODULES:
         raise ValueError(f"Unknown dataset {cfg.dataset!r}; available: {sorted(DATAMODULES)}")
-    common = dict(mmd_per_class=cfg.mmd_per_class, val_size=cfg.val_size, test_size=cfg.test_size, subset=cfg.subset,
+    common = dict(mmd_per_class=cfg.mmd_per_class, val_size=cfg.val_size, test_size=cfg.test_size,
+                  calibration_size=cfg.calibration_size, subset=cfg.subset,
                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=seed)
     extra: dict[str, Any] = dict(cfg.options)
     cls = DATAMODULES[cfg.dataset]

@@ -65,6 +65,7 @@ class DataConfig:
     mmd_per_class: int = 20
     val_size: int = 500
     test_size: int = 450
+    calibration_size: int = 0
     subset: int | None = None
     batch_size: int = 64
     num_workers: int = 0
@@ -73,6 +74,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.mmd_per_class >= 1, f"Expected `data.mmd_per_class` >= 1, got {self.mmd_per_class}")
         _require(self.val_size >= 2, f"Expected `data.val_size` >= 2, got {self.val_size}")
+        _require(self.calibration_size >= 0, f"Expected `data.calibration_size` >= 0, got {self.calibration_size}")
         _require(self.batch_size >= 1, f"Expected `data.batch_size` >= 1, got {self.batch_size}")
 
 

@@ -152,6 +152,7 @@ class _Context:
     x: Tensor
     y: Tensor
     batch_size: int
+    fpr_pool: Tensor
     logger: TensorBoardLogger
     key_parts: dict[str, Any]
 
@@ -282,7 +283,9 @@ def _detection(ctx: _Context, module: DADModule, threats: Mapping[str, str], res
     clean_pool = module.states[CLEAN].gather("x_adv").to(ctx.device)
     calibrated = set(detector.batch_sizes.tolist())
     sizes = sorted({s for s in [*ctx.cfg.eval.detection_batch_sizes, b] if 2 <= s <= len(clean_pool)})
-    clean_scorer = detector.batch_scorer(clean_pool)
+    # Clean batches cost no attack, so the FPR is measured on the whole test split (not only the attacked
+    # `max_test` images): a larger pool sits closer to the population (its offset scales as 1/sqrt(size)).
+    clean_scorer = detector.batch_scorer(ctx.fpr_pool.to(ctx.device))
     clean_scores = {s: clean_scorer(s, n_random, torch.Generator().manual_seed(s)).cpu() for s in sizes}
     attack_scores: dict[str, dict[int, Tensor]] = {}
     for name, threat in threats.items():
@@ -320,6 +323,7 @@ def _detection(ctx: _Context, module: DADModule, threats: Mapping[str, str], res
         "fpr_clean": rate_above(clean_scores[b], threshold),
         "fpr_clean_sequential": results[CLEAN]["detection_rate"],
         "random_batches": n_random,
+        "clean_pool": len(ctx.fpr_pool),
         "tpr": {name: results[name]["detection_rate"] for name in threats},
         "tpr_random_batches": {name: rate_above(scores[b], threshold)
                                for name, scores in attack_scores.items() if threats[name] != "defense"},
@@ -477,7 +481,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     paths = RunPaths(Path(run_dir) if run_dir is not None else cfg.run.dir)
     defense = load_defense(paths.defense)
     dm = _datamodule(cfg, paths)
-    x, y = dm.split_tensors("test")
+    fpr_pool, labels = dm.split_tensors("test")
+    x, y = fpr_pool, labels
     if cfg.eval.max_test is not None:
         x, y = x[: cfg.eval.max_test], y[: cfg.eval.max_test]
     presets = cfg.eval.attack_configs()
@@ -485,7 +490,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     for preset in presets.values():
         preset.batch_size = b
     logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="eval", default_hp_metric=False)
-    ctx = _Context(cfg, paths, defense, x, y, b, logger,
+    ctx = _Context(cfg, paths, defense, x, y, b, fpr_pool, logger,
                    {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "num_test": len(y),
                     "batch_size": b, "protocol": PROTOCOL})
     threats = {name: p.threat for name, p in presets.items()}
@@ -637,7 +642,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"Denoised clean accuracy (the cost of a false positive): {report['clean_acc']['denoised']:.4f}. "
         f"Threshold {det['threshold']:.4g} at batch size {det['batch_size']}; FPR over {det['random_batches']} random "
-        f"clean test batches. {report['num_test']} test images.",
+        f"batches of the {det['clean_pool']} clean test images. {report['num_test']} test images attacked.",
         "",
         "Threat `classifier`: the attacker sees only the undefended classifier (the published setting). "
         "Threat `defense`: the attack differentiates through the whole defense (detector, noise with EOT, denoiser). "

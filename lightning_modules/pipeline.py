@@ -245,12 +245,13 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
     """Batch sizes to calibrate: the inference size, the detection-metric sizes, the test remainder."""
     n_test = len(dm.splits.test) if cfg.eval.max_test is None else min(cfg.eval.max_test, len(dm.splits.test))
     sizes = {cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size}
-    return sorted(b for b in sizes if 2 <= b < cfg.data.val_size)
+    pool = len(getattr(dm.splits, dm.splits.calibration_split))
+    return sorted(b for b in sizes if 2 <= b < pool)
 
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_path: str | None) -> dict[str, Any]:
     defense = assemble_defense(cfg, paths, dm)
-    clean, _ = dm.split_tensors("val")
+    clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)
     trainer = _trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False)

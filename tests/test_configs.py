@@ -110,7 +110,12 @@ def test_cpu_config_trains_its_classifier_and_holds_out_a_test_split():
     cfg = load_config(CONFIGS / "cifar10_cpu.yaml")
     assert cfg.classifier.weights is None and cfg.classifier.model == "cifar_resnet18_small"
     assert cfg.kernel.feature_extractor is None  # phi is the classifier: the detector reuses its forward pass
-    assert cfg.data.test_size >= 1000 and cfg.eval.max_test is None
+    assert cfg.data.test_size >= 1000 and (cfg.eval.max_test or cfg.data.test_size) >= 1000
+    # thresholds from a large clean pool of their own, the FPR measured on a large test pool
+    assert cfg.data.calibration_size >= 5000 and cfg.data.test_size >= 5000
+    per_class = cfg.data.options["max_per_class"]
+    held_out = cfg.data.test_size + cfg.data.calibration_size + cfg.data.val_size
+    assert 10 * per_class > held_out + 10 * cfg.data.mmd_per_class
     assert any(a.threat == "classifier" and a.norm == "linf" and a.eps == pytest.approx(8 / 255)
                for a in cfg.eval.attack_configs().values())
     assert any(a.threat == "defense" for a in cfg.eval.attack_configs().values())

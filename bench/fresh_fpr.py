@@ -1,0 +1,79 @@
+"""The clean false-positive rate of a saved defense on images no stage of its run has read.
+
+An ImageFolder run with ``data.options.max_per_class K`` reads only the first K files (sorted) of every class;
+the files after them are fresh draws of the same distribution. This scores random batches of a seeded sample of
+those files against the saved detector's threshold: an estimate of the deployed FPR independent of the run's
+own test split (and of its calibration pool).
+
+    OMP_NUM_THREADS=2 python bench/fresh_fpr.py --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800
+
+Writes ``bench/results/<name>.json`` (default ``fresh_fpr``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import configure_threads, machine_description, write_result  # noqa: E402
+from dad.defense import load_defense  # noqa: E402
+from datamodules.imagefolder import index_folders  # noqa: E402
+
+
+def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:
+    """``size`` images drawn (seeded) from the files after the first ``skip`` (sorted) of every class."""
+    index = index_folders(root)
+    seen: dict[int, int] = {}
+    files = []
+    for path, label in zip(index.train_files, index.train_labels):  # in sorted order within each class
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > skip:
+            files.append(path)
+    if len(files) < size:
+        raise SystemExit(f"error: only {len(files)} images after the first {skip} of each class; need {size}")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:size]
+    images = [decode_image(str(files[i]), mode=ImageReadMode.RGB) for i in order.tolist()]
+    return torch.stack(images).float().div_(255.0)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="run directory holding defense.pt")
+    parser.add_argument("--root", type=Path, required=True, help="ImageFolder directory (<class>/<image>)")
+    parser.add_argument("--skip", type=int, required=True, help="files per class the run read (max_per_class)")
+    parser.add_argument("--size", type=int, default=10000, help="fresh images in the pool")
+    parser.add_argument("--batches", type=int, default=2000, help="random batches per batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="fresh_fpr")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    defense = load_defense(args.run / "defense.pt")
+    detector = defense.detector
+    pool = fresh_images(args.root, args.skip, args.size, args.seed)
+    scorer = detector.batch_scorer(pool)
+    rates = {}
+    for b in detector.batch_sizes.tolist():
+        scores = scorer(b, args.batches, torch.Generator().manual_seed(b))
+        rates[str(b)] = (scores > detector.threshold_for(b)).float().mean().item()
+    result = {
+        "machine": machine_description(torch.device("cpu")),
+        "settings": {"run": str(args.run), "skip_per_class": args.skip, "pool": args.size, "batches": args.batches,
+                     "seed": args.seed, "threads": threads},
+        "target_fpr": detector.target_fpr,
+        "fpr_fresh": rates,
+    }
+    write_result(args.name, result)
+    print(rates)
+    return result
+
+
+if __name__ == "__main__":
+    main()
