@@ -19,9 +19,11 @@ log = logging.getLogger(__name__)
 class ThresholdCalibration(Callback):
     """Sets the detector's thresholds when a :class:`~lightning_modules.dad.DADModule` starts.
 
-    Scores ``num_batches`` random clean batches of each size drawn from ``clean`` (the validation
-    split: never the reference set, never the test set), puts each threshold at the ``1 - target_fpr``
-    quantile, stores it in the defense (so it is saved with it) and logs the FPR measured on the draws.
+    Scores ``num_batches`` random clean batches of each size drawn from ``clean`` (the calibration split,
+    or the validation split where none is carved: never the reference set, never the test set), puts each
+    threshold at the ``1 - target_fpr`` quantile widened for the pool's finite size (see
+    :meth:`~dad.detector.MMDDetector.calibrate`), stores it in the defense (so it is saved with it) and
+    logs the FPR measured on the draws.
     Its results are part of the callback state, so they are restored with a checkpoint.
 
     Args:

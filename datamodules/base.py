@@ -136,7 +136,7 @@ class DADDataModule(pl.LightningDataModule):
 
     Args:
         mmd_per_class: images per class in the MMD set (the paper uses 50).
-        val_size: clean held-out images for calibration and model selection.
+        val_size: clean held-out images for model selection (and calibration when there is no calibration split).
         test_size: if > 0, carve a test split of this size from the training data.
         calibration_size: if > 0, carve a clean split of this size for threshold calibration only.
         subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
