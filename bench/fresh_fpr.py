@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import configure_threads, machine_description, write_result  # noqa: E402
 from dad.defense import load_defense  # noqa: E402
-from datamodules.imagefolder import index_folders  # noqa: E402
+from datamodules.base import to_float  # noqa: E402
+from datamodules.imagefolder import decode_images, index_folders  # noqa: E402
 
 
 def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:
@@ -39,8 +39,7 @@ def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:
     if len(files) < size:
         raise SystemExit(f"error: only {len(files)} images after the first {skip} of each class; need {size}")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:size]
-    images = [decode_image(str(files[i]), mode=ImageReadMode.RGB) for i in order.tolist()]
-    return torch.stack(images).float().div_(255.0)
+    return to_float(decode_images([files[i] for i in order.tolist()], desc="decoding fresh images"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

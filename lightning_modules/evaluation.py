@@ -481,8 +481,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     paths = RunPaths(Path(run_dir) if run_dir is not None else cfg.run.dir)
     defense = load_defense(paths.defense)
     dm = _datamodule(cfg, paths)
-    fpr_pool, labels = dm.split_tensors("test")
-    x, y = fpr_pool, labels
+    x, y = dm.split_tensors("test")
+    fpr_pool = x  # every clean test image; the attacks below may see only the first `max_test`
     if cfg.eval.max_test is not None:
         x, y = x[: cfg.eval.max_test], y[: cfg.eval.max_test]
     presets = cfg.eval.attack_configs()

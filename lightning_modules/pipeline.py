@@ -242,11 +242,12 @@ def assemble_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule) ->
 
 
 def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
-    """Batch sizes to calibrate: the inference size, the detection-metric sizes, the test remainder."""
+    """Batch sizes to calibrate: the inference size, the detection-metric sizes, the test remainder.
+
+    :class:`~callbacks.calibration.ThresholdCalibration` keeps those its clean pool can supply.
+    """
     n_test = len(dm.splits.test) if cfg.eval.max_test is None else min(cfg.eval.max_test, len(dm.splits.test))
-    sizes = {cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size}
-    pool = len(getattr(dm.splits, dm.splits.calibration_split))
-    return sorted(b for b in sizes if 2 <= b < pool)
+    return sorted({cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size})
 
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, ckpt_path: str | None) -> dict[str, Any]:
