@@ -9,14 +9,15 @@ DEMO_STAMP := $(VENV)/.installed
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip > /dev/null 2>&1 || $(PY) -m pip install --upgrade pip
 
+# pip's and setuptools' own notices go to $(VENV)/install.log, shown only if the installation fails
 $(DEMO_STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e . > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
 	touch $@
 
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
 	touch $@ $(DEMO_STAMP)
 
 install: $(DEMO_STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_modules.cli import main_eval
+from pipeline.cli import main_eval
 
 if __name__ == "__main__":
     sys.exit(main_eval(sys.argv[1:]))

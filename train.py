@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_modules.cli import main_train
+from pipeline.cli import main_train
 
 if __name__ == "__main__":
     sys.exit(main_train(sys.argv[1:]))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import PeakMemory, configure_threads, machine_description, write_result  # noqa: E402
-from dad.attacks.config import AttackConfig  # noqa: E402
+from dad.attacks import AttackSpec, run_attack  # noqa: E402
 from dad.defense import DADDefense  # noqa: E402
 from dad.denoisers import UNetDenoiser  # noqa: E402
 from dad.detector import MMDDetector  # noqa: E402
@@ -43,7 +43,7 @@ from dad.kernels import SemanticKernel  # noqa: E402
 from dad.mmd import j_statistic, mmd2_biased  # noqa: E402
 from dad.models import create_model, freeze  # noqa: E402
 from dad.noise import add_noise  # noqa: E402
-from lightning_modules.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
 
 TARGET_CLEAN_RATIO = 1.5
 
@@ -112,10 +112,10 @@ def bench_training(cfg: PipelineConfig, args: argparse.Namespace, device: torch.
     out["classifier_train_step"] = _summary(times, b, mem.peak_mib)
 
     classifier = freeze(model.eval())
-    pgd10 = AttackConfig(name="pgd", eps=8 / 255, step_size=2 / 255, steps=10)
-    for name, attack in (("ae_pgd10", pgd10), ("ae_training_attack", cfg.training_attack())):
+    pgd10 = AttackSpec(name="pgd", eps=8 / 255, step_size=2 / 255, steps=10)
+    for name, attack in (("ae_pgd10", pgd10), ("ae_training_attack", cfg.attack)):
         with PeakMemory(device) as mem:
-            times = time_calls(lambda a=attack: a.run_on_classifier(classifier, x, y), **run)
+            times = time_calls(lambda a=attack: run_attack(a, classifier, x, y), **run)
         out[name] = {**_summary(times, b, mem.peak_mib), "attack": attack.as_dict()}
 
     n = args.num_classes * cfg.data.mmd_per_class

@@ -1,6 +1,12 @@
-"""Lightning callbacks: threshold calibration and TensorBoard visualisations."""
+"""Lightning callbacks: threshold calibration, resumable state, progress and TensorBoard visualisations."""
 
+from callbacks.attack_state import AttackStateWriter
 from callbacks.calibration import ThresholdCalibration
-from callbacks.tensorboard import DenoiserImageLogger, DetectionHistogramLogger
+from callbacks.progress import ProgressLog
+from callbacks.resume import ResumeState
+from callbacks.tensorboard import DenoiserImageLogger, DetectionHistogramLogger, log_figures
 
-__all__ = ["ThresholdCalibration", "DenoiserImageLogger", "DetectionHistogramLogger"]
+__all__ = [
+    "AttackStateWriter", "DenoiserImageLogger", "DetectionHistogramLogger", "ProgressLog", "ResumeState",
+    "ThresholdCalibration", "log_figures",
+]

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class ThresholdCalibration(Callback):
-    """Sets the detector's thresholds when a :class:`~lightning_modules.dad.DADModule` starts.
+    """Sets the detector's thresholds when a :class:`~lightning_modules.evaluator.DefenseEvaluator` starts.
 
     Scores ``num_batches`` random clean batches of each size drawn from ``clean`` (the calibration split,
     or the validation split where none is carved: never the reference set, never the test set), puts each

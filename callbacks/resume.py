@@ -26,14 +26,16 @@ class ResumeState(Callback):
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         checkpoint[_KEY] = {
             "torch_rng": torch.get_rng_state(),
             "epoch": trainer.current_epoch,
             "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.ready,
         }
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         self._pending = checkpoint.get(_KEY)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

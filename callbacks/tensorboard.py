@@ -45,7 +45,7 @@ class DenoiserImageLogger(Callback):
 
 
 class DetectionHistogramLogger(Callback):
-    """After testing a DADModule: histograms of the batch MMD scores, clean vs each attack.
+    """After testing a DefenseEvaluator: histograms of the batch MMD scores, clean vs each attack.
 
     ``pl_module.scores`` maps each name to a tensor of batch scores (or a list of them).
     """

@@ -15,17 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
 from dad.io import atomic_torch_save
-from dad.kernels import SemanticKernel
-from dad.models import create_model
+from dad.networks import build_networks, logits_and_features, network_specs
 from dad.noise import NOISE_MODES, NoiseMode, add_noise
 
 __all__ = ["DADDefense", "DefenseOutput", "load_defense", "InvalidInputError", "IncompatibleFileError"]
 
 _FORMAT = "dad-defense"
-_VERSION = 1
+_VERSION = 2
+_READABLE = (1, 2)  # version 1 stored the specs without the kernel part
 
 
 class InvalidInputError(ValueError):
@@ -75,8 +74,6 @@ class DADDefense(nn.Module):
         detector: the calibrated MMD detector.
         denoiser: maps noisy images to denoised ones.
         noise_std, noise: the noise added before denoising (as in the denoiser's training).
-        specs: plain-data description of the architectures (``classifier``, ``feature_extractor``,
-            ``denoiser``), used by :meth:`save` so :func:`load_defense` can rebuild the module.
     """
 
     def __init__(
@@ -86,7 +83,6 @@ class DADDefense(nn.Module):
         denoiser: nn.Module,
         noise_std: float = 0.25,
         noise: NoiseMode = "one_sided",
-        specs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if noise_std < 0:
@@ -98,7 +94,6 @@ class DADDefense(nn.Module):
         self.denoiser = denoiser
         self.noise_std = noise_std
         self.noise = noise
-        self.specs = specs or {}
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -109,15 +104,18 @@ class DADDefense(nn.Module):
         """Whether the kernel's ``phi`` is the classifier itself (one forward pass serves both)."""
         return self.detector.kernel.phi is self.classifier
 
+    @property
+    def specs(self) -> dict[str, Any]:
+        """The networks as plain data (:func:`~dad.networks.network_specs`)."""
+        return network_specs(self.classifier, self.detector.kernel, self.denoiser)
+
     def purify(self, x: Tensor) -> Tensor:
         """Noise then denoise, clamped to the valid image range."""
         return purify(self.denoiser, x, self.noise_std, self.noise)
 
     def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits of the classifier and the detector's features of ``x``."""
-        if self.shares_features:
-            return self.classifier.forward_with_features(x)
-        return self.classifier(x), self.detector.kernel.features(x)
+        """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier)."""
+        return logits_and_features(self.classifier, self.detector.kernel, x)
 
     def forward_with_info(self, x: Tensor) -> DefenseOutput:
         """Route the batch and return logits, the batch's MMD score and the decision."""
@@ -138,12 +136,10 @@ class DADDefense(nn.Module):
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
-            "specs": self.specs,
+            "networks": self.specs,
             "noise_std": self.noise_std,
             "noise": self.noise,
             "target_fpr": self.detector.target_fpr,
-            "train_features": self.detector.kernel.train_features,
-            "shares_features": self.shares_features,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         atomic_torch_save(payload, path)
@@ -153,7 +149,7 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
     """Rebuild a :class:`DADDefense` from :meth:`DADDefense.save`'s file.
 
     The file is read with ``weights_only=True``: only tensors and plain data are accepted, so a file
-    from elsewhere can never run code. Architectures are rebuilt from their stored names and kwargs.
+    from elsewhere can never run code. The networks are rebuilt by :func:`~dad.networks.build_networks`.
     """
     path = Path(path)
     if not path.is_file():
@@ -164,21 +160,25 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
         raise IncompatibleFileError(f"{path} is not a loadable DAD defense: {str(err).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise IncompatibleFileError(f"{path} is not a saved DAD defense (no '{_FORMAT}' header)")
-    if payload.get("version") != _VERSION:
-        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_VERSION}")
-    specs = payload["specs"]
+    if payload.get("version") not in _READABLE:
+        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_READABLE}")
     state = payload["state_dict"]
-    classifier = create_model(specs["classifier"]["name"], **specs["classifier"].get("kwargs", {}))
-    if payload["shares_features"]:
-        phi = classifier
-    else:
-        phi = create_model(specs["feature_extractor"]["name"], **specs["feature_extractor"].get("kwargs", {}))
-    kernel = SemanticKernel(phi, train_features=payload["train_features"])
+    classifier, kernel, denoiser = build_networks(_networks_of(payload))
     detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]), target_fpr=payload["target_fpr"])
-    denoiser = UNetDenoiser(**specs["denoiser"])
-    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], specs)
+    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"])
     try:
         defense.load_state_dict(state)
     except RuntimeError as err:
-        raise IncompatibleFileError(f"{path} does not match its stored architecture: {str(err).splitlines()[0]}") from None
+        first = str(err).splitlines()[0]
+        raise IncompatibleFileError(f"{path} does not match its stored architecture: {first}") from None
     return defense.eval()
+
+
+def _networks_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """The network specs of a saved defense, from either file version."""
+    if payload["version"] >= 2:
+        return payload["networks"]
+    specs = payload["specs"]
+    phi = None if payload["shares_features"] else specs["feature_extractor"]
+    return {"classifier": specs["classifier"], "denoiser": specs["denoiser"],
+            "kernel": {"feature_extractor": phi, "train_features": payload["train_features"]}}

@@ -188,7 +188,8 @@ class MMDDetector(nn.Module):
             raise ValueError(f"Expected `num_batches` >= 1, got {num_batches}")
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes or sizes[0] < 2 or sizes[-1] >= pool:
-            raise ValueError(f"Expected batch sizes in [2, {pool}) (below the clean pool's size), got {list(batch_sizes)}")
+            raise ValueError(
+                f"Expected batch sizes in [2, {pool}) (below the clean pool's size), got {list(batch_sizes)}")
         min_batches = math.ceil(20 / self.target_fpr)
         if num_batches < min_batches:
             log.warning("%d batches estimate a %.3f quantile poorly; use >= %d", num_batches, 1 - self.target_fpr,

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 __all__ = [
-    "auroc", "roc_curve", "rate_above", "worst_case", "batched_predictions", "mixed_batch_rates", "even_splits", "seeded",
+    "auroc", "roc_curve", "rate_above", "worst_case", "batched_predictions", "mixed_batch_rates", "even_splits",
+    "seeded",
 ]
 
 

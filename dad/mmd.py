@@ -61,7 +61,8 @@ def _check_paired(kxx: Tensor, kyy: Tensor, kxy: Tensor) -> int:
     n = kxx.shape[0]
     for name, k in (("kxx", kxx), ("kyy", kyy), ("kxy", kxy)):
         if k.dim() != 2 or k.shape != (n, n):
-            raise ValueError(f"Expected square gram matrices of one size for the paired MMD, got {name} {tuple(k.shape)}")
+            raise ValueError(
+                f"Expected square gram matrices of one size for the paired MMD, got {name} {tuple(k.shape)}")
     if n < 2:
         raise ValueError(f"The unbiased MMD needs at least 2 samples per set, got {n}")
     return n
@@ -91,7 +92,8 @@ def mmd2_unbiased_unpaired(kxx: Tensor, kyy: Tensor, kxy: Tensor) -> Tensor:
     n, m = kxx.shape[0], kyy.shape[0]
     if kxx.shape != (n, n) or kyy.shape != (m, m) or kxy.shape != (n, m):
         raise ValueError(
-            f"Expected gram matrices (n,n), (m,m), (n,m), got {tuple(kxx.shape)}, {tuple(kyy.shape)}, {tuple(kxy.shape)}"
+            f"Expected gram matrices (n,n), (m,m), (n,m), got {tuple(kxx.shape)}, {tuple(kyy.shape)}, "
+            f"{tuple(kxy.shape)}"
         )
     if n < 2 or m < 2:
         raise ValueError(f"The unbiased MMD needs at least 2 samples per set, got {n} and {m}")

@@ -5,9 +5,11 @@ from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.imagefolder import ImageFolderDataModule
 from datamodules.paired import PairedDataModule
+from datamodules.settings import DataSettings
 from datamodules.svhn import SVHNDataModule
 
 __all__ = [
-    "CIFAR10DataModule", "CIFAR100DataModule", "DADDataModule", "DataError", "DigitsDataModule", "ImageFolderDataModule",
+    "CIFAR10DataModule", "CIFAR100DataModule", "DADDataModule", "DataError", "DataSettings", "DigitsDataModule",
+    "ImageFolderDataModule",
     "ImageTensorDataset", "PairedDataModule", "SVHNDataModule", "Splits",
 ]

@@ -1,12 +1,13 @@
 """Adversarial examples generated once, cached on disk with a manifest, reused while it matches.
 
-The manifest records what produced the file (attack configuration, classifier checkpoint hash, split
-digest, sample count) and the file's own SHA-256. A cache is used only if all of them match; a changed
+The manifest records what produced the file (attack spec, seeding protocol, classifier checkpoint hash,
+split digest, sample count) and the file's own SHA-256. A cache is used only if all of them match; a changed
 configuration, another classifier, another split or a truncated/corrupted file regenerates it.
 
 Generation is sharded over the ranks of a distributed run: the samples are cut into fixed chunks in
-global index order, rank ``r`` attacks chunks ``r, r + W, ...``, each chunk seeded by its own index, so
-the result does not depend on the number of processes. Rank 0 merges the shards and writes the cache.
+global index order, rank ``r`` attacks chunks ``r, r + W, ...``, each chunk seeded by its own index
+(:func:`~dad.attacks.run_seeded`, exactly as the evaluation seeds its batches), so the result does not
+depend on the number of processes. Rank 0 merges the shards and writes the cache.
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dad.attacks.config import AttackConfig
+from dad.attacks import AttackSpec, run_seeded
+from dad.distributed import rank_and_world
 from dad.io import atomic_torch_save, atomic_write_json, sha256_file
 
 __all__ = ["load_or_generate", "manifest_for", "cache_is_valid"]
 
 log = logging.getLogger(__name__)
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+PROTOCOL = 2
+"""Version of how chunks are seeded (1: before the attack registry); part of the manifest."""
+DEFAULT_CHUNK = 256
+"""Images per chunk when the attack spec leaves ``batch_size`` unset."""
 
 
 def _barrier() -> None:
@@ -40,10 +41,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def manifest_for(attack: AttackConfig, classifier_hash: str, split_digest: str, split: str, num: int) -> dict[str, Any]:
+def manifest_for(attack: AttackSpec, classifier_hash: str, split_digest: str, split: str, num: int) -> dict[str, Any]:
     """The manifest a cache must carry to be reused (without the file checksum)."""
     return {
         "attack": attack.as_dict(),
+        "protocol": PROTOCOL,
         "classifier_sha256": classifier_hash,
         "split_digest": split_digest,
         "split": split,
@@ -71,17 +73,15 @@ def cache_is_valid(path: Path, expected: dict[str, Any]) -> bool:
 
 
 def _generate_chunks(
-    classifier: nn.Module, images: Tensor, labels: Tensor, attack: AttackConfig, chunks: list[int], desc: str
+    classifier: nn.Module, images: Tensor, labels: Tensor, attack: AttackSpec, chunks: list[int], desc: str
 ) -> dict[int, Tensor]:
     device = next(classifier.parameters()).device
     out: dict[int, Tensor] = {}
-    size = attack.batch_size
+    size = attack.batch_size or DEFAULT_CHUNK
     for c in tqdm(chunks, desc=desc, leave=False, disable=not chunks):
         x = images[c * size : (c + 1) * size].to(device)
         y = labels[c * size : (c + 1) * size].to(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(attack.seed * 1_000_003 + c)
-            out[c] = attack.run_on_classifier(classifier, x, y).cpu()
+        out[c] = run_seeded(attack, classifier, x, y, chunk=c).cpu()
     return out
 
 
@@ -89,7 +89,7 @@ def load_or_generate(
     classifier: nn.Module,
     images: Tensor,
     labels: Tensor,
-    attack: AttackConfig,
+    attack: AttackSpec,
     path: str | Path,
     classifier_hash: str,
     split_digest: str,
@@ -101,9 +101,9 @@ def load_or_generate(
     """
     path = Path(path)
     expected = manifest_for(attack, classifier_hash, split_digest, split, len(labels))
-    rank, world = _world()
+    rank, world = rank_and_world()
     if not cache_is_valid(path, expected):
-        num_chunks = -(-len(labels) // attack.batch_size)
+        num_chunks = -(-len(labels) // (attack.batch_size or DEFAULT_CHUNK))
         mine = list(range(rank, num_chunks, world))
         shard = _generate_chunks(classifier, images, labels, attack, mine, f"AEs {split} ({attack.name})")
         if rank > 0:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dad.io import atomic_write_json
 from datamodules.sampling import ResumableSampler
+from datamodules.settings import DataSettings
 
 __all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits", "open_torchvision_dataset"]
 
@@ -135,44 +136,18 @@ class DADDataModule(pl.LightningDataModule):
     """In-memory image data with the DAD splits. Subclasses implement :meth:`load`.
 
     Args:
-        mmd_per_class: images per class in the MMD set (the paper uses 50).
-        val_size: clean held-out images for model selection (and calibration when there is no calibration split).
-        test_size: if > 0, carve a test split of this size from the training data.
-        calibration_size: if > 0, carve a clean split of this size for threshold calibration only.
-        subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
-        batch_size: batch size of the classifier's loaders (per process).
-        num_workers: data-loader workers.
+        settings: the data section (splits, loaders); :class:`~datamodules.settings.DataSettings`.
         seed: seed of the split.
     """
 
     num_classes: int
     image_shape: tuple[int, int, int]
 
-    def __init__(
-        self,
-        mmd_per_class: int = 50,
-        val_size: int = 1000,
-        test_size: int = 0,
-        calibration_size: int = 0,
-        subset: int | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, settings: DataSettings = DataSettings(), seed: int = 0) -> None:
         super().__init__()
-        for name, value in (("mmd_per_class", mmd_per_class), ("val_size", val_size), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"Expected `{name}` >= 1, got {value}")
-        self.mmd_per_class = mmd_per_class
-        self.val_size = val_size
-        if calibration_size < 0:
-            raise ValueError(f"Expected `calibration_size` >= 0, got {calibration_size}")
-        self.test_size = test_size
-        self.calibration_size = calibration_size
-        self.subset = subset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.settings = settings
         self.seed = seed
+        self.batch_size = settings.batch_size
         self.train_images: Tensor | None = None
         self.train_labels: Tensor | None = None
         self.test_images: Tensor | None = None
@@ -188,20 +163,22 @@ class DADDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         train_x, train_y, test_x, test_y = self.load()
-        if self.subset is not None:
-            train_x, train_y = train_x[: self.subset], train_y[: self.subset]
+        subset = self.settings.subset
+        if subset is not None:
+            train_x, train_y = train_x[:subset], train_y[:subset]
             if test_x is not None:
-                test_x, test_y = test_x[: self.subset], test_y[: self.subset]
+                test_x, test_y = test_x[:subset], test_y[:subset]
         check_labels(train_y, self.num_classes)
         if test_x is None:
-            if self.test_size < 1:
+            if self.settings.test_size < 1:
                 raise DataError("This dataset has no test split: set `test_size` > 0 to carve one")
             test_x, test_y = train_x, train_y
         else:
             check_labels(test_y, self.num_classes)
         self.train_images, self.train_labels = train_x, train_y
-        self.splits = carve_splits(train_y, len(test_y), self.mmd_per_class, self.val_size, self.seed, self.test_size,
-                                   self.calibration_size)
+        cfg = self.settings
+        self.splits = carve_splits(train_y, len(test_y), cfg.mmd_per_class, cfg.val_size, self.seed, cfg.test_size,
+                                   cfg.calibration_size)
         self.test_images, self.test_labels = test_x, test_y
 
     def save_splits(self, path: str | Path) -> None:
@@ -224,7 +201,8 @@ class DADDataModule(pl.LightningDataModule):
         if name == "test":
             return ImageTensorDataset(self.test_images, self.test_labels, self.splits.test)
         if name == "train":
-            return ImageTensorDataset(self.train_images, self.train_labels, sorted(self.splits.mmd + self.splits.denoiser))
+            train = sorted(self.splits.mmd + self.splits.denoiser)
+            return ImageTensorDataset(self.train_images, self.train_labels, train)
         return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name))
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -233,8 +211,8 @@ class DADDataModule(pl.LightningDataModule):
             data,
             batch_size=self.batch_size,
             sampler=ResumableSampler(len(data), shuffle=shuffle, seed=self.seed, pad=shuffle),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.settings.num_workers,
+            persistent_workers=self.settings.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 

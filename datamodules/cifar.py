@@ -26,11 +26,8 @@ def _as_tensors(data: np.ndarray, targets: list[int]) -> tuple[Tensor, Tensor]:
 class CIFAR10DataModule(DADDataModule):
     """CIFAR-10 (50,000 train / 10,000 test images, 32x32 RGB) with the DAD splits.
 
-    Args:
-        root: the folder holding ``cifar-10-batches-py/`` (the folder itself is accepted too).
-        download: download the archive into ``root`` if it is missing (needs internet).
-        mmd_per_class, val_size, test_size, subset, batch_size, num_workers, seed: see
-            :class:`~datamodules.base.DADDataModule` (the paper: 50 images per class for the MMD set).
+    ``settings.root`` is the folder holding ``cifar-10-batches-py/`` (the folder itself is accepted too);
+    ``settings.download`` downloads the archive into it if it is missing (needs internet).
     """
 
     num_classes = 10
@@ -39,33 +36,18 @@ class CIFAR10DataModule(DADDataModule):
     dataset_cls: type[CIFAR10] = CIFAR10
     files = "{data_batch_1..5,test_batch,batches.meta}"
 
-    def __init__(
-        self,
-        root: str | None = None,
-        download: bool = False,
-        mmd_per_class: int = 50,
-        val_size: int = 1000,
-        test_size: int = 0,
-        calibration_size: int = 0,
-        subset: int | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(mmd_per_class, val_size, test_size, calibration_size, subset, batch_size, num_workers, seed)
-        self.root = root
-        self.download = download
-
     def _root(self) -> str | None:
         """``root``, or its parent when ``root`` is the batches folder itself."""
-        if self.root is not None and Path(self.root).name == self.dataset_cls.base_folder:
-            return str(Path(self.root).parent)
-        return self.root
+        root = self.settings.root
+        if root is not None and Path(root).name == self.dataset_cls.base_folder:
+            return str(Path(root).parent)
+        return root
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         root = self._root()
         layout = f"{self.dataset_cls.base_folder}/{self.files}"
-        train = open_torchvision_dataset(self.dataset_cls, self.name, root, self.download, layout, train=True)
+        download = self.settings.download
+        train = open_torchvision_dataset(self.dataset_cls, self.name, root, download, layout, train=True)
         test = open_torchvision_dataset(self.dataset_cls, self.name, root, False, layout, train=False)
         return (*_as_tensors(train.data, train.targets), *_as_tensors(test.data, test.targets))
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from dad.io import atomic_torch_save
 from datamodules.base import DADDataModule, DataError
+from datamodules.settings import DataSettings
 
 __all__ = ["ImageFolderDataModule", "FolderIndex", "index_folders", "decode_images"]
 
@@ -205,9 +206,10 @@ def _check_fits(num_images: int, shape: tuple[int, ...]) -> None:
 class ImageFolderDataModule(DADDataModule):
     """Class-folder images with the DAD splits (see the module docstring for the layouts).
 
+    ``settings.root`` is the data folder (``--data.root``), required; ``settings.download`` must stay false.
+
     Args:
-        root: the data folder (``--data.root``); required.
-        download: must stay False (folders cannot be downloaded); present for a uniform interface.
+        settings, seed: see :class:`~datamodules.base.DADDataModule`; a single folder needs ``test_size`` > 0.
         image_size: resize and centre-crop every image to this size (needed when sizes differ, e.g.
             ImageNet: 224); None keeps the images as they are (they must then share one size).
         crop_fraction: the crop's share of the resized shorter side (0.875: 256 -> 224).
@@ -215,31 +217,22 @@ class ImageFolderDataModule(DADDataModule):
         cache_path: optional file for the decoded tensors (written once, reused while the files match).
         num_threads: decoding threads (default: the CPU count, at most 8).
         progress: show a progress bar while decoding.
-        mmd_per_class, val_size, test_size, subset, batch_size, num_workers, seed: see
-            :class:`~datamodules.base.DADDataModule`; a single folder needs ``test_size`` > 0.
     """
 
     def __init__(
         self,
-        root: str | None = None,
-        download: bool = False,
+        settings: DataSettings = DataSettings(dataset="imagefolder"),
+        seed: int = 0,
+        *,
         image_size: int | None = None,
         crop_fraction: float = 0.875,
         max_per_class: int | None = None,
         cache_path: str | None = None,
         num_threads: int | None = None,
         progress: bool = True,
-        mmd_per_class: int = 50,
-        val_size: int = 1000,
-        test_size: int = 0,
-        calibration_size: int = 0,
-        subset: int | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
     ) -> None:
-        super().__init__(mmd_per_class, val_size, test_size, calibration_size, subset, batch_size, num_workers, seed)
-        if download:
+        super().__init__(settings, seed)
+        if settings.download:
             raise ValueError("ImageFolder data cannot be downloaded: set `download` false and pass --data.root DIR")
         if image_size is not None and image_size < 1:
             raise ValueError(f"Expected `image_size` >= 1, got {image_size}")
@@ -249,7 +242,7 @@ class ImageFolderDataModule(DADDataModule):
             raise ValueError(f"Expected `max_per_class` >= 1, got {max_per_class}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"Expected `num_threads` >= 1, got {num_threads}")
-        self.root = root
+        self.root = settings.root
         self.image_size = image_size
         self.crop_fraction = crop_fraction
         self.max_per_class = max_per_class
@@ -264,9 +257,9 @@ class ImageFolderDataModule(DADDataModule):
             raise DataError("ImageFolder needs a data folder: pass --data.root DIR (DIR/<class>/<image>.jpg, or "
                             "DIR/train/<class>/... with DIR/val/<class>/...)")
         index = index_folders(self.root, self.max_per_class)
-        if self.subset is None:
+        if self.settings.subset is None:
             return index
-        n = self.subset
+        n = self.settings.subset
         return FolderIndex(index.classes, index.train_files[:n], index.train_labels[:n], index.test_files[:n],
                            index.test_labels[:n])
 
@@ -320,7 +313,8 @@ class ImageFolderDataModule(DADDataModule):
             decode = dict(image_size=self.image_size, crop_fraction=self.crop_fraction, num_threads=self.num_threads,
                           progress=self.progress)
             train_x = decode_images(index.train_files, desc="decoding train images", **decode)
-            test_x = decode_images(index.test_files, desc="decoding test images", **decode) if index.test_files else None
+            test_x = (decode_images(index.test_files, desc="decoding test images", **decode) if index.test_files
+                      else None)
             if self.cache_path is not None:
                 atomic_torch_save({"format": _CACHE_FORMAT, "key": key, "train": train_x, "test": test_x},
                                   self.cache_path)

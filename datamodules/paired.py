@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dad.attacks.config import AttackConfig
+from dad.attacks import AttackSpec
 from datamodules.ae_cache import load_or_generate
 from datamodules.base import DADDataModule
 from datamodules.sampling import ResumableSampler
@@ -27,7 +27,7 @@ class PairedDataModule(pl.LightningDataModule):
         base: the image data module with the DAD splits.
         classifier: the classifier the AEs are crafted against.
         classifier_hash: SHA-256 of the classifier's checkpoint (recorded in the cache manifest).
-        attack: the attack configuration.
+        attack: the attack (threat ``classifier``).
         cache_dir: where AE caches live (the run directory's ``aes/``).
         train_split: ``mmd`` (kernel stage) or ``denoiser`` (denoiser stage).
         val_split: held-out pairs for validation, or None.
@@ -40,7 +40,7 @@ class PairedDataModule(pl.LightningDataModule):
         base: DADDataModule,
         classifier: nn.Module,
         classifier_hash: str,
-        attack: AttackConfig,
+        attack: AttackSpec,
         cache_dir: str | Path,
         train_split: str = "mmd",
         val_split: str | None = "val",

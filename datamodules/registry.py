@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
-
 from datamodules.base import DADDataModule
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.imagefolder import ImageFolderDataModule
+from datamodules.settings import DataSettings
 from datamodules.svhn import SVHNDataModule
 
 __all__ = ["DATAMODULES", "build_datamodule"]
@@ -22,19 +21,13 @@ DATAMODULES: dict[str, type[DADDataModule]] = {
 }
 
 
-def build_datamodule(cfg: Any, seed: int) -> DADDataModule:
-    """Instantiate the data module named by ``cfg.dataset`` (a :class:`~lightning_modules.config.DataConfig`)."""
-    if cfg.dataset not in DATAMODULES:
-        raise ValueError(f"Unknown dataset {cfg.dataset!r}; available: {sorted(DATAMODULES)}")
-    common = dict(mmd_per_class=cfg.mmd_per_class, val_size=cfg.val_size, test_size=cfg.test_size,
-                  calibration_size=cfg.calibration_size, subset=cfg.subset,
-                  batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=seed)
-    extra: dict[str, Any] = dict(cfg.options)
-    cls = DATAMODULES[cfg.dataset]
-    accepted = set(inspect.signature(cls).parameters) - set(common) - {"root", "download"}
-    unknown = sorted(set(extra) - accepted)
+def build_datamodule(settings: DataSettings, seed: int) -> DADDataModule:
+    """The data module named by ``settings.dataset``, with ``settings.options`` as its own keyword options."""
+    if settings.dataset not in DATAMODULES:
+        raise ValueError(f"Unknown dataset {settings.dataset!r}; available: {sorted(DATAMODULES)}")
+    cls = DATAMODULES[settings.dataset]
+    accepted = {name for name, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(settings.options) - accepted)
     if unknown:
-        raise ValueError(f"Unknown `data.options` {unknown} for {cfg.dataset!r}; accepted: {sorted(accepted)}")
-    if cfg.dataset != "digits":
-        extra.update(root=cfg.root, download=cfg.download)
-    return cls(**common, **extra)
+        raise ValueError(f"Unknown `data.options` {unknown} for {settings.dataset!r}; accepted: {sorted(accepted)}")
+    return cls(settings, seed, **settings.options)

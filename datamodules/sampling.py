@@ -14,17 +14,11 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["ResumableSampler", "ShardedBatchSampler", "rank_and_world"]
+from dad.distributed import rank_and_world
 
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["ResumableSampler", "ShardedBatchSampler"]
 
 
 class ResumableSampler(Sampler[int]):

@@ -11,6 +11,7 @@ from torch import Tensor
 from torchvision.datasets import SVHN
 
 from datamodules.base import DADDataModule, open_torchvision_dataset
+from datamodules.settings import DataSettings
 
 __all__ = ["SVHNDataModule"]
 
@@ -18,39 +19,25 @@ __all__ = ["SVHNDataModule"]
 class SVHNDataModule(DADDataModule):
     """SVHN (73,257 train / 26,032 test images; optionally the 531,131 ``extra`` ones) with the DAD splits.
 
+    ``settings.root`` holds ``train_32x32.mat`` and ``test_32x32.mat`` (and ``extra_32x32.mat``);
+    ``settings.download`` downloads the missing files into it (needs internet).
+
     Args:
-        root: the folder holding ``train_32x32.mat`` and ``test_32x32.mat`` (and ``extra_32x32.mat``).
-        download: download the missing files into ``root`` (needs internet).
+        settings, seed: see :class:`~datamodules.base.DADDataModule`.
         extra: add the ``extra`` split to the training pool.
-        mmd_per_class, val_size, test_size, subset, batch_size, num_workers, seed: see
-            :class:`~datamodules.base.DADDataModule`.
     """
 
     num_classes = 10
     image_shape = (3, 32, 32)
 
-    def __init__(
-        self,
-        root: str | None = None,
-        download: bool = False,
-        extra: bool = False,
-        mmd_per_class: int = 50,
-        val_size: int = 1000,
-        test_size: int = 0,
-        calibration_size: int = 0,
-        subset: int | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(mmd_per_class, val_size, test_size, calibration_size, subset, batch_size, num_workers, seed)
-        self.root = root
-        self.download = download
+    def __init__(self, settings: DataSettings = DataSettings(), seed: int = 0, *, extra: bool = False) -> None:
+        super().__init__(settings, seed)
         self.extra = extra
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         layout = "{train,test,extra}_32x32.mat" if self.extra else "{train,test}_32x32.mat"
-        data = open_torchvision_dataset(SVHN, "SVHN", self.root, self.download, layout, split=split)
+        data = open_torchvision_dataset(SVHN, "SVHN", self.settings.root, self.settings.download, layout,
+                                        split=split)
         return torch.from_numpy(data.data).contiguous(), torch.from_numpy(data.labels).long()
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

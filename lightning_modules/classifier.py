@@ -2,53 +2,75 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from dad.models import create_model
-from lightning_modules.checkpoints import STAGE_KEY
+from dad.models import ImageClassifier
+from dad.networks import network_specs
+from lightning_modules.stage import StageModule
 
-__all__ = ["ClassifierModule"]
+__all__ = ["ClassifierModule", "ClassifierSettings"]
 
 
-class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of a factory classifier; logs ``train/*`` and ``val/acc``.
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """The classifier stage. ``weights`` loads a trained classifier from a file instead of training one.
 
-    Args:
+    Attributes:
         model: a name from :func:`dad.models.list_models`.
-        num_classes: number of classes.
-        model_kwargs: extra options of the model builder (e.g. ``in_channels``).
+        model_kwargs: options of the model builder (``in_channels`` and ``num_classes`` come from the data).
+        weights: a state dict or checkpoint of a trained ``model``; None: trained here.
+        epochs: training epochs.
         optimizer: ``adam`` or ``sgd`` (with Nesterov momentum).
         lr, weight_decay, momentum: optimiser settings.
-        scheduler: ``cosine`` (over ``trainer.max_epochs``) or ``none``.
+        scheduler: ``cosine`` (over the epochs) or ``none``.
+    """
+
+    model: str = "small_cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    epochs: int = 15
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "none"] = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"Expected `classifier.epochs` >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected `classifier.lr` > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"Expected `classifier.weight_decay` >= 0, got {self.weight_decay}")
+
+
+class ClassifierModule(StageModule):
+    """Cross-entropy training of an injected classifier; logs ``train/*`` and ``val/acc``.
+
+    Args:
+        model: the classifier (built by :func:`dad.models.create_model`).
+        settings: the stage's :class:`ClassifierSettings`.
     """
 
     stage = "classifier"
 
-    def __init__(
-        self,
-        model: str = "small_cnn",
-        num_classes: int = 10,
-        model_kwargs: dict[str, Any] | None = None,
-        optimizer: Literal["adam", "sgd"] = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        scheduler: Literal["cosine", "none"] = "cosine",
-    ) -> None:
+    def __init__(self, model: ImageClassifier, settings: ClassifierSettings = ClassifierSettings()) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"Expected `lr` > 0, got {lr}")
-        self.save_hyperparameters()
-        self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        self.save_hyperparameters({"settings": asdict(settings)})
+        self.settings = settings
+        self.model = model
+        self.train_acc = MulticlassAccuracy(model.num_classes)
+        self.val_acc = MulticlassAccuracy(model.num_classes)
+        self.test_acc = MulticlassAccuracy(model.num_classes)
+
+    def network_specs(self) -> dict[str, Any]:
+        return network_specs(self.model)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -72,16 +94,13 @@ class ClassifierModule(pl.LightningModule):
         self._step(batch, self.test_acc, "test")
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True,
-                                  weight_decay=hp.weight_decay)
+        s = self.settings
+        if s.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
+                                                         nesterov=True, weight_decay=s.weight_decay)
         else:
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
+            opt = torch.optim.Adam(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        if s.scheduler == "none":
             return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STAGE_KEY] = self.stage

@@ -7,9 +7,9 @@ published code does, and is computed over the global batch under DDP.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,96 +18,109 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dad.defense import purify
 from dad.denoisers import UNetDenoiser
-from dad.kernels import ESTIMATORS, Estimator
-from dad.models import freeze
+from dad.distributed import gather_global
+from dad.kernels import ESTIMATORS, SemanticKernel
+from dad.models import ImageClassifier, freeze
+from dad.networks import logits_and_features, network_specs
 from dad.noise import NoiseMode, add_noise
-from lightning_modules.checkpoints import STAGE_KEY, build_classifier, build_kernel
-from lightning_modules.distributed import gather_global
+from lightning_modules.stage import StageModule
 
-__all__ = ["DenoiserModule"]
+__all__ = ["DenoiserModule", "DenoiserSettings"]
 
 
-class DenoiserModule(pl.LightningModule):
-    """Trains ``g`` with MMD-OPT + alpha x CE; classifier and kernel stay frozen throughout.
+@dataclass(frozen=True)
+class DenoiserSettings:
+    """The denoiser stage (the paper: Adam 1e-3, x0.1 at epoch 45, 60 epochs, batch 100, alpha 0.01, noise 0.25).
+
+    Attributes:
+        epochs: training epochs.
+        batch_size: pairs per step and process (the MMD term is computed on the global batch).
+        lr: Adam learning rate.
+        milestones: epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: the decay factor.
+        alpha: weight of the cross-entropy term.
+        noise_std: standard deviation of the noise added before denoising.
+        noise: ``one_sided`` (the published code clamps the noise sample to [0, 1]) or ``symmetric``.
+        estimator: MMD estimator of the loss (``biased`` as published, or ``unbiased``).
+        net: the :class:`~dad.denoisers.UNetDenoiser` options (widths, depths, batch norm).
+    """
+
+    epochs: int = 60
+    batch_size: int = 100
+    lr: float = 1e-3
+    milestones: list[int] = field(default_factory=lambda: [45])
+    gamma: float = 0.1
+    alpha: float = 0.01
+    noise_std: float = 0.25
+    noise: NoiseMode = "one_sided"
+    estimator: Literal["biased", "unbiased"] = "biased"
+    net: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"Expected `denoiser.epochs` >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"Expected an MMD batch of at least 2 (`denoiser.batch_size`), got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected `denoiser.lr` > 0, got {self.lr}")
+        if self.alpha < 0:
+            raise ValueError(f"Expected `denoiser.alpha` >= 0, got {self.alpha}")
+        if self.noise_std < 0:
+            raise ValueError(f"Expected `denoiser.noise_std` >= 0, got {self.noise_std}")
+
+
+class DenoiserModule(StageModule):
+    """Trains ``g`` with MMD-OPT + alpha x CE; the injected classifier and kernel stay frozen throughout.
 
     Args:
-        classifier_ckpt: the classifier stage's checkpoint.
-        kernel_ckpt: the kernel stage's checkpoint.
-        denoiser: the :class:`~dad.denoisers.UNetDenoiser` options (widths, depths).
-        alpha: weight of the cross-entropy term (paper: 0.01).
-        lr: Adam learning rate (paper: 1e-3).
-        milestones: epochs at which the learning rate is multiplied by ``gamma`` (paper: [45], 0.1).
-        gamma: the decay factor.
-        noise_std: standard deviation of the noise added before denoising (paper: 0.25).
-        noise: ``one_sided`` (published code) or ``symmetric``.
-        estimator: MMD estimator of the loss (``biased`` as published, or ``unbiased``).
+        classifier: the trained classifier ``h``.
+        kernel: the trained MMD-OPT kernel (its ``phi`` may be ``classifier`` itself).
+        denoiser: the network to train.
+        settings: the stage's :class:`DenoiserSettings`.
     """
 
     stage = "denoiser"
 
-    def __init__(
-        self,
-        classifier_ckpt: str,
-        kernel_ckpt: str,
-        denoiser: dict[str, Any] | None = None,
-        alpha: float = 0.01,
-        lr: float = 1e-3,
-        milestones: list[int] | None = None,
-        gamma: float = 0.1,
-        noise_std: float = 0.25,
-        noise: NoiseMode = "one_sided",
-        estimator: Estimator = "biased",
-    ) -> None:
+    def __init__(self, classifier: ImageClassifier, kernel: SemanticKernel, denoiser: UNetDenoiser,
+                 settings: DenoiserSettings = DenoiserSettings()) -> None:
         super().__init__()
-        if alpha < 0:
-            raise ValueError(f"Expected `alpha` >= 0, got {alpha}")
-        if noise_std < 0:
-            raise ValueError(f"Expected `noise_std` >= 0, got {noise_std}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"Unknown estimator {estimator!r}; expected one of {sorted(ESTIMATORS)}")
-        self.save_hyperparameters()
-        self.classifier, _ = build_classifier(classifier_ckpt, hint="train.py classifier")
-        self.kernel, _ = build_kernel(kernel_ckpt, self.classifier, hint="train.py kernel")
-        freeze(self.classifier)
-        freeze(self.kernel)
-        self.denoiser = UNetDenoiser(**{"in_channels": self.classifier.in_channels, **(denoiser or {})})
-        num_classes = self.classifier.num_classes
+        self.save_hyperparameters({"settings": asdict(settings)})
+        self.settings = settings
+        self.classifier = freeze(classifier)
+        self.kernel = freeze(kernel)
+        self.denoiser = denoiser
+        num_classes = classifier.num_classes
         self.train_robust = MulticlassAccuracy(num_classes, average="micro")
         self.val_robust = MulticlassAccuracy(num_classes, average="micro")
         self.val_clean_denoised = MulticlassAccuracy(num_classes, average="micro")
         self.val_mmd = MeanMetric()
 
-    def train(self, mode: bool = True) -> "DenoiserModule":
+    def network_specs(self) -> dict[str, Any]:
+        return network_specs(self.classifier, self.kernel, self.denoiser)
+
+    def train(self, mode: bool = True) -> DenoiserModule:
         """Only the denoiser ever trains: the classifier and kernel stay in eval mode."""
         super().train(mode)
         self.classifier.eval()
         self.kernel.eval()
         return self
 
-    def _classify(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits of ``h`` and the kernel features of ``x`` (one pass when ``phi`` is ``h``)."""
-        if self.kernel.phi is self.classifier:
-            return self.classifier.forward_with_features(x)
-        return self.classifier(x), self.kernel.features(x)
-
     def purify(self, x: Tensor) -> Tensor:
         """Noise, denoise and clamp: the path of a batch judged adversarial at inference."""
-        return purify(self.denoiser, x, self.hparams.noise_std, self.hparams.noise)
+        return purify(self.denoiser, x, self.settings.noise_std, self.settings.noise)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         clean, adv, y = batch
         # no clamp here: a hard clamp on the training path zeroes gradients of saturated pixels
-        denoised = self.denoiser(add_noise(adv, self.hparams.noise_std, self.hparams.noise))
-        logits, f_den = self._classify(denoised)
+        denoised = self.denoiser(add_noise(adv, self.settings.noise_std, self.settings.noise))
+        logits, f_den = logits_and_features(self.classifier, self.kernel, denoised)
         with torch.no_grad():
             f_clean = self.kernel.features(clean)
-        grams = self.kernel.gram_from_features(
-            gather_global(self, f_clean), gather_global(self, f_den), gather_global(self, clean),
-            gather_global(self, denoised),
-        )
-        mmd = ESTIMATORS[self.hparams.estimator](*grams)
+        grams = self.kernel.gram_from_features(gather_global(f_clean), gather_global(f_den), gather_global(clean),
+                                               gather_global(denoised))
+        mmd = ESTIMATORS[self.settings.estimator](*grams)
         ce = F.cross_entropy(logits, y)
-        loss = mmd + self.hparams.alpha * ce
+        loss = mmd + self.settings.alpha * ce
         self.train_robust(logits, y)
         self.log_dict({"train/mmd": mmd, "train/ce": ce, "train/loss": loss})
         self.log("train/robust_acc", self.train_robust, on_step=False, on_epoch=True, prog_bar=True)
@@ -125,12 +138,9 @@ class DenoiserModule(pl.LightningModule):
         self.log("val/mmd", self.val_mmd)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.denoiser.parameters(), lr=self.hparams.lr)
-        if not self.hparams.milestones:
+        opt = torch.optim.Adam(self.denoiser.parameters(), lr=self.settings.lr)
+        if not self.settings.milestones:
             return opt
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.hparams.milestones),
-                                                     gamma=self.hparams.gamma)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.settings.milestones),
+                                                     gamma=self.settings.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STAGE_KEY] = self.stage

@@ -3,78 +3,98 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from dad.distributed import gather_global
 from dad.kernels import SemanticKernel
 from dad.mmd import j_statistic, mmd2_unbiased, mmd2_variance
-from dad.models import create_model, freeze
-from lightning_modules.checkpoints import STAGE_KEY, build_classifier
-from lightning_modules.distributed import gather_global
+from dad.networks import network_specs
+from lightning_modules.stage import StageModule
 
-__all__ = ["KernelModule"]
+__all__ = ["KernelModule", "KernelSettings"]
 
 
-class KernelModule(pl.LightningModule):
-    """Maximises ``J = MMD^2_u / sqrt(var + reg)`` of the semantic kernel over the global batch.
+@dataclass(frozen=True)
+class KernelSettings:
+    """The kernel stage (MMD-OPT). The paper: Adam 2e-4, 200 full-batch steps (500 vs 500).
+
+    Attributes:
+        steps: optimisation steps.
+        lr: Adam learning rate (small data needs more than the paper's 2e-4).
+        batch_size: pairs per step and process; None trains full batch (the whole MMD set).
+        train_features: also train ``phi`` (the paper's optional variant).
+        feature_extractor: a factory model used as ``phi``; None: the classifier itself (one forward pass
+            then gives the logits and the detector's features).
+        feature_extractor_kwargs: its builder options.
+        feature_extractor_ckpt: its weights (a state dict or checkpoint file).
+        reg: the variance regulariser of J.
+        init_eps: the initial ``eps`` of the kernel.
+    """
+
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int | None = None
+    train_features: bool = False
+    feature_extractor: str | None = None
+    feature_extractor_kwargs: dict[str, Any] = field(default_factory=dict)
+    feature_extractor_ckpt: str | None = None
+    reg: float = 1e-8
+    init_eps: float = 1e-10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"Expected `kernel.steps` >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected `kernel.lr` > 0, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ValueError(f"Expected an MMD batch of at least 2 (`kernel.batch_size`), got {self.batch_size}")
+        if not self.reg > 0:
+            raise ValueError(f"Expected `kernel.reg` > 0, got {self.reg}")
+        if not 0.0 < self.init_eps < 1.0:
+            raise ValueError(f"Expected `kernel.init_eps` in (0, 1), got {self.init_eps}")
+
+
+class KernelModule(StageModule):
+    """Maximises ``J = MMD^2_u / sqrt(var + reg)`` of an injected semantic kernel over the global batch.
 
     The bandwidths are initialised as in the paper on the first (global) batch; ``J`` at the first and
     at the last step are logged (``kernel/j_start``, ``kernel/j_end``) so a run that did not raise the
     test power is visible at once.
 
     Args:
-        classifier_ckpt: the classifier stage's checkpoint; its penultimate layer is ``phi`` unless
-            ``feature_extractor`` names another model.
-        feature_extractor: optional factory name of a separate ``phi`` (e.g. ``cifar_resnet18_small``).
-        feature_extractor_kwargs: its builder options.
-        feature_extractor_ckpt: its weights (a state dict or checkpoint file).
-        train_features: also train ``phi``.
-        lr: Adam learning rate (the paper: 2e-4 with 200 full-batch steps; small data needs more).
-        reg: the variance regulariser of J.
-        init_eps: initial ``eps`` of the kernel.
+        kernel: the :class:`~dad.kernels.SemanticKernel` (its ``phi`` frozen unless ``train_features``).
+        settings: the stage's :class:`KernelSettings`.
+        classifier: the classifier when it is the kernel's ``phi`` (recorded in the checkpoint's specs).
     """
 
     stage = "kernel"
 
-    def __init__(
-        self,
-        classifier_ckpt: str,
-        feature_extractor: str | None = None,
-        feature_extractor_kwargs: dict[str, Any] | None = None,
-        feature_extractor_ckpt: str | None = None,
-        train_features: bool = False,
-        lr: float = 1e-2,
-        reg: float = 1e-8,
-        init_eps: float = 1e-10,
-    ) -> None:
+    def __init__(self, kernel: SemanticKernel, settings: KernelSettings = KernelSettings(),
+                 classifier: torch.nn.Module | None = None) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"Expected `lr` > 0, got {lr}")
-        self.save_hyperparameters()
-        if feature_extractor:
-            phi: nn.Module = create_model(
-                feature_extractor, checkpoint_path=feature_extractor_ckpt, **(feature_extractor_kwargs or {})
-            )
-        else:
-            phi, _ = build_classifier(classifier_ckpt, hint="train.py classifier")
-        if not train_features:
-            freeze(phi)
-        self.kernel = SemanticKernel(phi, train_features=train_features, eps=init_eps)
+        self.save_hyperparameters({"settings": asdict(settings)})
+        self.settings = settings
+        self.kernel = kernel
+        self._classifier = [classifier if classifier is not None else kernel.phi]  # not a submodule: no copy saved
         self.register_buffer("j_start", torch.tensor(math.nan))
+
+    def network_specs(self) -> dict[str, Any]:
+        return network_specs(self._classifier[0], self.kernel)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         clean, adv, _ = batch
-        fx = gather_global(self, self.kernel.features(clean))
-        fy = gather_global(self, self.kernel.features(adv))
-        x, y = gather_global(self, clean), gather_global(self, adv)
+        fx = gather_global(self.kernel.features(clean))
+        fy = gather_global(self.kernel.features(adv))
+        x, y = gather_global(clean), gather_global(adv)
         if not bool(self.kernel.initialized):
             # the paper's initialisation, on the global batch so that every rank starts identically
-            self.kernel.init_bandwidths(x, y, eps=self.hparams.init_eps)
+            self.kernel.init_bandwidths(x, y, eps=self.settings.init_eps)
         grams = self.kernel.gram_from_features(fx, fy, x, y)
-        j = j_statistic(*grams, reg=self.hparams.reg)
+        j = j_statistic(*grams, reg=self.settings.reg)
         if torch.isnan(self.j_start):
             self.j_start.fill_(j.detach())
         self.log_dict(
@@ -95,10 +115,7 @@ class KernelModule(pl.LightningModule):
     @torch.no_grad()
     def j_on(self, clean: Tensor, adv: Tensor) -> float:
         """J of the current kernel on a (clean, adversarial) batch, for reports."""
-        return j_statistic(*self.kernel.gram(clean, adv), reg=self.hparams.reg).item()
+        return j_statistic(*self.kernel.gram(clean, adv), reg=self.settings.reg).item()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.kernel.parameters(), lr=self.hparams.lr)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STAGE_KEY] = self.stage
+        return torch.optim.Adam(self.kernel.parameters(), lr=self.settings.lr)

@@ -1,25 +1,22 @@
-"""Adversarial attacks on image classifiers; images in and out are in ``[0, 1]``.
+"""Adversarial attacks on image classifiers and on whole defenses; images in and out are in ``[0, 1]``.
 
 Every attack takes a model mapping images in ``[0, 1]`` to logits (normalisation lives inside the
 model), runs it in eval mode and restores each submodule's mode, parameter flags and gradients
-afterwards. New tensors follow the inputs' device.
+afterwards. New tensors follow the inputs' device. Attacks are run from an :class:`AttackSpec` through
+the registry (:func:`run_attack`); importing this package registers every attack, one per module.
 """
 
-from collections.abc import Callable
-
-from torch import Tensor
-
+from dad.attacks import batch_apgd, defense_pgd  # noqa: F401  (registration; the others are imported below)
 from dad.attacks._utils import preserve_mode
-from dad.attacks.external import autoattack, cw_l2
+from dad.attacks.autoattack import autoattack
+from dad.attacks.cw import cw_l2
 from dad.attacks.mma import mma
 from dad.attacks.pgd import pgd, projected_gradient_ascent
+from dad.attacks.registry import chunk_seed, list_attacks, register_attack, run_attack, run_seeded, target_of
+from dad.attacks.spec import DEFENSE_OBJECTIVES, EVASION_OBJECTIVES, THREATS, AttackSpec, Threat
 
-__all__ = ["ATTACKS", "autoattack", "cw_l2", "mma", "pgd", "preserve_mode", "projected_gradient_ascent"]
-
-ATTACKS: dict[str, Callable[..., Tensor]] = {
-    "pgd": pgd,
-    "mma": mma,
-    "cw_l2": cw_l2,
-    "autoattack": autoattack,
-}
-"""Attacks by name, each called as ``attack(model, x, y, **settings)``; presets name one and its settings."""
+__all__ = [
+    "AttackSpec", "DEFENSE_OBJECTIVES", "EVASION_OBJECTIVES", "THREATS", "Threat", "autoattack", "chunk_seed", "cw_l2",
+    "list_attacks", "mma", "pgd", "preserve_mode", "projected_gradient_ascent", "register_attack", "run_attack",
+    "run_seeded", "target_of",
+]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torchattacks
-from torch import Tensor
+from torch import Tensor, nn
 
 from dad.attacks._utils import (
     Model,
@@ -30,12 +30,13 @@ from dad.attacks._utils import (
     preserve_mode,
     project,
 )
-from dad.attacks.external import _InputDeviceModel, _isolated_rng
+from dad.attacks.registry import register_attack
+from dad.attacks.spec import AttackSpec
+from dad.attacks.torchattacks_adapter import TORCHATTACKS_NORMS, InputDeviceModel, isolated_rng
 
-__all__ = ["apgd_rand", "RAND_LOSSES"]
+__all__ = ["apgd_rand", "RAND_LOSSES", "autoattack_rand_attack"]
 
 RAND_LOSSES = ("ce", "dlr")
-_TORCHATTACKS_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
 def apgd_rand(
@@ -69,13 +70,13 @@ def apgd_rand(
     check_at_least_one("steps", steps)
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
-    with preserve_mode(model), gradients_enabled(), _isolated_rng(x):
+    with preserve_mode(model), gradients_enabled(), isolated_rng(x):
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
-        adapted = _InputDeviceModel(model, x).eval()
+        adapted = InputDeviceModel(model, x).eval()
         merged, fooled = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=x.device)
         for i, loss in enumerate(RAND_LOSSES):
             torch.manual_seed(seed)
-            attack = torchattacks.APGD(adapted, norm=_TORCHATTACKS_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
+            attack = torchattacks.APGD(adapted, norm=TORCHATTACKS_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
                                        seed=seed, loss=loss, eot_iter=eot_samples)
             highest_loss, robust, _, last_fooling = attack.attack_single_run(x, y)
             success = ~robust.bool().to(x.device)
@@ -84,3 +85,9 @@ def apgd_rand(
             merged[take] = candidate[take].detach()
             fooled |= success
     return (x + project(merged - x, eps, norm)).clamp(0.0, 1.0).detach()
+
+
+@register_attack("autoattack", "defense")
+def autoattack_rand_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """AutoAttack's ``rand`` version through the defense, on whole batches."""
+    return apgd_rand(defense, x, y, spec.norm, spec.eps, spec.steps, spec.eot_samples, spec.seed)

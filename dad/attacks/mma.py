@@ -11,7 +11,7 @@ Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks._utils import (
@@ -25,6 +25,8 @@ from dad.attacks._utils import (
     preserve_mode,
 )
 from dad.attacks.pgd import Objective, projected_gradient_ascent
+from dad.attacks.registry import register_attack
+from dad.attacks.spec import AttackSpec
 
 __all__ = ["mma"]
 
@@ -101,3 +103,10 @@ def mma(
             best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), candidate, best)
             best_margin = torch.where(better, candidate_margin, best_margin)
     return best.detach()
+
+
+@register_attack("mma", "classifier")
+def mma_attack(spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """MMA on the classifier alone with the spec's settings (``k`` target classes)."""
+    return mma(model, x, y, spec.eps, spec.step_size, spec.steps, k=spec.k, norm=spec.norm,
+               random_start=spec.random_start)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks._utils import (
@@ -30,8 +30,10 @@ from dad.attacks._utils import (
     project,
     random_delta,
 )
+from dad.attacks.registry import register_attack
+from dad.attacks.spec import AttackSpec
 
-__all__ = ["projected_gradient_ascent", "pgd", "LOSSES", "Objective"]
+__all__ = ["projected_gradient_ascent", "pgd", "LOSSES", "Objective", "expected_gradient"]
 
 Objective = Callable[[Tensor], Tensor]
 """``objective(x_adv)`` -> a scalar or per-sample values (summed) that the attack maximises."""
@@ -43,7 +45,7 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 """Untargeted losses to maximise, ``(logits, y) -> scalar``: cross-entropy, or the CW margin."""
 
 
-def _expected_gradient(objective: Objective, x_adv: Tensor, eot_samples: int) -> Tensor:
+def expected_gradient(objective: Objective, x_adv: Tensor, eot_samples: int) -> Tensor:
     """Gradient of the objective w.r.t. the input, averaged over ``eot_samples`` evaluations (EOT)."""
     grad = torch.zeros_like(x_adv)
     for _ in range(eot_samples):
@@ -108,7 +110,7 @@ def projected_gradient_ascent(
         delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
         x_adv = (x + delta).clamp(0.0, 1.0)
         for _ in range(steps):
-            grad = _expected_gradient(objective, x_adv, eot_samples)
+            grad = expected_gradient(objective, x_adv, eot_samples)
             x_adv = x_adv + step_size * normalized_step(grad, norm)
             x_adv = (x + project(x_adv - x, eps, norm)).clamp(0.0, 1.0)
     return x_adv.detach()
@@ -164,3 +166,9 @@ def pgd(
             eot_samples=eot_samples,
             generator=generator,
         )
+
+
+@register_attack("pgd", "classifier")
+def pgd_attack(spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """PGD on the classifier alone with the spec's settings (cross-entropy, EOT if ``eot_samples`` > 1)."""
+    return pgd(model, x, y, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start, spec.eot_samples)

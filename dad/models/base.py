@@ -56,6 +56,7 @@ class ImageClassifier(nn.Module, ABC):
 
     mean: Tensor
     std: Tensor
+    spec: dict | None = None  # {"name", "kwargs"}, set by :func:`dad.models.create_model`
 
     def __init__(
         self,

@@ -49,11 +49,14 @@ def create_model(name: str, checkpoint_path: str | None = None, **kwargs: Any) -
         **kwargs: options of the builder, e.g. ``num_classes``, ``in_channels``, ``mean``, ``std``.
 
     Returns:
-        The classifier, in training mode.
+        The classifier, in training mode; ``model.spec`` records ``{"name", "kwargs"}`` (plain data) so
+        that checkpoints and saved defenses can rebuild it (:func:`dad.networks.build_model`).
     """
     if name not in _MODEL_BUILDERS:
         raise ValueError(f"Unknown model '{name}'; available: {', '.join(list_models())}")
-    model = _MODEL_BUILDERS[name](**{key: value for key, value in kwargs.items() if value is not None})
+    options = {key: value for key, value in kwargs.items() if value is not None}
+    model = _MODEL_BUILDERS[name](**options)
+    model.spec = {"name": name, "kwargs": options}
     if checkpoint_path is not None:
         load_classifier_weights(model, checkpoint_path)
     return model

@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks import ATTACKS, autoattack, cw_l2, mma, pgd, preserve_mode, projected_gradient_ascent
+from dad.attacks import AttackSpec, autoattack, cw_l2, list_attacks, mma, pgd, preserve_mode, projected_gradient_ascent
+from dad.attacks.batch_apgd import apgd_rand
 from dad.attacks._utils import margin, normalized_step, project, random_delta
 
 N_CLASSES = 10
@@ -276,7 +277,7 @@ _MODE_ATTACKS = {
     "mma": lambda m, x, y: mma(m, x, y, eps=0.1, step_size=0.02, steps=3),
     "cw_l2": lambda m, x, y: cw_l2(m, x, y, steps=10),
     "autoattack": lambda m, x, y: autoattack(m, x, y, eps=0.1, steps=5),
-    "autoattack_rand": lambda m, x, y: autoattack(m, x, y, norm="L2", eps=1.0, version="rand", steps=5),
+    "apgd_rand": lambda m, x, y: apgd_rand(m, x, y, norm="L2", eps=1.0, steps=5, eot_samples=2),
 }
 
 
@@ -364,16 +365,21 @@ def test_autoattack_is_at_least_as_strong_as_pgd_and_leaves_the_global_rng_alone
     assert _accuracy(classifier, x_aa, y) <= _accuracy(classifier, x_pgd, y)
 
 
-def test_autoattack_rand_l2_stays_in_the_ball(classifier: nn.Module, digits: dict[str, Tensor]) -> None:
+def test_apgd_rand_l2_stays_in_the_ball(classifier: nn.Module, digits: dict[str, Tensor]) -> None:
     x, y = digits["x_test"][:8], digits["y_test"][:8]
     noisy = _Noisy(classifier, std=0.05)
-    x_adv = autoattack(noisy, x, y, norm="l2", eps=0.5, version="rand", steps=10)
+    x_adv = apgd_rand(noisy, x, y, norm="l2", eps=0.5, steps=10, eot_samples=20)
     assert _l2(x_adv, x).max() <= 0.5 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert not torch.equal(x_adv, x)
 
 
-def test_attacks_registry_names_every_attack() -> None:
-    assert ATTACKS == {"pgd": pgd, "mma": mma, "cw_l2": cw_l2, "autoattack": autoattack}
+def test_the_registry_names_every_attack_once() -> None:
+    assert set(list_attacks()) == {("pgd", "classifier"), ("mma", "classifier"), ("cw_l2", "classifier"),
+                                   ("autoattack", "classifier"), ("pgd", "defense"), ("autoattack", "defense")}
+    with pytest.raises(ValueError, match="already registered"):
+        from dad.attacks.registry import register_attack
+
+        register_attack("pgd", "classifier")(lambda *args: args[2])
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -402,11 +408,7 @@ _PGD = {"eps": 0.1, "step_size": 0.01, "steps": 2}
         (lambda m: cw_l2(m, _X, _Y, steps=0), "Expected `steps` to be an integer >= 1, got 0"),
         (lambda m: autoattack(m, _X, _Y, eps=0.0), "Expected `eps` > 0, got 0.0"),
         (lambda m: autoattack(m, _X, _Y, norm="L1"), "Expected `norm` in ('linf', 'l2') (any case), got 'L1'"),
-        (lambda m: autoattack(m, _X, _Y, version="plus"), "Expected `version` in ('standard', 'rand'), got 'plus'"),
-        (
-            lambda m: autoattack(m, _X, _Y, n_classes=100),
-            "Expected `n_classes` equal to the model's number of logits 10, got 100",
-        ),
+        (lambda m: AttackSpec(name="cw_l2", norm="linf"), "Attack 'cw_l2' supports `norm` in ('l2',), got 'linf'"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(call: Callable[[nn.Module], Tensor], message: str) -> None:

@@ -107,7 +107,8 @@ def test_variance_and_j_match_loop(paired):
 
 def test_semantic_gram_matches_formula():
     g = torch.Generator().manual_seed(3)
-    x, y = torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.rand(3, 1, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(3, 1, 3, 3, generator=g, dtype=torch.float64)
     fx, fy = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
     sp, sq, eps = 2.5, 7.0, 0.1
     k = semantic_gram(fx, fy, x, y, sp, sq, eps)

@@ -11,10 +11,14 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 
-from datamodules import CIFAR10DataModule, CIFAR100DataModule, DataError
+from datamodules import CIFAR10DataModule, CIFAR100DataModule, DataError, DataSettings
 
 TRAIN_PER_BATCH = 30
 NUM_TEST = 40
+
+
+def _settings(dataset: str, root: str | None, **kwargs: object) -> DataSettings:
+    return DataSettings(dataset=dataset, root=root, test_size=0, **kwargs)  # type: ignore[arg-type]
 
 
 def _write_batch(path: Path, data: np.ndarray, labels: list[int], label_key: str) -> None:
@@ -52,7 +56,7 @@ def no_md5(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cifar10_reads_pixels_labels_and_official_test_split(tmp_path, no_md5):
     train_x, train_y, test_x, test_y = fake_cifar(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), mmd_per_class=3, val_size=20, seed=1)
+    dm = CIFAR10DataModule(_settings("cifar10", root=str(tmp_path), mmd_per_class=3, val_size=20), seed=1)
     dm.setup()
     assert dm.train_images.dtype == torch.uint8 and dm.train_images.shape == (150, 3, 32, 32)
     assert torch.equal(dm.train_images, torch.from_numpy(train_x))
@@ -69,14 +73,14 @@ def test_cifar10_reads_pixels_labels_and_official_test_split(tmp_path, no_md5):
 
 def test_cifar10_accepts_the_batches_folder_itself(tmp_path, no_md5):
     fake_cifar(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path / "cifar-10-batches-py"), mmd_per_class=3, val_size=20)
+    dm = CIFAR10DataModule(_settings("cifar10", str(tmp_path / "cifar-10-batches-py"), mmd_per_class=3, val_size=20))
     dm.setup()
     assert len(dm.train_labels) == 150
 
 
 def test_cifar100_uses_fine_labels(tmp_path, no_md5):
     _, train_y, _, test_y = fake_cifar(tmp_path, cifar100=True)
-    dm = CIFAR100DataModule(root=str(tmp_path), mmd_per_class=1, val_size=10)
+    dm = CIFAR100DataModule(_settings("cifar100", root=str(tmp_path), mmd_per_class=1, val_size=10))
     dm.setup()
     assert dm.num_classes == 100 and dm.train_labels.tolist() == train_y and dm.test_labels.tolist() == test_y
     assert len(dm.splits.mmd) == 100
@@ -91,16 +95,17 @@ def _one_line_error(dm: CIFAR10DataModule) -> str:
 
 
 def test_missing_cifar_names_the_layout_and_the_flags(tmp_path):
-    message = _one_line_error(CIFAR10DataModule(root=str(tmp_path / "nowhere")))
+    message = _one_line_error(CIFAR10DataModule(_settings("cifar10", root=str(tmp_path / "nowhere"))))
     assert f"{tmp_path / 'nowhere'}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}" in message
     assert "--data.root" in message and "--data.download true" in message
-    assert "cifar-100-python/{train,test,meta}" in _one_line_error(CIFAR100DataModule(root=str(tmp_path)))
-    assert "--data.root" in _one_line_error(CIFAR10DataModule(root=None))
+    message = _one_line_error(CIFAR100DataModule(_settings("cifar100", str(tmp_path))))
+    assert "cifar-100-python/{train,test,meta}" in message
+    assert "--data.root" in _one_line_error(CIFAR10DataModule(_settings("cifar10", root=None)))
 
 
 def test_corrupted_cifar_files_fail_the_md5_check(tmp_path):
     fake_cifar(tmp_path)  # real torchvision integrity check: the fake files do not match CIFAR's md5
-    assert "not found or corrupted" in _one_line_error(CIFAR10DataModule(root=str(tmp_path)))
+    assert "not found or corrupted" in _one_line_error(CIFAR10DataModule(_settings("cifar10", root=str(tmp_path))))
 
 
 def test_failed_download_is_one_line(tmp_path, monkeypatch):
@@ -108,5 +113,5 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
-    message = _one_line_error(CIFAR10DataModule(root=str(tmp_path), download=True))
+    message = _one_line_error(CIFAR10DataModule(_settings("cifar10", root=str(tmp_path), download=True)))
     assert "no network" in message and "cifar-10-batches-py/" in message

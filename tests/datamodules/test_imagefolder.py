@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,8 @@ import torch
 from PIL import Image
 
 import datamodules.imagefolder as imagefolder
-from datamodules import DataError, ImageFolderDataModule
+from datamodules import DataError, DataSettings, ImageFolderDataModule
 from datamodules.registry import build_datamodule
-from lightning_modules.config import DataConfig
 
 CLASSES = ("cat", "dog", "frog")
 
@@ -32,9 +32,16 @@ def write_folder(root: Path, per_class: int, size: tuple[int, int] = (8, 8), fmt
     return written
 
 
-def module(root: Path | None, **kwargs: object) -> ImageFolderDataModule:
-    defaults = dict(mmd_per_class=2, val_size=6, test_size=6, progress=False, num_threads=2)
-    return ImageFolderDataModule(root=None if root is None else str(root), **{**defaults, **kwargs})
+_SPLIT_OPTIONS = {"mmd_per_class", "val_size", "test_size", "calibration_size", "subset", "download"}
+
+
+def module(root: Path | None, seed: int = 0, **kwargs: object) -> ImageFolderDataModule:
+    """The data module on ``root``; split options go to its settings, the rest are its own options."""
+    given = {**dict(mmd_per_class=2, val_size=6, test_size=6, progress=False, num_threads=2), **kwargs}
+    split = {k: v for k, v in given.items() if k in _SPLIT_OPTIONS}
+    own = {k: v for k, v in given.items() if k not in _SPLIT_OPTIONS}
+    settings = DataSettings(dataset="imagefolder", root=None if root is None else str(root), **split)  # type: ignore
+    return ImageFolderDataModule(settings, seed, **own)  # type: ignore[arg-type]
 
 
 def as_chw(pixels: np.ndarray) -> torch.Tensor:
@@ -171,11 +178,10 @@ def test_no_root_and_download_are_refused(tmp_path):
 
 def test_built_from_the_data_config(tmp_path):
     write_folder(tmp_path, per_class=8)
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), mmd_per_class=2, val_size=4, test_size=3,
-                     options={"max_per_class": 5, "progress": False})
+    cfg = DataSettings(dataset="imagefolder", root=str(tmp_path), mmd_per_class=2, val_size=4, test_size=3,
+                       options={"max_per_class": 5, "progress": False})
     dm = build_datamodule(cfg, seed=0)
     dm.setup()
     assert isinstance(dm, ImageFolderDataModule) and len(dm.train_labels) == 15 and len(dm.splits.test) == 3
-    cfg.options = {"max_per_klass": 5}
     with pytest.raises(ValueError, match="max_per_klass"):
-        build_datamodule(cfg, seed=0)
+        build_datamodule(replace(cfg, options={"max_per_klass": 5}), seed=0)

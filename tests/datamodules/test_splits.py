@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from datamodules import DataError
+from datamodules import DataError, DataSettings
 from datamodules.base import carve_splits
 from datamodules.digits import DigitsDataModule
 
@@ -41,9 +41,9 @@ def test_a_calibration_split_that_leaves_no_denoiser_data_is_refused() -> None:
 
 
 def test_datamodule_serves_the_calibration_split() -> None:
-    dm = DigitsDataModule(mmd_per_class=5, val_size=50, test_size=50, calibration_size=70, subset=400)
+    dm = DigitsDataModule(DataSettings(mmd_per_class=5, val_size=50, test_size=50, calibration_size=70, subset=400))
     x, y = dm.split_tensors("calibration")
     assert x.shape == (70, 1, 8, 8) and y.shape == (70,) and 0.0 <= x.min() and x.max() <= 1.0
     assert not set(dm.splits.calibration) & set(dm.splits.val) and len(dm.dataset("calibration")) == 70
     with pytest.raises(ValueError, match="calibration_size"):
-        DigitsDataModule(calibration_size=-1)
+        DataSettings(calibration_size=-1)

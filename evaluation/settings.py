@@ -1,0 +1,124 @@
+"""The evaluation section of a run (``eval.py``): attacks, detection metrics, mixed batches, transfer, sanity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dad.attacks import AttackSpec
+
+__all__ = ["EvalSettings", "TransferSettings", "paper_attacks"]
+
+_LINF, _L2 = 8 / 255, 0.5
+
+
+def paper_attacks() -> dict[str, AttackSpec]:
+    """The paper-scale suite (CIFAR-10 threat models: Linf 8/255, L2 0.5), for GPUs."""
+    linf: dict[str, Any] = {"norm": "linf", "eps": _LINF, "step_size": 2 / 255}
+    white_box: dict[str, Any] = {"threat": "defense", "name": "pgd", **linf, "steps": 200, "eot_samples": 20}
+    return {
+        "pgd_linf": AttackSpec(name="pgd", **linf, steps=20),
+        "pgd_l2": AttackSpec(name="pgd", norm="l2", eps=_L2, step_size=0.1, steps=20),
+        "mma_linf": AttackSpec(name="mma", **linf, steps=20, k=3),
+        "cw_l2": AttackSpec(name="cw_l2", norm="l2", eps=_L2, steps=100, step_size=0.01),
+        "autoattack_linf": AttackSpec(name="autoattack", **linf, steps=100),
+        "adaptive_pgd_eot": AttackSpec(**white_box, mmd_weight=1.0),
+        "evade_clean": AttackSpec(**{**white_box, "eot_samples": 1}, objective="evade_clean",
+                                  lambdas=[1.0, 10.0, 100.0]),
+        "evade_denoised": AttackSpec(**white_box, objective="evade_denoised", lambdas=[1.0]),
+        "evade_bpda": AttackSpec(**white_box, objective="evade_bpda", lambdas=[0.0, 1.0]),
+        "autoattack_rand": AttackSpec(name="autoattack", threat="defense", norm="linf", eps=_LINF, steps=100,
+                                      eot_samples=20),
+    }
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """The transfer evaluation: classifier-only attacks crafted on another model of the factory.
+
+    Attributes:
+        attacks: names of classifier-threat attacks of ``eval.attacks`` to re-craft on the source model
+            (reported as ``transfer_<name>``); empty: no transfer evaluation.
+        model, model_kwargs: the source architecture (None: the defended classifier's).
+        weights: a trained source's weights file; None: trained here on the training split.
+        epochs, lr, seed: the quick training of the source (Adam, cosine schedule).
+    """
+
+    attacks: list[str] = field(default_factory=list)
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    epochs: int = 3
+    lr: float = 2e-3
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"Expected `eval.transfer.epochs` >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"Expected `eval.transfer.lr` > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Evaluation (``eval.py``): the attacks, detection metrics, mixed batches, transfer and sanity checks.
+
+    Attributes:
+        attacks: named attacks (each an :class:`~dad.attacks.AttackSpec`).
+        detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
+        random_batches: random batches drawn per batch size for the detection metrics.
+        max_test: cap on the number of attacked test images (None: all); the clean FPR uses every test image.
+        mixed_fractions: shares of AEs per batch in the mixed-batch evaluation.
+        mixed_batches: random batches per share.
+        mixed_attack: the classifier-threat attack whose AEs are mixed in (None: the first one).
+        transfer: the transfer evaluation.
+        sanity_attack: the full-white-box attack the sanity checks re-run (None: the strongest one of the
+            primary threat model, that of the first full-white-box attack).
+        sanity_batches: evaluation batches the re-runs use (the first ones of the test split).
+        sweep_factors: multiples of the attack's ``eps`` of the eps sweep (the largest must reach chance).
+        sanity_z: noise level of the sanity comparisons, in standard errors.
+        plots: write PNG plots (and log them to TensorBoard).
+        resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
+    """
+
+    attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
+    detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
+    random_batches: int = 1000
+    max_test: int | None = None
+    mixed_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0])
+    mixed_batches: int = 100
+    mixed_attack: str | None = None
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    sanity_attack: str | None = None
+    sanity_batches: int = 2
+    sweep_factors: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.5])
+    sanity_z: float = 2.0
+    plots: bool = True
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.random_batches >= 1, f"Expected `eval.random_batches` >= 1, got {self.random_batches}"),
+            (self.max_test is None or self.max_test >= 2, f"Expected `eval.max_test` >= 2, got {self.max_test}"),
+            (all(b >= 2 for b in self.detection_batch_sizes),
+             f"Expected `eval.detection_batch_sizes` >= 2, got {self.detection_batch_sizes}"),
+            (all(0.0 <= p <= 1.0 for p in self.mixed_fractions),
+             f"Expected `eval.mixed_fractions` in [0, 1], got {self.mixed_fractions}"),
+            (self.mixed_batches >= 1, f"Expected `eval.mixed_batches` >= 1, got {self.mixed_batches}"),
+            (self.sanity_batches >= 1, f"Expected `eval.sanity_batches` >= 1, got {self.sanity_batches}"),
+            (bool(self.sweep_factors) and all(f > 0 for f in self.sweep_factors),
+             f"Expected positive `eval.sweep_factors`, got {self.sweep_factors}"),
+            (self.sanity_z > 0, f"Expected `eval.sanity_z` > 0, got {self.sanity_z}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        threats = {name: spec.threat for name, spec in self.attacks.items()}
+        for setting, names, threat in (("eval.transfer.attacks", self.transfer.attacks, "classifier"),
+                                       ("eval.mixed_attack", [self.mixed_attack] * (self.mixed_attack is not None),
+                                        "classifier"),
+                                       ("eval.sanity_attack", [self.sanity_attack] * (self.sanity_attack is not None),
+                                        "defense")):
+            for name in names:
+                if threats.get(name) != threat:
+                    raise ValueError(f"`{setting}` must name a threat-{threat} attack of `eval.attacks`, got {name!r}")

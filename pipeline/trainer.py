@@ -1,0 +1,86 @@
+"""The Trainer of each stage: the user's ``--trainer.*`` arguments plus what the stage owns.
+
+User loggers and callbacks are added to the run's own TensorBoard logger and callbacks, never in place
+of them; arguments the pipeline sets per stage (:data:`~pipeline.config.OWNED_TRAINER_ARGS`) are
+rejected when the configuration is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+
+from callbacks.resume import ResumeState
+from pipeline.checkpoints import AtomicCheckpointIO
+from pipeline.config import trainer_parser
+
+__all__ = ["trainer_arguments", "build_trainer", "quiet_third_party"]
+
+
+def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """The configured Trainer arguments with their classes (callbacks, loggers, profiler ...) instantiated anew."""
+    if not trainer:
+        return {}
+    parser = trainer_parser()
+    init = parser.instantiate(parser.parse_object({"trainer": dict(trainer)}))
+    return {name: init.trainer[name] for name in trainer}
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callbacks: list[Callback],
+                  **stage: Any) -> pl.Trainer:
+    """A Trainer logging to ``<root>/logs/<log_name>`` (TensorBoard) with the stage's callbacks and settings.
+
+    Args:
+        trainer: the run's ``trainer`` section (see :func:`trainer_arguments`).
+        root: the run directory.
+        log_name: the TensorBoard version folder (the stage's name).
+        callbacks: the stage's own callbacks (checkpointing included); the user's come after them.
+        **stage: the arguments the stage owns (``max_epochs``, ``max_steps`` ...), which win.
+    """
+    user = trainer_arguments(trainer)
+    loggers: list[Logger] = [TensorBoardLogger(save_dir=root, name="logs", version=log_name, default_hp_metric=False),
+                             *_as_list(user.pop("logger", None))]
+    own = [*callbacks, ResumeState()]
+    every = [*own, *_as_list(user.pop("callbacks", None))]
+    plugins = [AtomicCheckpointIO(), *_as_list(user.pop("plugins", None))]
+    options = {"enable_model_summary": False, **user, **stage}
+    return pl.Trainer(default_root_dir=root, logger=loggers, callbacks=every, plugins=plugins,
+                      use_distributed_sampler=False,  # the data modules shard by rank themselves
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in every), **options)
+
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning's tips about its cloud products, accelerator banners and stop notices: not ours to print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("💡 Tip", "GPU available", "TPU available", "HPU available",
+                                       "`Trainer.fit` stopped"))
+
+
+def quiet_third_party() -> None:
+    """Silence third-party advertisements and warnings about choices the pipeline makes on purpose."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertisements())
+    logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
+    for pattern in (
+        r".*module\(s\) in eval mode at the start of training",  # frozen classifier, phi and kernel
+        r".*is smaller than the logging interval",  # the full-batch kernel stage has one batch per epoch
+        r".*have no `validation_step`",  # the kernel stage trains without validation
+        r".*but have no `val_dataloader`",  # the transfer source trains without validation
+        r".*does not have many workers",  # in-memory tensors need no loader workers
+        r".*`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of a torch API
+    ):
+        warnings.filterwarnings("ignore", message=pattern)

@@ -1,0 +1,158 @@
+"""eval.py's evaluation on a tiny trained run: report schema, plots, per-attack state and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lightning_modules.evaluator as evaluator_module
+from dad.attacks import AttackSpec
+from evaluation.runner import evaluate
+from evaluation.settings import TransferSettings
+from evaluation.state import AttackState
+from pipeline.config import PipelineConfig
+from pipeline.stages import run_pipeline
+from tests.conftest import TINY_ATTACK, tiny_config
+
+ATTACKS = {
+    "pgd_linf": {**TINY_ATTACK, "threat": "classifier"},
+    "adaptive": {**TINY_ATTACK, "threat": "defense", "eot_samples": 2},
+    "evade_clean": {**TINY_ATTACK, "threat": "defense", "objective": "evade_clean", "lambdas": [1.0, 10.0]},
+    "autoattack_rand": {"name": "autoattack", "threat": "defense", "norm": "linf", "eps": 0.2, "steps": 2,
+                        "eot_samples": 2},
+}
+SANITY = {"gradients", "randomness_eot", "white_box_stronger", "eps_monotone", "large_eps_near_chance", "more_steps",
+          "more_eot", "restarts"}
+
+
+def _config(root: Path, **attack_changes: dict[str, Any]) -> PipelineConfig:
+    cfg = tiny_config(root)
+    attacks = {name: AttackSpec(**{**spec, **attack_changes.get(name, {})}) for name, spec in ATTACKS.items()}
+    evaluation = replace(cfg.eval, attacks=attacks, transfer=TransferSettings(attacks=["pgd_linf"], epochs=1),
+                         sanity_attack="adaptive", sanity_batches=1, sweep_factors=[0.5, 1.0, 2.5], mixed_batches=10,
+                         max_test=75)  # attacks see 75 images; the clean FPR is measured on all 100
+    return replace(cfg, eval=evaluation, data=replace(cfg.data, calibration_size=150))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("eval")
+    cfg = _config(root)
+    run_pipeline(cfg)
+    return root, evaluate(cfg)
+
+
+def _copy(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> PipelineConfig:
+    shutil.copytree(evaluated[0], tmp_path, dirs_exist_ok=True)
+    return _config(tmp_path)
+
+
+def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    root, report = evaluated
+    run = root / "tiny"
+    assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
+    names = {*ATTACKS, "transfer_pgd_linf"}
+    assert set(report["robust_acc"]) == names and set(report["attacks"]) == names
+    assert report["attacks"]["transfer_pgd_linf"]["threat"] == "transfer"
+    assert report["attacks"]["evade_clean"]["lambdas"] == [1.0, 10.0]
+
+    worst = report["worst_case"]["linf eps=0.2"]
+    assert worst["white_box"]["attacks"] == ["adaptive", "evade_clean", "autoattack_rand"]
+    assert worst["white_box"]["dad"] <= min(report["robust_acc"][n]["dad"] for n in worst["white_box"]["attacks"])
+    assert worst["classifier_only"]["dad"] == pytest.approx(report["robust_acc"]["pgd_linf"]["dad"])
+    assert worst["all_attacks"]["attacks"] == [*ATTACKS, "transfer_pgd_linf"]
+    assert worst["all_attacks"]["dad"] <= min(worst["white_box"]["dad"], worst["classifier_only"]["dad"])
+
+    det = report["detection"]
+    assert report["num_test"] == 75 and det["clean_pool"] == 100
+    assert set(det["auroc"]["pgd_linf"]) == {"10", "25"} and set(det["auroc"]["adaptive"]) == {"25"}
+    for per_size in det["auroc"].values():
+        assert all(0.0 <= v <= 1.0 for v in per_size.values())
+    for size in ("10", "25"):
+        entry = det["by_batch_size"][size]
+        assert entry["calibrated"] and 0.0 <= entry["fpr_clean"] <= 1.0 and "pgd_linf" in entry["tpr"]
+        assert set(entry["robust_acc_dad"]) == {"pgd_linf", "transfer_pgd_linf"}
+
+    assert set(report["mixed"]["fractions"]) == {"0.0", "0.1", "0.25", "0.5", "1.0"}
+    assert report["mixed"]["fractions"]["0.0"]["acc_adv_part"] is None
+    assert report["transfer"]["source"]["model"] == "small_cnn"
+
+    assert set(report["sanity"]) == SANITY
+    for check in report["sanity"].values():
+        assert isinstance(check["passed"], bool) and check["detail"]
+    assert report["sweep"]["eps"] == pytest.approx([0.1, 0.2, 0.5])
+    assert len(report["sweep"]["undefended"]) == 3
+
+    for path in report["plots"].values():
+        assert (run / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"roc", "mmd_histogram", "accuracy_vs_eps", "mixed_batches", "images"} <= set(report["plots"])
+    assert list((run / "logs" / "eval").glob("events.out.tfevents.*"))
+    markdown = (run / "report.md").read_text()
+    assert markdown.startswith("| setting") and "Sanity checks" in markdown and "Worst case" in markdown
+
+    state_file = run / "eval_state" / "adaptive.pt"
+    state = AttackState.from_disk(state_file, _key(state_file))
+    assert sorted(state.batches) == [0, 1, 2]  # 75 attacked images in batches of 25
+    assert state.gather("dad").float().mean().item() == pytest.approx(report["robust_acc"]["adaptive"]["dad"])
+
+
+def _key(path: Path) -> str:
+    return torch.load(path, weights_only=True)["key"]
+
+
+class _Counter:
+    """Counts (and optionally interrupts) the attack runs of the evaluation."""
+
+    def __init__(self, fail_on: tuple[str, int] | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fail_on = fail_on
+        self.real = evaluator_module.run_seeded
+
+    def __call__(self, preset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(preset.as_dict())
+        if self.fail_on and sum(_is(c, self.fail_on[0]) for c in self.calls) == self.fail_on[1]:
+            raise RuntimeError("simulated crash")
+        return self.real(preset, *args, **kwargs)
+
+
+def _is(call: dict[str, Any], name: str) -> bool:
+    spec = {"objective": "adaptive", "lambdas": [], "seed": 0, **ATTACKS[name]}
+    return all(call[k] == v for k, v in spec.items() if k != "batch_size")  # the evaluation sets the batch size
+
+
+def test_resume_reuses_matching_states_only(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _copy(evaluated, tmp_path)
+    counter = _Counter()
+    monkeypatch.setattr(evaluator_module, "run_seeded", counter)
+    again = evaluate(cfg)
+    assert counter.calls == []  # every attack (sanity re-runs included) came from eval_state/
+    for key in ("robust_acc", "worst_case", "sanity"):
+        assert again[key] == evaluated[1][key]
+
+    cfg = _config(tmp_path, evade_clean={"steps": 4})  # a changed attack is recomputed, nothing else
+    evaluate(cfg)
+    assert counter.calls and all(c["objective"] == "evade_clean" and c["steps"] in (4, 8) for c in counter.calls)
+
+
+def test_interrupted_attack_resumes_from_its_finished_batches(evaluated: tuple[Path, dict[str, Any]],
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _copy(evaluated, tmp_path)
+    state_file = tmp_path / "tiny" / "eval_state" / "adaptive.pt"
+    state_file.unlink()
+    monkeypatch.setattr(evaluator_module, "run_seeded", _Counter(fail_on=("adaptive", 3)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(cfg)
+    assert sorted(AttackState.from_disk(state_file, _key(state_file)).batches) == [0, 1]
+
+    counter = _Counter()
+    monkeypatch.setattr(evaluator_module, "run_seeded", counter)
+    report = evaluate(cfg)
+    assert [_is(c, "adaptive") for c in counter.calls] == [True]  # only the missing third batch
+    assert report["robust_acc"] == evaluated[1]["robust_acc"]
