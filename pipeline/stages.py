@@ -304,8 +304,8 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
 _RUNNERS = {"classifier": run_classifier, "kernel": run_kernel, "denoiser": run_denoiser, "defense": run_defense}
 
 
-def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None,
-              nets: RunNetworks | None = None) -> dict[str, Any]:
+def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None, nets: RunNetworks | None = None,
+              dm: DADDataModule | None = None) -> dict[str, Any]:
     """Run one stage (its prerequisites must be finished) and record its summary in ``done.json``.
 
     Args:
@@ -313,13 +313,14 @@ def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None,
         stage: one of :data:`~pipeline.paths.STAGES`.
         ckpt_path: ``"last"`` resumes the stage from its last checkpoint; a path resumes from that file.
         nets: the networks built so far in this process (:func:`run_pipeline` shares them across stages).
+        dm: the run's data module, if this process has it already (decoded images are reused).
     """
     if stage not in _RUNNERS:
         raise ConfigError(f"Unknown stage {stage!r}; expected one of {STAGES}")
     paths = RunPaths(cfg.run.dir)
     resume = _resume_path(ckpt_path, paths, stage)  # fails fast on a missing, foreign or unsafe checkpoint
     pl.seed_everything(cfg.run.seed + STAGES.index(stage), workers=True, verbose=False)
-    dm = load_datamodule(cfg, paths)
+    dm = dm or load_datamodule(cfg, paths)
     _save_run_files(cfg, paths, dm)
     start = time.perf_counter()
     summary = _RUNNERS[stage](cfg, paths, dm, nets or RunNetworks(cfg, paths), resume)
@@ -333,6 +334,7 @@ def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last") -> dict[st
     """Run every unfinished stage in order; finished ones (``done.json`` present) are skipped."""
     paths = RunPaths(cfg.run.dir)
     nets = RunNetworks(cfg, paths)
+    dm: DADDataModule | None = None
     summaries: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
         done = paths.done(stage)
@@ -340,5 +342,6 @@ def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last") -> dict[st
             log.info("%s: finished earlier, skipping (%s)", stage, done)
             summaries[stage] = json.loads(done.read_text())
             continue
-        summaries[stage] = run_stage(cfg, stage, ckpt_path, nets)
+        dm = dm or load_datamodule(cfg, paths)
+        summaries[stage] = run_stage(cfg, stage, ckpt_path, nets, dm)
     return summaries
