@@ -39,7 +39,7 @@ class IncompatibleFileError(ValueError):
 class DefenseOutput:
     """What one forward pass of the defense produced."""
 
-    logits: Tensor
+    logits: Tensor  # (B, K), or (draws, B, K) from DADDefense.forward_draws
     score: Tensor  # the batch's MMD^2 against the reference set, differentiable in the input
     adversarial: Tensor  # the routing decision: True if the batch went through the denoiser
 
@@ -119,14 +119,28 @@ class DADDefense(nn.Module):
 
     def forward_with_info(self, x: Tensor) -> DefenseOutput:
         """Route the batch and return logits, the batch's MMD score and the decision."""
+        out = self.forward_draws(x, 1)
+        return DefenseOutput(logits=out.logits[0], score=out.score, adversarial=out.adversarial)
+
+    def forward_draws(self, x: Tensor, draws: int) -> DefenseOutput:
+        """``draws`` independent passes of the defense on the batch ``x``: logits of shape ``(draws, B, K)``.
+
+        The detection (score and decision) does not depend on the noise, so it is computed once, and a batch
+        judged clean is deterministic: only the denoiser path is drawn ``draws`` times. The random state is
+        consumed exactly as ``draws`` calls of :meth:`forward_with_info` would.
+        """
         check_images(x, self.image_shape)
+        if draws < 1:
+            raise ValueError(f"Expected `draws` >= 1, got {draws}")
         x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
         logits, features = self.classify_with_features(x)
         score = self.detector.score(x, features)
         adversarial = self.detector.decide(score, x.shape[0])
         if bool(adversarial):
-            logits = self.classifier(self.purify(x))
-        return DefenseOutput(logits=logits, score=score, adversarial=adversarial)
+            stacked = torch.stack([self.classifier(self.purify(x)) for _ in range(draws)])
+        else:
+            stacked = logits.expand(draws, *logits.shape)
+        return DefenseOutput(logits=stacked, score=score, adversarial=adversarial)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_info(x).logits

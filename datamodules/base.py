@@ -8,7 +8,10 @@ Splits (all disjoint):
   ``calibration`` split);
 - ``calibration``: optional clean held-out images for the detector's thresholds only. Calibration needs
   no adversarial examples, so this pool can be large (its own sampling error moves the realised FPR)
-  without the cost of attacking a large ``val``;
+  without the cost of attacking a large ``val``. It is carved from the training pool, or from the test pool
+  (``calibration_from="test"``): a feature extractor pre-trained on the whole training set (the paper's
+  phi on CIFAR-10, ImageNet) has seen every training image, and calibration images it has seen look more
+  in-distribution than the test batches, which shifts the realised FPR;
 - ``test``: the dataset's test split, or a held-out part of the data where there is none.
 The classifier trains on ``mmd`` + ``denoiser``. The indices are a pure function of the seed and are
 saved in the run directory, so a resumed or later stage sees exactly the same split.
@@ -43,22 +46,27 @@ class DataError(ValueError):
 
 @dataclass
 class Splits:
-    """Indices of each split; ``test`` indexes the test pool, the others the training pool."""
+    """Indices of each split; ``test`` indexes the test pool, ``calibration`` the pool ``calibration_from``
+    names, the others the training pool."""
 
     mmd: list[int]
     denoiser: list[int]
     val: list[int]
     test: list[int]
     calibration: list[int] = field(default_factory=list)
+    calibration_from: str = "train"
 
     def digest(self) -> str:
         """A short hash identifying the split (recorded in AE-cache manifests).
 
-        An empty ``calibration`` split is left out, so runs made before it existed keep their digest.
+        An empty ``calibration`` split, and the default training pool of calibration, are left out, so runs
+        made before they existed keep their digest.
         """
         fields = asdict(self)
         if not fields["calibration"]:
             del fields["calibration"]
+        if fields["calibration_from"] == "train":
+            del fields["calibration_from"]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
     @property
@@ -96,6 +104,7 @@ def carve_splits(
     seed: int,
     test_size: int = 0,
     calibration_size: int = 0,
+    calibration_from: str = "train",
 ) -> Splits:
     """Carve the DAD splits deterministically from ``seed``.
 
@@ -103,8 +112,13 @@ def carve_splits(
     ``val_size`` of the rest, ``calibration`` one of ``calibration_size`` of what is left after it;
     ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
     from the training pool too (datasets without a test split), else it is the whole test pool of
-    ``num_test`` images, in a seeded random order.
+    ``num_test`` images, in a seeded random order. With ``calibration_from="test"`` the calibration split is
+    the first ``calibration_size`` images of that order instead, and the test split the rest.
     """
+    if calibration_from not in ("train", "test"):
+        raise ValueError(f"Expected `calibration_from` in ('train', 'test'), got {calibration_from!r}")
+    if calibration_from == "test" and test_size > 0:
+        raise DataError("`data.calibration_from: test` needs the dataset's own test split: set `data.test_size` 0")
     g = torch.Generator().manual_seed(seed)
     n = len(train_labels)
     order = torch.randperm(n, generator=g)
@@ -124,12 +138,20 @@ def carve_splits(
         mmd.extend(members[:mmd_per_class].tolist())
     taken = set(mmd)
     rest = [i for i in order.tolist() if i not in taken]
+    if calibration_from == "test":
+        if len(test) <= calibration_size:
+            raise DataError(f"The test pool has {len(test)} images: calibration_size={calibration_size} leaves none "
+                            "to evaluate")
+        calibration, test = sorted(test[:calibration_size]), test[calibration_size:]
+        calibration_size = 0  # nothing more is held out of the training pool
     held_out = val_size + calibration_size
     if len(rest) <= held_out:
         raise DataError(f"Only {len(rest)} training images left after the MMD set; val_size={val_size} and "
                         f"calibration_size={calibration_size} leave none for the denoiser")
+    if calibration_from == "train":
+        calibration = sorted(rest[val_size:held_out])
     return Splits(mmd=sorted(mmd), denoiser=sorted(rest[held_out:]), val=sorted(rest[:val_size]), test=test,
-                  calibration=sorted(rest[val_size:held_out]))
+                  calibration=calibration, calibration_from=calibration_from)
 
 
 class DADDataModule(pl.LightningDataModule):
@@ -178,7 +200,7 @@ class DADDataModule(pl.LightningDataModule):
         self.train_images, self.train_labels = train_x, train_y
         cfg = self.settings
         self.splits = carve_splits(train_y, len(test_y), cfg.mmd_per_class, cfg.val_size, self.seed, cfg.test_size,
-                                   cfg.calibration_size)
+                                   cfg.calibration_size, cfg.calibration_from)
         self.test_images, self.test_labels = test_x, test_y
 
     def save_splits(self, path: str | Path) -> None:
@@ -192,14 +214,14 @@ class DADDataModule(pl.LightningDataModule):
             raise ValueError(f"Unknown split {name!r}; expected one of {SPLIT_NAMES}")
         self.setup()
         idx = torch.tensor(getattr(self.splits, name), dtype=torch.long)
-        if name == "test":
+        if name == "test" or (name == "calibration" and self.splits.calibration_from == "test"):
             return to_float(self.test_images[idx]), self.test_labels[idx]
         return to_float(self.train_images[idx]), self.train_labels[idx]
 
     def dataset(self, name: str) -> ImageTensorDataset:
         self.setup()
-        if name == "test":
-            return ImageTensorDataset(self.test_images, self.test_labels, self.splits.test)
+        if name == "test" or (name == "calibration" and self.splits.calibration_from == "test"):
+            return ImageTensorDataset(self.test_images, self.test_labels, getattr(self.splits, name))
         if name == "train":
             train = sorted(self.splits.mmd + self.splits.denoiser)
             return ImageTensorDataset(self.train_images, self.train_labels, train)

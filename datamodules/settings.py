@@ -22,6 +22,8 @@ class DataSettings:
         val_size: clean held-out images for model selection (and calibration without a calibration split).
         test_size: if > 0, carve a test split of this size from the training data (datasets without one).
         calibration_size: if > 0, a clean split of this size for the detector's thresholds only.
+        calibration_from: the pool the calibration split is carved from: ``train``, or the dataset's own
+            ``test`` pool (then evaluated on the rest): images a pre-trained feature extractor never saw.
         subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
         batch_size: batch size of the classifier's loaders, per process.
         num_workers: data-loader workers.
@@ -35,6 +37,7 @@ class DataSettings:
     val_size: int = 500
     test_size: int = 450
     calibration_size: int = 0
+    calibration_from: Literal["train", "test"] = "train"
     subset: int | None = None
     batch_size: int = 64
     num_workers: int = 0

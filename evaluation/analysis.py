@@ -1,26 +1,38 @@
-"""What an evaluation's records say: worst cases per threat model, detection metrics, mixed batches.
+"""What an evaluation's records say: worst cases per threat model, detection metrics, the FPR check.
 
 Pure functions of the attacks' per-sample records and the defense (no Trainer, no files): the runner
 (:mod:`evaluation.runner`) produces the records, the report (:mod:`evaluation.report`) prints these results.
+Every accuracy comes with its 95% Wilson interval (:mod:`dad.stats`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dad.attacks import AttackSpec
-from dad.metrics import auroc, batched_predictions, mixed_batch_rates, rate_above, worst_case
+from dad.metrics import auroc, batched_predictions, rate_above, worst_case
+from dad.sanity import CheckResult
+from dad.stats import accuracy_interval
 
-__all__ = ["fraction", "threat_label", "threat_groups", "worst_cases", "detection_metrics", "mixed_batches"]
+__all__ = [
+    "fraction", "summary", "threat_label", "threat_groups", "union", "worst_cases", "detection_metrics", "fpr_check",
+]
 
 
 def fraction(correct: Tensor) -> float:
     """Share of True values (NaN for an empty vector)."""
     return correct.double().mean().item() if correct.numel() else float("nan")
+
+
+def summary(correct: Tensor) -> dict[str, Any]:
+    """``{"dad", "ci95", "n"}``: the accuracy of DAD's per-sample correctness, its 95% interval and sample count."""
+    return {"dad": fraction(correct), "ci95": list(accuracy_interval(correct)), "n": correct.numel()}
 
 
 def threat_label(spec: AttackSpec) -> str:
@@ -37,27 +49,58 @@ def threat_groups(specs: Mapping[str, AttackSpec], threats: Mapping[str, str]) -
     return groups
 
 
-def worst_cases(specs: Mapping[str, AttackSpec], threats: Mapping[str, str],
-                dad: Mapping[str, Tensor], undefended: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Per threat model (norm, eps): per-sample worst case over the full-white-box attacks, over the classifier-only
-    ones, and over every attack of that threat model (transfer included: a white-box attacker may submit any of
-    these AEs, so ``all_attacks`` is the tightest bound the evaluation gives)."""
+def union(correct: Sequence[Tensor]) -> Tensor:
+    """Per-sample worst case over attacks evaluated on prefixes of the test split (the shortest prefix common to
+    all): a sample counts as robust only if every attack left it correct."""
+    n = min(c.numel() for c in correct)
+    return worst_case([c[:n] for c in correct])
+
+
+def worst_cases(specs: Mapping[str, AttackSpec], threats: Mapping[str, str], dad: Mapping[str, Tensor],
+                undefended: Mapping[str, Tensor], mixed: Mapping[str, tuple[str, float]],
+                folded: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The worst cases of each threat model (norm, eps) and its headline.
+
+    Args:
+        specs, threats: every whole-batch attack (transfer ones included) and its threat.
+        dad, undefended: per-sample correctness of DAD (in every draw) and of the classifier alone.
+        mixed: mixed-batch attacks, ``name -> (whole-batch attack it runs, fraction)``; their ``dad`` entries
+            are the AE-part correctness.
+        folded: per threat model, the sanity re-runs' union on their subset (``{"correct", "attacks",
+            "extra_errors"}``), folded into the headline where the stronger attacks found more errors.
+
+    Returns:
+        Per threat model: ``white_box``, ``classifier_only`` and ``all_attacks`` unions (per-sample worst cases
+        over whole-batch attacks; a white-box attacker may submit any of these AEs), each mixed attack's
+        AE-part accuracy, the folded subset figure, and ``headline`` (the lowest of them) and
+        ``headline_whole_batch`` (the lowest without the mixed batches).
+    """
     out: dict[str, Any] = {}
     for label, members in threat_groups(specs, threats).items():
         first = specs[(members["defense"] or members["classifier"])[0]]
         entry: dict[str, Any] = {"norm": first.norm, "eps": first.eps, "white_box": None, "classifier_only": None}
         if members["defense"]:
-            entry["white_box"] = {"dad": fraction(worst_case([dad[n] for n in members["defense"]])),
-                                  "attacks": members["defense"]}
+            entry["white_box"] = {**summary(union([dad[n] for n in members["defense"]])), "attacks": members["defense"]}
         if members["classifier"]:
-            entry["classifier_only"] = {
-                "dad": fraction(worst_case([dad[n] for n in members["classifier"]])),
-                "undefended": fraction(worst_case([undefended[n] for n in members["classifier"]])),
-                "attacks": members["classifier"],
-            }
+            entry["classifier_only"] = {**summary(union([dad[n] for n in members["classifier"]])),
+                                        "undefended": fraction(union([undefended[n] for n in members["classifier"]])),
+                                        "attacks": members["classifier"]}
         everything = [n for n, s in specs.items() if threat_label(s) == label]
-        entry["all_attacks"] = {"dad": fraction(worst_case([dad[n] for n in everything])), "attacks": everything}
-        entry["n"] = len(next(iter(dad.values())))
+        entry["all_attacks"] = {**summary(union([dad[n] for n in everything])), "attacks": everything}
+        entry["mixed"] = {name: {**summary(dad[name]), "attack": base, "fraction": p}
+                          for name, (base, p) in mixed.items() if threat_label(specs[base]) == label}
+        candidates = {"all_attacks": entry["all_attacks"]}
+        if label in folded:
+            fold = folded[label]
+            entry["folded"] = {**summary(fold["correct"]), "attacks": fold["attacks"],
+                               "extra_errors": fold["extra_errors"]}
+            if fold["extra_errors"] > 0:
+                candidates["folded"] = entry["folded"]
+        whole = min(candidates, key=lambda k: candidates[k]["dad"])
+        entry["headline_whole_batch"] = {**candidates[whole], "source": whole}
+        candidates |= {f"mixed:{name}": value for name, value in entry["mixed"].items()}
+        lowest = min(candidates, key=lambda k: candidates[k]["dad"])
+        entry["headline"] = {**candidates[lowest], "source": lowest}
         out[label] = entry
     return out
 
@@ -112,16 +155,36 @@ def detection_metrics(
                     entry["tpr"][name] = rate_above(scores[s], entry["threshold"])
         if s in calibrated:  # whole-batch accuracy when the defense runs at this batch size
             entry["clean_acc_dad"] = fraction(batched_predictions(defense, clean, s)[0] == labels)
-            entry["robust_acc_dad"] = {name: fraction(batched_predictions(defense, pool, s)[0] == labels)
+            entry["robust_acc_dad"] = {name: fraction(batched_predictions(defense, pool[: len(labels)], s)[0]
+                                                      == labels[: len(pool)])
                                        for name, pool in pools.items()}
         by_size[str(s)] = entry
     return by_size, clean_scores, attack_scores
 
 
-def mixed_batches(defense: nn.Module, clean: Tensor, adv: Tensor, labels: Tensor, fractions: Sequence[float],
-                  batch_size: int, num_batches: int, seed: int) -> dict[str, Any]:
-    """Detection and accuracy on random batches mixing clean images with a fraction of AEs, per fraction."""
-    b = min(batch_size, len(labels))
-    generator = torch.Generator().manual_seed(seed)
-    rows = {str(p): mixed_batch_rates(defense, clean, adv, labels, p, b, num_batches, generator) for p in fractions}
-    return {"batch_size": b, "fractions": rows}
+def fpr_check(measured: float, target: float, pool: int, calibration_pool: int, batch_size: int,
+              z: float = 2.0) -> tuple[CheckResult, dict[str, Any]]:
+    """Does the clean FPR measured at the deployed batch size agree with the target, within its noise?
+
+    Two sources of noise, added in quadrature: the measurement's binomial error on the ``pool // batch_size``
+    *disjoint* clean batches the test pool holds (random batches drawn from it overlap, so they carry no more
+    information), and the calibration pool's own offset from the population, which moves the threshold:
+    the pool's mean deviates from the population's by ``sqrt(B / N_cal)`` of a batch score's spread (the term
+    the detector's finite-pool factor models), i.e. ``phi(q) sqrt(B / N_cal)`` in FPR at the
+    ``q = Phi^-1(1 - target)`` quantile of a normal null.
+    """
+    disjoint = max(pool // batch_size, 1)
+    binomial = math.sqrt(target * (1 - target) / disjoint)
+    quantile = NormalDist().inv_cdf(1 - target)
+    calibration = NormalDist().pdf(quantile) * math.sqrt(batch_size / max(calibration_pool, 1))
+    tolerance = z * math.sqrt(binomial**2 + calibration**2)
+    passed = abs(measured - target) <= tolerance
+    detail = {"measured": measured, "target": target, "tolerance": tolerance, "disjoint_batches": disjoint,
+              "se_binomial": binomial, "se_calibration": calibration, "calibration_pool": calibration_pool,
+              "batch_size": batch_size, "z": z,
+              "formula": "|FPR - target| <= z * sqrt(target (1 - target) / floor(N_test / B) + "
+                         "(phi(Phi^-1(1 - target)) * sqrt(B / N_cal))^2)"}
+    text = (f"clean FPR {measured:.4f} vs target {target:.3f} at batch size {batch_size}: tolerance {tolerance:.4f} = "
+            f"{z:g} x sqrt({binomial:.4f}^2 [binomial, {disjoint} disjoint batches] + {calibration:.4f}^2 "
+            f"[calibration pool of {calibration_pool}])")
+    return CheckResult(passed, text), detail

@@ -24,16 +24,29 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _ci(value: float | None, interval: list[float] | None) -> str:
+    """``0.8422 [0.806, 0.873]``."""
+    if value is None:
+        return "n/a"
+    if not interval or interval[0] is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def _settings(a: Mapping[str, Any]) -> str:
     parts = [f"{a['norm']} eps={a['eps']:.4g}"]
     if a["name"] in ("pgd", "mma"):
         parts.append(f"step {a['step_size']:.3g}")
     elif a["name"] == "cw_l2":
         parts.append(f"lr {a['step_size']:.3g}")
-    parts.append(f"{a['steps']} steps")
+    parts.append(f"{a['steps']} {'queries' if a['name'] == 'square' else 'steps'}")
+    if a["name"] in ("pgd", "apgd"):
+        parts.append(f"loss {a['loss']}")
+    if a["restarts"] > 1:
+        parts.append(f"{a['restarts']} restarts")
     if a["threat"] == "defense":
-        parts.append(f"EOT {a['eot_samples']}")
-        if a["name"] == "pgd":
+        parts.append(f"EOT {a['eot_samples']}, {a['draws']} draws")
+        if a["name"] in ("pgd", "apgd"):
             parts.append(f"lambda {a['lambdas'] or [a['mmd_weight']]}")
     if a["name"] == "mma":
         parts.append(f"k={a['k']}")
@@ -41,33 +54,62 @@ def _settings(a: Mapping[str, Any]) -> str:
 
 
 def _kind(a: Mapping[str, Any]) -> str:
-    if a["threat"] == "defense" and a["name"] == "pgd":
-        return f"pgd/{a['objective']}"
-    return a["name"] if a["threat"] != "defense" else f"{a['name']} (rand, whole batches)"
+    if a["threat"] == "defense" and a["name"] in ("pgd", "apgd"):
+        return f"{a['name']}/{a['objective']}"
+    return a["name"]
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    mixed_names = list(report.get("mixed") or {})
+    header = ["threat model", "headline (worst)", "whole batches: all attacks", "full white box",
+              "classifier-only: DAD / undefended", "subset + stronger re-runs",
+              *(f"mixed {report['mixed'][m]['attack']} at {report['mixed'][m]['fraction']:g}" for m in mixed_names)]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for label, w in report["worst_case"].items():
+        head, wb, co, fold = w["headline"], w["white_box"] or {}, w["classifier_only"] or {}, w.get("folded")
+        cells = [label, f"**{_ci(head['dad'], head['ci95'])}** ({head['source']}, n={head['n']})",
+                 _ci(w["all_attacks"]["dad"], w["all_attacks"]["ci95"]), _ci(wb.get("dad"), wb.get("ci95")),
+                 f"{_pct(co.get('dad'))} / {_pct(co.get('undefended'))}",
+                 (f"{_ci(fold['dad'], fold['ci95'])} (n={fold['n']}, {fold['extra_errors']} more errors)"
+                  if fold else "-")]
+        cells += [_ci(w["mixed"][m]["dad"], w["mixed"][m]["ci95"]) if m in w["mixed"] else "-" for m in mixed_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (what ``make demo`` prints)."""
     det = report["detection"]
-    lines = [
-        "| setting | threat | attack | undefended | DAD | detection rate | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| clean | - | - | {report['clean_acc']['undefended']:.4f} | {report['clean_acc']['dad']:.4f} | "
-        f"FPR {det['fpr_clean']:.4f} (target {det['target_fpr']:.2f}) | - |",
-    ]
+    draws = report["draws"]
+    clean = report["clean_acc"]
+    lines = [f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
+             f"it is right in all {draws} noise draws and every attack of the column left it correct; the headline "
+             "is the lowest column):", "", *_headline(report), "",
+             f"**Attacks** ({report['num_test']} test images; attacks through the defense on the first "
+             f"{report['num_test_defense']}):", "",
+             "| setting | threat | attack | undefended | DAD (all draws) [95% CI] | DAD, mean over draws | "
+             "DAD - undefended [95% CI] | detection rate | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| clean | - | - | {_pct(clean['undefended'])} | {_ci(clean['dad'], clean['dad_ci95'])} | "
+             f"{_pct(clean['dad_mean'])} | {_ci(*_split(clean['dad_minus_undefended']))} | "
+             f"FPR {det['fpr_clean']:.4f} (target {det['target_fpr']:.2f}) | - |"]
     for name, acc in report["robust_acc"].items():
         a = report["attacks"][name]
-        lines.append(f"| {name} | {a['threat']} | {_kind(a)}: {_settings(a)} | {acc['undefended']:.4f} | "
-                     f"{acc['dad']:.4f} | TPR {det['tpr'][name]:.4f} | {report['timings_s']['attacks'][name]:.1f} |")
-    lines += ["", "**Worst case per sample** (a sample counts as robust only if every attack of the group left it "
-              "correct; each attack's batches are evaluated whole):", "",
-              "| threat model | full white box: DAD | classifier-only: DAD | classifier-only: undefended "
-              "| all attacks: DAD | attacks |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for label, w in report["worst_case"].items():
-        wb, co = w["white_box"] or {}, w["classifier_only"] or {}
-        lines.append(f"| {label} | **{_pct(wb.get('dad'))}** | {_pct(co.get('dad'))} | {_pct(co.get('undefended'))} "
-                     f"| {_pct(w['all_attacks']['dad'])} | {', '.join(w['all_attacks']['attacks'])} |")
+        lines.append(f"| {name} | {a['threat']} | {_kind(a)}: {_settings(a)} | {_pct(acc['undefended'])} | "
+                     f"{_ci(acc['dad'], acc['dad_ci95'])} | {_pct(acc['dad_mean'])} | "
+                     f"{_ci(*_split(acc['dad_minus_undefended']))} | {_pct(det['tpr'][name])} | "
+                     f"{report['timings_s']['attacks'][name]:.1f} |")
+    mixed = report.get("mixed") or {}
+    if mixed:
+        lines += ["", f"**Mixed batches** (each attacked image is an AE among clean images of other test images, in "
+                      f"a batch of {det['batch_size']}; threat `defense`: the attack sees and scores the whole batch):",
+                  "", "| mixed attack | AE fraction | threat | n | DAD on the AEs [95% CI] | mean over draws | "
+                      "batches flagged | accuracy on the clean filler | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, m in mixed.items():
+            lines.append(f"| {m['attack']} | {m['fraction']:g} | {m['threat']} | {m['n']} | "
+                         f"{_ci(m['dad'], m['dad_ci95'])} | {_pct(m['dad_mean'])} | {_pct(m['detection_rate'])} | "
+                         f"{_pct(m['filler_acc'])} | {report['timings_s']['attacks'][name]:.1f} |")
     sizes = list(det["by_batch_size"])
     lines += ["", "**Detection** (AUROC of batch scores, clean vs adversarial batches; TPR at the calibrated "
               "threshold; threat-`defense` AEs are made for their own batches, so only at the evaluation batch size "
@@ -83,15 +125,6 @@ def report_markdown(report: dict[str, Any]) -> str:
         cells = [f"{_pct(e['auroc'].get(name))} / {_pct(e['tpr'].get(name))}" if name in e["auroc"] else "-"
                  for e in per_size]
         lines.append(f"| {name}: AUROC / TPR | " + " | ".join(cells) + " |")
-    mixed = report.get("mixed")
-    if mixed:
-        lines += ["", f"**Mixed batches** ({mixed['attack']} AEs among clean images, "
-                      f"batch size {mixed['batch_size']}):",
-                  "", "| AE fraction | detection rate | acc clean part | acc AE part | acc all |",
-                  "| --- | --- | --- | --- | --- |"]
-        for p, m in mixed["fractions"].items():
-            lines.append(f"| {p} | {m['detection_rate']:.4f} | {_pct(m['acc_clean_part'])} | {_pct(m['acc_adv_part'])} "
-                         f"| {m['acc_all']:.4f} |")
     if report.get("transfer"):
         src = report["transfer"]["source"]
         lines += ["", f"Transfer: AEs crafted on a separately trained {src['model']} (seed {src['seed']}, clean "
@@ -99,18 +132,29 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["", "**Sanity checks**:", "", "| check | passed | detail |", "| --- | --- | --- |"]
     for key, c in report["sanity"].items():
         lines.append(f"| {key} | {'PASS' if c['passed'] else 'FAIL'} | {c['detail']} |")
+    fpr = det["fpr_check"]
     lines += [
         "",
-        f"Denoised clean accuracy (the cost of a false positive): {report['clean_acc']['denoised']:.4f}. "
+        f"FPR check: `{fpr['formula']}` with N_test = {det['clean_pool']}, B = {fpr['batch_size']}, N_cal = "
+        f"{fpr['calibration_pool']}, z = {fpr['z']:g}: tolerance {fpr['tolerance']:.4f} (binomial "
+        f"{fpr['se_binomial']:.4f}, calibration {fpr['se_calibration']:.4f}).",
+        "",
+        f"Denoised clean accuracy (the cost of a false positive): {_pct(clean['denoised'])}. "
         f"Threshold {det['threshold']:.4g} at batch size {det['batch_size']}; FPR over {det['random_batches']} random "
-        f"batches of the {det['clean_pool']} clean test images. {report['num_test']} test images attacked.",
+        f"batches of the {det['clean_pool']} clean test images.",
         "",
         "Threat `classifier`: the attacker sees only the undefended classifier (the published setting). "
-        "Threat `defense`: the attack differentiates through the whole defense (detector, noise with EOT, denoiser). "
-        "Threat `transfer`: AEs crafted on another model.",
+        "Threat `defense`: the attack differentiates through the whole defense (detector, noise with EOT, denoiser); "
+        "its candidate batches are judged whole over several noise draws. Threat `transfer`: AEs crafted on another "
+        "model.",
     ]
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(report["plots"].values())]
     stages = {k: v for k, v in report["timings_s"].items() if isinstance(v, (int, float))}
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())]
     return "\n".join(lines) + "\n"
+
+
+def _split(difference: list[float]) -> tuple[float, list[float]]:
+    """``[d, lo, hi]`` -> ``(d, [lo, hi])``."""
+    return difference[0], difference[1:]

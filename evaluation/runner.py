@@ -1,19 +1,22 @@
-"""Evaluate a saved defense the way a reviewer would: every threat model, detection metrics, sanity checks.
+"""Evaluate a saved defense the way a reviewer would: every threat model, converged attacks, sanity checks.
 
 ``evaluate(cfg)`` loads ``runs/<name>/defense.pt`` and the test split and
 
-1. runs every attack of ``cfg.eval.attacks`` (classifier-only, full white box through the defense) and
-   the transfer attacks, batch by batch at the defense's batch size, through a
-   :class:`~lightning_modules.evaluator.DefenseEvaluator`; each attack's per-batch results are saved in
-   ``eval_state/<attack>.pt`` and reused by a later run when the attack, the defense file and the data are
-   unchanged (an interrupted evaluation resumes);
-2. reports the per-sample worst case over the full-white-box attacks of each threat model next to the
-   classifier-only one, detection metrics (AUROC, TPR, FPR) per batch size, and batches mixing clean
-   images with a fraction of AEs (:mod:`evaluation.analysis`);
-3. re-runs the strongest full-white-box attack of the primary threat model (that of the first
-   full-white-box attack configured) on a few batches for the sanity checks of
-   :mod:`dad.sanity` (eps sweep, more steps / EOT samples / restarts) and checks gradients, randomness
-   and EOT, and white box vs classifier-only;
+1. runs the clean images, every classifier-only attack and the transfer attacks on the first ``max_test``
+   test images, and every attack through the defense and every mixed-batch attack (an attacked image among
+   clean filler, at each fraction of ``eval.mixed_fractions``) on the first ``max_test_defense``, batch by
+   batch at the defense's batch size, through a :class:`~lightning_modules.evaluator.DefenseEvaluator`
+   (a sample is robust only if the defense is right in every one of ``eval.draws`` noise draws); each
+   attack's per-batch results are saved in ``eval_state/<attack>.pt`` and reused by a later run when the
+   attack, the defense file and the data are unchanged (an interrupted evaluation resumes);
+2. runs the sanity phase (:mod:`evaluation.sanity`): gradients, randomness and EOT, white box vs
+   classifier-only, an eps sweep, more steps / EOT samples / restarts of the strongest attack on
+   ``eval.sanity_samples`` images (folded into the worst case where they find more), and the FPR check
+   (:func:`evaluation.analysis.fpr_check`);
+3. reports per threat model the per-sample worst case over the whole-batch attacks, each mixed-batch
+   attack's AE-part accuracy and the headline (the lowest), every accuracy with its 95% interval, DAD
+   against the undefended classifier with a paired interval, and detection metrics per batch size
+   (:mod:`evaluation.analysis`);
 4. writes ``report.json``, ``report.md`` (:mod:`evaluation.report`) and PNG plots (``plots/``), also logged
    to TensorBoard (``logs/eval``).
 """
@@ -39,20 +42,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import AttackStateWriter, DetectionHistogramLogger, ProgressLog, log_figures
 from dad.attacks import AttackSpec
-from dad.attacks._utils import margin
 from dad.defense import DADDefense, load_defense
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
-from dad.metrics import roc_curve, auroc, worst_case
+from dad.metrics import auroc, roc_curve
 from dad.models import create_model, freeze, load_classifier_weights
-from dad.sanity import (
-    CheckResult, attack_checks, attack_variants, check_at_least_as_strong, check_gradients, check_randomness,
-    check_unchanged, is_randomized,
-)
+from dad.stats import paired_difference_interval
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
 from evaluation import plots
-from evaluation.analysis import detection_metrics, fraction, mixed_batches, threat_groups, threat_label, worst_cases
+from evaluation.analysis import detection_metrics, fpr_check, fraction, summary, worst_cases
 from evaluation.report import report_markdown, strict_json
+from evaluation.sanity import run_sanity
 from evaluation.settings import TransferSettings
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -62,13 +62,19 @@ from pipeline.paths import STAGES, RunPaths
 from pipeline.stages import load_datamodule
 from pipeline.trainer import trainer_arguments
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "mixed_name"]
 
 log = logging.getLogger(__name__)
 
 TRANSFER_PREFIX = "transfer_"
-PROTOCOL = 1
-"""Version of how attacks are seeded and evaluated: part of every state's key, bumped when it changes."""
+PROTOCOL = 2
+"""Version of how attacks are seeded and evaluated: part of every state's key, bumped when it changes
+(2: R draws per evaluation, whole-batch judged candidates)."""
+
+
+def mixed_name(attack: str, fraction: float) -> str:
+    """The name of attack ``attack`` run on mixed batches with a share ``fraction`` of AEs."""
+    return f"mixed_{attack}_{fraction:g}"
 
 
 @dataclass
@@ -82,6 +88,7 @@ class _Context:
     y: Tensor
     batch_size: int
     fpr_pool: Tensor
+    fpr_labels: Tensor
     logger: TensorBoardLogger
     key_parts: dict[str, Any]
 
@@ -104,31 +111,37 @@ def _trainer_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
             if not k.startswith("limit_") and k not in ("logger", "callbacks")}
 
 
-def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackSpec], num_samples: int | None = None,
+def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackSpec], n: int,
                  sources: Mapping[str, tuple[nn.Module, str]] | None = None, with_clean: bool = False,
+                 mixed: Mapping[str, tuple[AttackSpec, float]] | None = None,
                  callbacks: list[Callback] | None = None) -> DefenseEvaluator:
-    """Run attacks over the first ``num_samples`` test images (all by default), resuming saved states."""
-    sources = dict(sources or {})
-    n = len(ctx.y) if num_samples is None else num_samples
-    names = [CLEAN] * with_clean + list(attacks)
+    """Run attacks (and mixed-batch attacks) over the first ``n`` test images, resuming saved states."""
+    sources, mixed = dict(sources or {}), dict(mixed or {})
+    names = [CLEAN] * with_clean + list(attacks) + list(mixed)
     states = {}
     for name in names:
-        config = "clean" if name == CLEAN else attacks[name].as_dict()
-        key = state_key(attack=config, source=sources[name][1] if name in sources else None, **ctx.key_parts)
+        if name == CLEAN:
+            config: Any = "clean"
+        elif name in mixed:
+            config = {"attack": mixed[name][0].as_dict(), "fraction": mixed[name][1]}
+        else:
+            config = attacks[name].as_dict()
+        key = state_key(attack=config, source=sources[name][1] if name in sources else None, draws=ctx.cfg.eval.draws,
+                        **ctx.key_parts)
         states[name] = AttackState.resume(ctx.state_path(name), key) if ctx.cfg.eval.resume else AttackState(key)
         if states[name].batches:
             log.info("%s: %d batches reused from %s", name, len(states[name].batches), ctx.state_path(name))
     module = DefenseEvaluator(ctx.defense, attacks, states=states, with_clean=with_clean,
-                              sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size)
+                              sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size,
+                              draws=ctx.cfg.eval.draws, mixed=mixed, filler=(ctx.fpr_pool, ctx.fpr_labels))
     writer = AttackStateWriter({name: ctx.state_path(name) for name in names})
-    progress = ProgressLog("attacks" if with_clean else "sanity re-runs")
+    progress = ProgressLog("attacks" if with_clean else "attacks through the defense" if mixed else "sanity re-runs")
     trainer = pl.Trainer(
         default_root_dir=str(ctx.paths.root), logger=ctx.logger, callbacks=[writer, progress, *(callbacks or [])],
         inference_mode=False, use_distributed_sampler=False, enable_checkpointing=False, **_trainer_kwargs(ctx.cfg),
     )
-    index = torch.arange(n)
     # whole batches per rank, no padding: every test sample is counted exactly once under DDP
-    data = TensorDataset(ctx.x[:n], ctx.y[:n], index)
+    data = TensorDataset(ctx.x[:n], ctx.y[:n], torch.arange(n))
     loader = DataLoader(data, batch_sampler=ShardedBatchSampler(n, ctx.batch_size))
     log.info("evaluating %s on %d test images", ", ".join(names), n)
     trainer.test(module, dataloaders=loader, verbose=False)
@@ -169,16 +182,15 @@ def _transfer_source(ctx: _Context, dm: DADDataModule, spec: TransferSettings) -
     return freeze(module.model.cpu()), key
 
 
-def _detection(ctx: _Context, module: DefenseEvaluator, threats: Mapping[str, str], results: Mapping[str, Any]
-               ) -> tuple[dict[str, Any], dict[int, Tensor], dict[str, dict[int, Tensor]]]:
+def _detection(ctx: _Context, states: Mapping[str, AttackState], threats: Mapping[str, str],
+               results: Mapping[str, Any]) -> tuple[dict[str, Any], dict[int, Tensor], dict[str, dict[int, Tensor]]]:
     """Detection metrics per batch size; also returns the clean and adversarial batch scores drawn."""
     detector = ctx.defense.detector
     b, n_random = ctx.batch_size, ctx.cfg.eval.random_batches
-    clean = module.states[CLEAN].gather("x_adv").to(ctx.device)
+    clean = states[CLEAN].gather("x_adv").to(ctx.device)
     sizes = sorted({s for s in [*ctx.cfg.eval.detection_batch_sizes, b] if 2 <= s <= len(clean)})
-    pools = {name: module.states[name].gather("x_adv").to(ctx.device) for name, t in threats.items()
-             if t != "defense"}
-    attacked = {name: module.scores[name] for name, t in threats.items() if t == "defense"}
+    pools = {name: states[name].gather("x_adv").to(ctx.device) for name, t in threats.items() if t != "defense"}
+    attacked = {name: states[name].per_batch("score") for name, t in threats.items() if t == "defense"}
     by_size, clean_scores, attack_scores = detection_metrics(
         ctx.defense, clean, ctx.y[: len(clean)].to(ctx.device), ctx.fpr_pool.to(ctx.device), pools, attacked, sizes,
         b, n_random)
@@ -200,93 +212,7 @@ def _detection(ctx: _Context, module: DefenseEvaluator, threats: Mapping[str, st
     return detection, clean_scores, attack_scores
 
 
-def _mixed(ctx: _Context, module: DefenseEvaluator, attack: str) -> dict[str, Any]:
-    clean, adv = module.states[CLEAN].gather("x_adv"), module.states[attack].gather("x_adv")
-    y = ctx.y[: len(clean)].to(ctx.device)
-    rows = mixed_batches(ctx.defense, clean.to(ctx.device), adv.to(ctx.device), y, ctx.cfg.eval.mixed_fractions,
-                         ctx.batch_size, ctx.cfg.eval.mixed_batches, ctx.cfg.run.seed)
-    return {"attack": attack, **rows}
-
-
-def _sanity(ctx: _Context, module: DefenseEvaluator, presets: Mapping[str, AttackSpec], threats: Mapping[str, str],
-            results: Mapping[str, Any], dad: Mapping[str, Tensor], probe_attack: str | None,
-            num_classes: int) -> tuple[dict[str, CheckResult], dict[str, Any]]:
-    """The sanity checks; also returns the eps sweep (for the report and the plot)."""
-    z, b = ctx.cfg.eval.sanity_z, ctx.batch_size
-    checks: dict[str, CheckResult] = {}
-    white = [n for n in presets if threats[n] == "defense"]
-    clean_batch, labels = ctx.x[:b].to(ctx.device), ctx.y[:b].to(ctx.device)
-    probe = module.states[probe_attack or (white[0] if white else CLEAN)].batches[0]["x_adv"].to(ctx.device)
-    if probe.numel() == 0:
-        probe = clean_batch
-
-    def margin_loss(x: Tensor) -> Tensor:
-        return margin(ctx.defense(x), labels[: len(x)])
-
-    checks["gradients"] = check_gradients(margin_loss, [clean_batch, probe])
-    needs_eot = {n: presets[n].eot_samples for n in white if presets[n].needs_eot}
-    checks["randomness_eot"] = check_randomness(ctx.defense, [clean_batch, probe], needs_eot)
-    randomized = is_randomized(ctx.defense, [clean_batch, probe])
-
-    groups = threat_groups(presets, threats)
-    compared = [check_at_least_as_strong(f"{label}: worst case white box vs classifier-only (DAD)",
-                                         worst_case([dad[n] for n in g["defense"]]),
-                                         worst_case([dad[n] for n in g["classifier"]]), z)
-                for label, g in groups.items() if g["defense"] and g["classifier"]]
-    checks["white_box_stronger"] = (
-        CheckResult(all(c.passed for c in compared), "; ".join(c.detail for c in compared)) if compared
-        else CheckResult(False, "not run: no threat model has both a full-white-box and a classifier-only attack"))
-    if not white:
-        checks["attack_strength"] = CheckResult(False, "not run: no full-white-box attack configured")
-        return checks, {}
-
-    primary = [n for n in white if threat_label(presets[n]) == threat_label(presets[white[0]])]
-    name = ctx.cfg.eval.sanity_attack or min(primary, key=lambda n: results[n]["dad"])
-    base = presets[name]
-    n_sub = min(ctx.cfg.eval.sanity_batches * b, len(ctx.y))
-    factors = ctx.cfg.eval.sweep_factors
-    variants = {run: f"sanity__{name}__eps{run[0]:g}_steps{run[1]}_eot{run[2]}_seed{run[3]}"
-                for run in attack_variants(factors, randomized and base.needs_eot)[1:]}
-    classifier_attack = next((n for n, p in presets.items() if threats[n] == "classifier" and p.name == "pgd"
-                              and p.norm == base.norm), None)
-    sweep_base = presets[classifier_attack] if classifier_attack else AttackSpec(
-        name="pgd", threat="classifier", norm=base.norm, eps=base.eps, step_size=base.step_size, steps=base.steps,
-        seed=base.seed)
-    sweep_names = {f: f"sweep__classifier__eps{f:g}" for f in sorted({*factors, 1.0})}
-    runs = {v: base.scaled(*run) for run, v in variants.items()}
-    runs |= {v: sweep_base.scaled(f * base.eps / sweep_base.eps) for f, v in sweep_names.items()}
-    eot_name = None
-    if randomized and not base.needs_eot:  # the EOT check then runs on the strongest attack that needs EOT
-        eot_name = min((n for n in white if presets[n].needs_eot), key=lambda n: results[n]["dad"], default=None)
-    if eot_name is not None:
-        runs[f"sanity__{eot_name}__eot_x2"] = presets[eot_name].scaled(eot_factor=2)
-    extra = _run_attacks(ctx, runs, num_samples=n_sub)
-
-    def robust(eps_factor: float, steps_factor: int, eot_factor: int, seed_offset: int) -> Tensor:
-        run = (eps_factor, steps_factor, eot_factor, seed_offset)
-        if run == (1.0, 1, 1, 0):
-            return dad[name][:n_sub]
-        return extra.states[variants[run]].gather("dad")
-
-    strength, sweep = attack_checks(robust, num_classes, base.eps, factors, randomized and base.needs_eot, z)
-    checks |= {key: CheckResult(c.passed, f"{name}: {c.detail}") for key, c in strength.items()}
-    if eot_name is not None:
-        more_eot = check_unchanged("2x EOT samples", dad[eot_name][:n_sub],
-                                   extra.states[f"sanity__{eot_name}__eot_x2"].gather("dad"), z)
-        checks["more_eot"] = CheckResult(more_eot.passed, f"{eot_name} (the strongest attack needing EOT; {name} "
-                                         f"does not): {more_eot.detail}")
-    eps = sorted(sweep)
-    sweep_report = {
-        "attack": name, "classifier_attack": classifier_attack or "pgd (derived from the white-box attack)",
-        "norm": base.norm, "n": n_sub, "eps": [f * base.eps for f in eps],
-        "dad_white_box": [fraction(sweep[f]) for f in eps],
-        "dad_classifier_only": [fraction(extra.states[sweep_names[f]].gather("dad")) for f in eps],
-        "undefended": [fraction(extra.states[sweep_names[f]].gather("undefended")) for f in eps],
-    }
-    return checks, sweep_report
-
-
-def _plots(ctx: _Context, module: DefenseEvaluator, report: dict[str, Any], clean_scores: dict[int, Tensor],
+def _plots(ctx: _Context, states: Mapping[str, AttackState], report: dict[str, Any], clean_scores: dict[int, Tensor],
            attack_scores: dict[str, dict[int, Tensor]], num_classes: int) -> dict[str, str]:
     """Write the PNG plots into ``<run>/plots`` and log the same figures to TensorBoard."""
     b = ctx.batch_size
@@ -302,15 +228,18 @@ def _plots(ctx: _Context, module: DefenseEvaluator, report: dict[str, Any], clea
             "DAD, classifier-only PGD": sweep["dad_classifier_only"],
             f"DAD, {sweep['attack']} (full white box)": sweep["dad_white_box"],
         }, 1.0 / num_classes, sweep["norm"])
-    mixed = report.get("mixed") or {}
+    mixed = report["mixed"]
     if mixed:
-        fractions = [float(p) for p in mixed["fractions"]]
-        rows = {key: [mixed["fractions"][p][key] for p in mixed["fractions"]]
-                for key in ("detection_rate", "acc_clean_part", "acc_adv_part")}
-        figures["mixed_batches"] = plots.mixed_batches_figure(fractions, rows, mixed["attack"])
+        by_attack: dict[str, dict[float, dict[str, Any]]] = {}
+        for entry in mixed.values():
+            by_attack.setdefault(entry["attack"], {})[entry["fraction"]] = entry
+        fractions = sorted({p for rows in by_attack.values() for p in rows})
+        rows = {f"{attack}: {key}": [by_attack[attack].get(p, {}).get(key) for p in fractions]
+                for attack in by_attack for key in ("detection_rate", "dad")}
+        figures["mixed_batches"] = plots.mixed_batches_figure(fractions, rows, ", ".join(by_attack))
     shown = (sweep.get("attack") if sweep else None) or next(iter(at_b), None)
     if shown is not None:
-        adv = module.states[shown].batches[0]["x_adv"][:8]
+        adv = states[shown].batches[0]["x_adv"][:8]
         with torch.no_grad():
             denoised = ctx.defense.purify(adv.to(ctx.device)).cpu()
         figures["images"] = plots.image_grid_figure(
@@ -325,72 +254,109 @@ def _plots(ctx: _Context, module: DefenseEvaluator, report: dict[str, Any], clea
     return written
 
 
+def _accuracies(states: Mapping[str, AttackState], results: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """DAD, the undefended classifier and the denoiser path under one attack, with intervals and the paired
+    difference DAD - undefended."""
+    dad, undefended = states[name].gather("dad"), states[name].gather("undefended")
+    entry = {key: results[name][key] for key in ("undefended", "dad", "dad_mean", "denoised")}
+    return {**entry, "n": dad.numel(), "dad_ci95": summary(dad)["ci95"],
+            "undefended_ci95": summary(undefended)["ci95"],
+            "dad_minus_undefended": list(paired_difference_interval(dad, undefended))}
+
+
+def _mixed_entry(state: AttackState, result: Mapping[str, Any], attack: str, share: float,
+                 threat: str) -> dict[str, Any]:
+    """A mixed-batch attack: AE-part accuracy (every draw right) with its interval, detection and filler accuracy."""
+    part = summary(state.gather("dad"))
+    return {"attack": attack, "fraction": share, "threat": threat, "dad": part["dad"], "dad_ci95": part["ci95"],
+            "n": part["n"], "dad_mean": result["dad_mean"], "detection_rate": result["detection_rate"],
+            "filler_acc": float(state.per_batch("filler_acc").mean())}
+
+
 def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate ``runs/<name>/defense.pt`` under ``cfg.eval`` and write ``report.json`` / ``report.md`` / plots."""
     start = time.perf_counter()
     paths = RunPaths(Path(run_dir) if run_dir is not None else cfg.run.dir)
     defense = load_defense(paths.defense)
     dm = load_datamodule(cfg, paths)
-    x, y = dm.split_tensors("test")
-    fpr_pool = x  # every clean test image; the attacks below may see only the first `max_test`
-    if cfg.eval.max_test is not None:
-        x, y = x[: cfg.eval.max_test], y[: cfg.eval.max_test]
+    fpr_pool, fpr_labels = dm.split_tensors("test")  # every clean test image: the FPR pool and the mixed filler
+    ev = cfg.eval
+    n = len(fpr_labels) if ev.max_test is None else min(ev.max_test, len(fpr_labels))
+    n_defense = n if ev.max_test_defense is None else min(ev.max_test_defense, n)
     b = cfg.defense.batch_size
-    presets = {name: replace(spec, batch_size=b) for name, spec in cfg.eval.attacks.items()}
+    specs = {name: replace(spec, batch_size=b) for name, spec in ev.attacks.items()}
     logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="eval", default_hp_metric=False)
-    ctx = _Context(cfg, paths, defense, x, y, b, fpr_pool, logger,
-                   {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "num_test": len(y),
-                    "batch_size": b, "protocol": PROTOCOL})
-    threats = {name: p.threat for name, p in presets.items()}
+    ctx = _Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger,
+                   {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "batch_size": b,
+                    "protocol": PROTOCOL})
+    threats = {name: s.threat for name, s in specs.items()}
 
-    transfer_spec = cfg.eval.transfer
     sources: dict[str, tuple[nn.Module, str]] = {}
     transfer_info = None
-    if transfer_spec.attacks:
-        source, source_key = _transfer_source(ctx, dm, transfer_spec)
+    if ev.transfer.attacks:
+        source, source_key = _transfer_source(ctx, dm, ev.transfer)
         with torch.no_grad():
-            source_acc = fraction(source(x).argmax(1) == y)
-        for name in transfer_spec.attacks:
-            presets[TRANSFER_PREFIX + name] = presets[name]
+            source_acc = fraction(source(ctx.x).argmax(1) == ctx.y)
+        for name in ev.transfer.attacks:
+            specs[TRANSFER_PREFIX + name] = specs[name]
             threats[TRANSFER_PREFIX + name] = "transfer"
             sources[TRANSFER_PREFIX + name] = (source, source_key)
-        transfer_info = {"source": {**asdict(transfer_spec), "model": transfer_spec.model or
+        transfer_info = {"source": {**asdict(ev.transfer), "model": ev.transfer.model or
                                     defense.specs["classifier"]["name"], "clean_acc": source_acc},
-                         "attacks": [TRANSFER_PREFIX + n for n in transfer_spec.attacks]}
+                         "attacks": [TRANSFER_PREFIX + a for a in ev.transfer.attacks]}
+    mixed_bases = {mixed_name(a, p): (a, p) for a in ev.mixed_attacks for p in ev.mixed_fractions}
+    mixed = {name: (specs[a], p) for name, (a, p) in mixed_bases.items()}
 
-    module = _run_attacks(ctx, presets, sources=sources, with_clean=True, callbacks=[DetectionHistogramLogger()])
+    whole = {name: s for name, s in specs.items() if threats[name] != "defense"}
+    through = {name: s for name, s in specs.items() if threats[name] == "defense"}
+    first = _run_attacks(ctx, whole, n, sources=sources, with_clean=True, callbacks=[DetectionHistogramLogger()])
+    second = _run_attacks(ctx, through, n_defense, mixed=mixed)
     attacks_seconds = time.perf_counter() - start
-    results = module.results()
-    dad = {name: module.states[name].gather("dad") for name in presets}
-    undefended = {name: module.states[name].gather("undefended") for name in presets}
-    classifier_attacks = [n for n, t in threats.items() if t == "classifier"]
-    mixed_attack = cfg.eval.mixed_attack or (classifier_attacks[0] if classifier_attacks else None)
+    states = {**first.states, **second.states}
+    results = {**first.results(), **second.results()}
+    dad = {name: states[name].gather("dad") for name in [*specs, *mixed]}
+    undefended = {name: states[name].gather("undefended") for name in specs}
     with torch.no_grad():
-        num_classes = int(defense.classifier(x[:2].to(ctx.device)).shape[1])
+        num_classes = int(defense.classifier(ctx.x[:2].to(ctx.device)).shape[1])
 
-    detection, clean_scores, attack_scores = _detection(ctx, module, threats, results)
+    detection, clean_scores, attack_scores = _detection(ctx, states, threats, results)
     sanity_start = time.perf_counter()
-    checks, sweep = _sanity(ctx, module, presets, threats, results, dad, mixed_attack, num_classes)
+
+    def run(attacks: Mapping[str, AttackSpec], count: int) -> dict[str, dict[str, Tensor]]:
+        module = _run_attacks(ctx, attacks, count)
+        return {key: {name: module.states[name].gather(key) for name in attacks} for key in ("dad", "undefended")}
+
+    probe_name = next(iter(through), CLEAN)
+    probes = (ctx.x[:b].to(ctx.device), states[probe_name].batches[0]["x_adv"].to(ctx.device),
+              ctx.y[:b].to(ctx.device))
+    checks, sweep, folded = run_sanity(defense, probes, specs, threats, dad, num_classes, run, ev.sanity_attack,
+                                       ev.sanity_samples, b, ev.sweep_factors, ev.sanity_z)
+    calibration_pool = len(getattr(dm.splits, dm.splits.calibration_split))
+    checks["fpr"], fpr_detail = fpr_check(detection["fpr_clean"], detection["target_fpr"], len(fpr_labels),
+                                          calibration_pool, b, ev.sanity_z)
     sanity_seconds = time.perf_counter() - sanity_start
     report: dict[str, Any] = {
-        "clean_acc": {key: results[CLEAN][key] for key in ("undefended", "dad", "denoised")},
-        "robust_acc": {name: {key: results[name][key] for key in ("undefended", "dad", "denoised")}
-                       for name in presets},
-        "worst_case": worst_cases(presets, threats, dad, undefended),
-        "detection": detection,
-        "mixed": _mixed(ctx, module, mixed_attack) if mixed_attack else None,
+        "clean_acc": {**_accuracies(states, results, CLEAN), "detection_rate": results[CLEAN]["detection_rate"]},
+        "robust_acc": {name: _accuracies(states, results, name) for name in specs},
+        "mixed": {name: _mixed_entry(states[name], results[name], attack, p, specs[attack].threat)
+                  for name, (attack, p) in mixed_bases.items()},
+        "worst_case": worst_cases(specs, threats, dad, undefended, mixed_bases, folded),
+        "detection": {**detection, "fpr_check": fpr_detail},
         "transfer": transfer_info,
         "sanity": {key: c.as_dict() for key, c in checks.items()},
         "sweep": sweep,
-        "attacks": {name: {**p.as_dict(), "threat": threats[name]} for name, p in presets.items()},
-        "num_test": len(y),
+        "attacks": {name: {**s.as_dict(), "threat": threats[name]} for name, s in specs.items()},
+        "draws": ev.draws,
+        "num_test": n,
+        "num_test_defense": n_defense,
         "num_classes": num_classes,
     }
-    if cfg.eval.plots and pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        report["plots"] = _plots(ctx, module, report, clean_scores, attack_scores, num_classes)
+    if ev.plots and pl.utilities.rank_zero.rank_zero_only.rank == 0:
+        report["plots"] = _plots(ctx, states, report, clean_scores, attack_scores, num_classes)
     report["timings_s"] = {**_stage_timings(paths), "eval": time.perf_counter() - start,
                            "eval_attacks": attacks_seconds, "eval_sanity": sanity_seconds,
-                           "attacks": {name: module.states[name].per_batch("seconds").sum().item() for name in presets}}
+                           "attacks": {name: states[name].per_batch("seconds").sum().item()
+                                       for name in [*specs, *mixed]}}
     report = strict_json(report)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
         atomic_write_json(report, paths.root / "report.json")

@@ -27,8 +27,12 @@ def paper_attacks() -> dict[str, AttackSpec]:
                                   lambdas=[1.0, 10.0, 100.0]),
         "evade_denoised": AttackSpec(**white_box, objective="evade_denoised", lambdas=[1.0]),
         "evade_bpda": AttackSpec(**white_box, objective="evade_bpda", lambdas=[0.0, 1.0]),
-        "autoattack_rand": AttackSpec(name="autoattack", threat="defense", norm="linf", eps=_LINF, steps=100,
-                                      eot_samples=20),
+        "autoattack_rand": AttackSpec(name="apgd", threat="defense", loss="ce+dlr", norm="linf", eps=_LINF,
+                                      steps=100, eot_samples=20),
+        "apgd_evade_clean": AttackSpec(name="apgd", threat="defense", objective="evade_clean", loss="ce+dlr",
+                                       norm="linf", eps=_LINF, steps=100, lambdas=[1.0, 10.0]),
+        "square_eot": AttackSpec(name="square", threat="defense", norm="linf", eps=_LINF, steps=5000,
+                                 eot_samples=20),
     }
 
 
@@ -64,33 +68,38 @@ class EvalSettings:
     """Evaluation (``eval.py``): the attacks, detection metrics, mixed batches, transfer and sanity checks.
 
     Attributes:
-        attacks: named attacks (each an :class:`~dad.attacks.AttackSpec`).
+        attacks: named attacks on whole batches (each an :class:`~dad.attacks.AttackSpec`).
+        draws: noise draws per evaluation of a randomised defense: a sample counts as robust only if it is
+            classified correctly in every draw (the mean over draws is reported beside it).
         detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
         random_batches: random batches drawn per batch size for the detection metrics.
         max_test: cap on the number of attacked test images (None: all); the clean FPR uses every test image.
-        mixed_fractions: shares of AEs per batch in the mixed-batch evaluation.
-        mixed_batches: random batches per share.
-        mixed_attack: the classifier-threat attack whose AEs are mixed in (None: the first one).
+        max_test_defense: a smaller cap for the attacks through the defense (None: ``max_test``); their
+            intervals say what that costs.
+        mixed_attacks: attacks of ``attacks`` that are also run on mixed batches: each attacked image is an AE
+            among clean filler from the other test images, once per fraction of ``mixed_fractions``.
+        mixed_fractions: shares of AEs per mixed batch (in (0, 1)).
         transfer: the transfer evaluation.
         sanity_attack: the full-white-box attack the sanity checks re-run (None: the strongest one of the
             primary threat model, that of the first full-white-box attack).
-        sanity_batches: evaluation batches the re-runs use (the first ones of the test split).
+        sanity_samples: test images the re-runs use (the first ones, rounded up to whole batches).
         sweep_factors: multiples of the attack's ``eps`` of the eps sweep (the largest must reach chance).
-        sanity_z: noise level of the sanity comparisons, in standard errors.
+        sanity_z: noise level of the sanity comparisons and of the FPR check, in standard errors.
         plots: write PNG plots (and log them to TensorBoard).
         resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
     """
 
     attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
+    draws: int = 3
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     random_batches: int = 1000
     max_test: int | None = None
-    mixed_fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0])
-    mixed_batches: int = 100
-    mixed_attack: str | None = None
+    max_test_defense: int | None = None
+    mixed_attacks: list[str] = field(default_factory=lambda: ["pgd_linf", "apgd_evade_clean"])
+    mixed_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
     transfer: TransferSettings = field(default_factory=TransferSettings)
     sanity_attack: str | None = None
-    sanity_batches: int = 2
+    sanity_samples: int = 500
     sweep_factors: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.5])
     sanity_z: float = 2.0
     plots: bool = True
@@ -99,13 +108,15 @@ class EvalSettings:
     def __post_init__(self) -> None:
         checks = [
             (self.random_batches >= 1, f"Expected `eval.random_batches` >= 1, got {self.random_batches}"),
+            (self.draws >= 1, f"Expected `eval.draws` >= 1, got {self.draws}"),
             (self.max_test is None or self.max_test >= 2, f"Expected `eval.max_test` >= 2, got {self.max_test}"),
+            (self.max_test_defense is None or self.max_test_defense >= 2,
+             f"Expected `eval.max_test_defense` >= 2, got {self.max_test_defense}"),
             (all(b >= 2 for b in self.detection_batch_sizes),
              f"Expected `eval.detection_batch_sizes` >= 2, got {self.detection_batch_sizes}"),
-            (all(0.0 <= p <= 1.0 for p in self.mixed_fractions),
-             f"Expected `eval.mixed_fractions` in [0, 1], got {self.mixed_fractions}"),
-            (self.mixed_batches >= 1, f"Expected `eval.mixed_batches` >= 1, got {self.mixed_batches}"),
-            (self.sanity_batches >= 1, f"Expected `eval.sanity_batches` >= 1, got {self.sanity_batches}"),
+            (all(0.0 < p < 1.0 for p in self.mixed_fractions),
+             f"Expected `eval.mixed_fractions` in (0, 1), got {self.mixed_fractions}"),
+            (self.sanity_samples >= 2, f"Expected `eval.sanity_samples` >= 2, got {self.sanity_samples}"),
             (bool(self.sweep_factors) and all(f > 0 for f in self.sweep_factors),
              f"Expected positive `eval.sweep_factors`, got {self.sweep_factors}"),
             (self.sanity_z > 0, f"Expected `eval.sanity_z` > 0, got {self.sanity_z}"),
@@ -114,11 +125,11 @@ class EvalSettings:
             if not ok:
                 raise ValueError(message)
         threats = {name: spec.threat for name, spec in self.attacks.items()}
-        for setting, names, threat in (("eval.transfer.attacks", self.transfer.attacks, "classifier"),
-                                       ("eval.mixed_attack", [self.mixed_attack] * (self.mixed_attack is not None),
-                                        "classifier"),
-                                       ("eval.sanity_attack", [self.sanity_attack] * (self.sanity_attack is not None),
-                                        "defense")):
+        for setting, names, allowed in (("eval.transfer.attacks", self.transfer.attacks, ("classifier",)),
+                                        ("eval.mixed_attacks", self.mixed_attacks, ("classifier", "defense")),
+                                        ("eval.sanity_attack", [self.sanity_attack] * (self.sanity_attack is not None),
+                                         ("defense",))):
             for name in names:
-                if threats.get(name) != threat:
-                    raise ValueError(f"`{setting}` must name a threat-{threat} attack of `eval.attacks`, got {name!r}")
+                if threats.get(name) not in allowed:
+                    kinds = " or ".join(f"threat-{t}" for t in allowed)
+                    raise ValueError(f"`{setting}` must name a {kinds} attack of `eval.attacks`, got {name!r}")

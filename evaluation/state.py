@@ -27,11 +27,14 @@ __all__ = ["AttackState", "state_key", "SAMPLE_FIELDS", "BATCH_FIELDS", "share_p
 log = logging.getLogger(__name__)
 
 _FORMAT = "dad-attack-state"
-_VERSION = 1
-SAMPLE_FIELDS = ("index", "x_adv", "undefended", "dad", "denoised")
-"""Per-sample values of a batch record: test-split index, AE, and whether each predictor was right."""
-BATCH_FIELDS = ("score", "flagged", "seconds")
-"""Per-batch values: the detector's MMD score, its decision, the seconds the attack took."""
+_VERSION = 2
+SAMPLE_FIELDS = ("index", "x_adv", "undefended", "dad", "dad_correct", "denoised")
+"""Per-sample values of a batch record: test-split index, AE, whether each predictor was right (DAD and the
+denoiser path in every draw), and DAD's number of correct draws."""
+BATCH_FIELDS = ("score", "flagged", "batches", "filler_acc", "seconds")
+"""Per-record values: the detector's MMD score and the share of defense batches flagged (means over a record's
+mixed batches), how many defense batches the record holds (1, or the number of mixed batches), the accuracy on
+the clean filler of mixed batches (NaN otherwise), the seconds the attack took."""
 
 
 def state_key(**parts: Any) -> str:

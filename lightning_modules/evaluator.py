@@ -1,4 +1,15 @@
-"""The assembled defense as a LightningModule: the undefended classifier and DAD, clean and under attack."""
+"""The assembled defense as a LightningModule: the undefended classifier and DAD, clean and under attack.
+
+Randomised evaluation rule: every batch is classified ``draws`` times (R, default 3) with independent noise,
+and a sample counts as correct only if the defense classifies it correctly in each draw (the worst of
+several evaluations, as AutoAttack's maintainers recommend for randomised defenses); the number of correct
+draws is kept too, for the mean over draws.
+
+Mixed batches: an attack of ``mixed`` attacks ``k = round(fraction * B)`` images at a time, in a batch of
+``B`` completed with clean images drawn from the other test images (the filler), so every attacked image
+appears as an AE exactly once per fraction. A classifier-only attack crafts its AEs alone; an attack through
+the defense sees and scores the whole mixed batch (e.g. ``evade_clean`` keeps it below the threshold).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +24,16 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from dad.attacks import AttackSpec, chunk_seed, run_seeded, target_of
+from dad.attacks.objectives import with_filler
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
 
-__all__ = ["DefenseEvaluator", "CLEAN", "RecordStore"]
+__all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM"]
 
 CLEAN = "clean"
-_COUNTS = ("n", "undefended", "dad", "denoised", "batches", "flagged")
+FILLER_STREAM = 2
+"""Random stream of the filler draws (0: attacks, 1: the evaluation's noise)."""
+_COUNTS = ("n", "undefended", "dad", "dad_correct", "denoised", "batches", "flagged")
 
 
 class RecordStore(Protocol):
@@ -36,25 +50,29 @@ class RecordStore(Protocol):
 
 
 class DefenseEvaluator(pl.LightningModule):
-    """Runs the defense on clean test batches and on each configured attack.
+    """Runs the defense on clean test batches, on each configured attack and on each mixed-batch attack.
 
-    For every batch and every attack it records, per sample (keyed by the sample's index in the test
-    split), whether the undefended classifier, DAD and the denoiser path are right, and per batch the
-    detector's score and decision (``states``, one record store per name).
-    The totals are torchmetrics sums, so they are exact under DDP. A batch already present in a given
-    state (same batch index, same sample indices) is reused instead of attacked again: that is how an
-    interrupted evaluation resumes. Validation (the defense stage) only counts the clean batches.
+    For every batch and every name it records, per sample (keyed by the sample's index in the test split),
+    whether the undefended classifier, DAD (in all ``draws``) and the denoiser path are right, and per batch
+    the detector's score and decision (one record store per name, see :class:`RecordStore`). The totals
+    are torchmetrics sums, so they are exact under DDP. A batch already present in a given store (same
+    batch index, same sample indices) is reused instead of attacked again: that is how an interrupted
+    evaluation resumes. Validation (the defense stage) only counts the clean batches.
 
     Args:
         defense: the assembled :class:`~dad.defense.DADDefense`.
-        attacks: named attacks.
-        keep_images: keep the AEs in the states (for detection metrics on random batches and plots).
+        attacks: named attacks on whole batches.
+        keep_images: keep the AEs in the stores (for detection metrics on random batches and plots).
         states: the record store of every evaluated name (``clean`` too with ``with_clean``), to resume from
             and to fill; needed for testing, not for validation.
         sources: per attack name, the model a transfer attack is crafted on (moved with this module).
         with_clean: also evaluate the clean batches (under the name ``clean``).
         batch_size: the evaluation's batch size: batch indices (hence seeds and stored records) are then
-            global, the same on any number of processes.
+            global, the same on any number of processes; mixed batches have this size.
+        draws: noise draws per evaluation (a sample is correct only if correct in all of them).
+        mixed: named mixed-batch attacks, ``name -> (spec, fraction of AEs per batch)``.
+        filler: ``(images, labels)`` of every clean test image, indexed like the test split (mixed batches'
+            filler is drawn from it, never from the batch's own images).
     """
 
     def __init__(
@@ -66,15 +84,25 @@ class DefenseEvaluator(pl.LightningModule):
         sources: Mapping[str, nn.Module] | None = None,
         with_clean: bool = True,
         batch_size: int | None = None,
+        draws: int = 3,
+        mixed: Mapping[str, tuple[AttackSpec, float]] | None = None,
+        filler: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
+        if draws < 1:
+            raise ValueError(f"Expected `draws` >= 1, got {draws}")
         self.batch_size = batch_size
         self.defense = defense
         self.attacks = dict(attacks or {})
-        if CLEAN in self.attacks:
+        self.mixed = dict(mixed or {})
+        if CLEAN in self.attacks or CLEAN in self.mixed:
             raise ValueError(f"`{CLEAN}` is reserved for the clean images; rename that attack")
+        if self.mixed and (filler is None or batch_size is None):
+            raise ValueError("Mixed-batch attacks need the `filler` pool and the `batch_size`")
+        self.filler_pool = filler
+        self.draws = draws
         self.keep_images = keep_images
-        self.names = [CLEAN] * with_clean + list(self.attacks)
+        self.names = [CLEAN] * with_clean + list(self.attacks) + list(self.mixed)
         # ModuleDict keys cannot hold every attack name (dots): counts and sources are stored by position
         self._slot = {name: f"m{i}" for i, name in enumerate(self.names)}
         unknown = set(sources or {}) - set(self.attacks)
@@ -93,32 +121,71 @@ class DefenseEvaluator(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def _evaluate(self, x: Tensor, y: Tensor, index: Tensor) -> dict[str, Tensor]:
-        """One batch through the undefended classifier, the defense (whole batch) and the denoiser path."""
-        out = self.defense.forward_with_info(x)
+    def _judge(self, x: Tensor, y: Tensor, filler: Tensor | None = None,
+               filler_y: Tensor | None = None) -> dict[str, Tensor]:
+        """The defense on the whole batch ``cat(x, filler)`` in ``draws`` draws; per-sample results for ``x``."""
+        n = len(y)
+        out = self.defense.forward_draws(with_filler(x, filler), self.draws)
+        predicted = out.logits.argmax(2)
+        correct = (predicted[:, :n] == y).long().sum(0)
+        denoised = torch.stack([self.defense.classifier(self.defense.purify(x)).argmax(1) == y
+                                for _ in range(self.draws)]).all(0)
+        filler_acc = (predicted[:, n:] == filler_y).float().mean() if filler is not None else torch.tensor(float("nan"))
         return {
-            "index": index,
-            "x_adv": x.detach() if self.keep_images else x.new_empty(0),
             "undefended": self.defense.classifier(x).argmax(1) == y,
-            "dad": out.logits.argmax(1) == y,
-            "denoised": self.defense.classifier(self.defense.purify(x)).argmax(1) == y,
+            "dad": correct == self.draws,
+            "dad_correct": correct,
+            "denoised": denoised,
             "score": out.score.detach().reshape(()),
-            "flagged": out.adversarial.reshape(()),
+            "flagged": out.adversarial.reshape(()).float(),
+            "filler_acc": filler_acc,
         }
+
+    def _record(self, x_adv: Tensor, y: Tensor, index: Tensor, judged: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"index": index, "x_adv": x_adv.detach() if self.keep_images else x_adv.new_empty(0),
+                "batches": torch.tensor(1.0), **judged}
 
     def _count(self, name: str, record: dict[str, Tensor]) -> None:
         c, slot = self.counts, self._slot[name]
         c[f"{slot}__n"].update(float(record["index"].numel()))
-        for key in ("undefended", "dad", "denoised"):
+        for key in ("undefended", "dad", "dad_correct", "denoised"):
             c[f"{slot}__{key}"].update(record[key].sum().float().to(self.device))
-        c[f"{slot}__batches"].update(1.0)
-        c[f"{slot}__flagged"].update(record["flagged"].float().to(self.device))
+        c[f"{slot}__batches"].update(record["batches"].float().to(self.device))
+        c[f"{slot}__flagged"].update(record["flagged"].float().to(self.device) * record["batches"].to(self.device))
 
     def attack(self, spec: AttackSpec, x: Tensor, y: Tensor, batch_idx: int,
-               source: nn.Module | None = None) -> Tensor:
+               source: nn.Module | None = None, filler: Tensor | None = None) -> Tensor:
         """AEs of one batch under ``spec``, seeded by its seed and the batch index (:func:`~dad.attacks.run_seeded`)
         exactly as training AEs are: a classifier-threat attack targets the classifier (or ``source``)."""
-        return run_seeded(spec, target_of(spec, self.defense, source), x, y, chunk=batch_idx)
+        return run_seeded(spec, target_of(spec, self.defense, source), x, y, chunk=batch_idx, filler=filler)
+
+    def _mixed(self, spec: AttackSpec, fraction: float, x: Tensor, y: Tensor, index: Tensor,
+               batch_idx: int) -> dict[str, Tensor]:
+        """Attack ``x`` in groups of ``round(fraction * B)`` images, each in a batch of ``B`` with clean filler."""
+        pool_x, pool_y = self.filler_pool  # type: ignore[misc]
+        b = int(self.batch_size)  # type: ignore[arg-type]
+        k = min(max(1, round(fraction * b)), b - 1)
+        others = torch.ones(len(pool_y), dtype=torch.bool)
+        others[index.cpu()] = False
+        candidates = others.nonzero().squeeze(1)
+        parts: dict[str, list[Tensor]] = {}
+        for g, start in enumerate(range(0, len(y), k)):
+            rows = slice(start, min(start + k, len(y)))
+            chunk = batch_idx * 4096 + g  # one seed per group, the same on any number of processes
+            with seeded(chunk_seed(spec.seed, chunk, FILLER_STREAM), x):
+                pick = candidates[torch.randperm(len(candidates))[: b - (rows.stop - rows.start)]]
+            filler, filler_y = pool_x[pick].to(x), pool_y[pick].to(y)
+            own = filler if spec.threat == "defense" else None
+            x_adv = self.attack(spec, x[rows], y[rows], chunk, filler=own)
+            with seeded(chunk_seed(spec.seed, chunk, stream=1), x):
+                judged = self._judge(x_adv, y[rows], filler, filler_y)
+            for key, value in {"x_adv": x_adv, **judged}.items():
+                parts.setdefault(key, []).append(value)
+        per_sample = {key: torch.cat(parts[key]) for key in ("x_adv", "undefended", "dad", "dad_correct", "denoised")}
+        groups = float(len(parts["score"]))
+        return {"index": index, **per_sample, "x_adv": per_sample["x_adv"] if self.keep_images else x.new_empty(0),
+                "score": torch.stack(parts["score"]).mean(), "flagged": torch.stack(parts["flagged"]).mean(),
+                "filler_acc": torch.stack(parts["filler_acc"]).mean(), "batches": torch.tensor(groups)}
 
     @staticmethod
     def _unpack(batch: tuple[Tensor, ...], batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,8 +197,20 @@ class DefenseEvaluator(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)
-        self._count(CLEAN, self._evaluate(x, y, index))
+        self._count(CLEAN, self._record(x, y, index, self._judge(x, y)))
         self.log("val/dad_clean_acc", self.results([CLEAN])[CLEAN]["dad"], batch_size=len(y))
+
+    def _run(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """The record of one batch under ``name`` (clean, an attack or a mixed-batch attack)."""
+        if name in self.mixed:
+            spec, fraction = self.mixed[name]
+            return self._mixed(spec, fraction, x, y, index, batch_idx)
+        source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
+        x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
+        # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
+        seed = 0 if name == CLEAN else self.attacks[name].seed
+        with seeded(chunk_seed(seed, batch_idx, stream=1), x):
+            return self._record(x_adv, y, index, self._judge(x_adv, y))
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)
@@ -142,12 +221,7 @@ class DefenseEvaluator(pl.LightningModule):
             record = state.batches.get(batch_idx)
             if record is None or not torch.equal(record["index"], index.cpu()):
                 start = time.perf_counter()
-                source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
-                x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
-                # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
-                seed = 0 if name == CLEAN else self.attacks[name].seed
-                with seeded(chunk_seed(seed, batch_idx, stream=1), x):
-                    record = self._evaluate(x_adv, y, index)
+                record = self._run(name, x, y, index, batch_idx)
                 record["seconds"] = torch.tensor(time.perf_counter() - start)
                 state.add(batch_idx, record)
                 self.dirty.add(name)
@@ -165,11 +239,14 @@ class DefenseEvaluator(pl.LightningModule):
 
     @property
     def scores(self) -> dict[str, Tensor]:
-        """The detector's score of every evaluated batch, per name."""
+        """The detector's score of every evaluated batch, per name (the mean over a record's mixed batches)."""
         return {name: state.per_batch("score") for name, state in self.states.items() if state.batches}
 
     def results(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
-        """Accuracies and the detection rate per name (``clean`` and each attack), as fractions."""
+        """Accuracies and the detection rate per name (``clean`` and each attack), as fractions.
+
+        ``dad`` counts a sample only if it was right in every draw; ``dad_mean`` is the mean over draws.
+        """
         out: dict[str, dict[str, float]] = {}
         for name in names or self.names:
             total = {key: self.counts[f"{self._slot[name]}__{key}"].compute().item() for key in _COUNTS}
@@ -178,6 +255,7 @@ class DefenseEvaluator(pl.LightningModule):
                 "n": int(total["n"]),
                 "undefended": total["undefended"] / n,
                 "dad": total["dad"] / n,
+                "dad_mean": total["dad_correct"] / (n * self.draws),
                 "denoised": total["denoised"] / n,
                 "detection_rate": total["flagged"] / max(total["batches"], 1.0),
                 "batches": int(total["batches"]),

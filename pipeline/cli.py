@@ -13,13 +13,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
-from pipeline.config import ConfigError, PipelineConfig, build_parser, config_from_namespace
+from pipeline.config import ConfigError, PipelineConfig, build_parser, config_from_namespace, prune_config
 from pipeline.paths import STAGES
 from pipeline.trainer import quiet_third_party
 
 __all__ = ["main_train", "main_eval"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 STAGE_COMMANDS = (*STAGES, "pipeline")
@@ -133,8 +136,18 @@ def main_eval(argv: Sequence[str]) -> int:
             raise FileNotFoundError(f"No {saved}: `--run` must be a run directory made by `train.py pipeline`")
         parser = build_parser(prog="eval.py", description="Evaluate a trained DAD run.")
         parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-        base = ["--config", str(saved)] if saved is not None else []
-        cfg = config_from_namespace(parser, parser.parse_args([*base, *rest]))
+        base = []
+        if saved is not None:
+            data, dropped = prune_config(yaml.safe_load(saved.read_text()) or {})
+            if dropped:
+                log.warning("%s was written by an earlier version: ignoring %s", saved, ", ".join(dropped))
+            base = ["--config", yaml.safe_dump(data)]
+        try:
+            cfg = config_from_namespace(parser, parser.parse_args([*base, *rest]))
+        except (ArgumentError, ConfigError) as err:
+            hint = (f" ({saved} may predate this version: evaluate with `--config FILE`, e.g. a preset of configs/)"
+                    if saved is not None else "")
+            raise ConfigError(f"{' '.join(str(err).split())}{hint}") from None
         if run_dir is not None:
             cfg = replace(cfg, run=replace(cfg.run, root=str(Path(run_dir).parent), name=Path(run_dir).name))
         holder["cfg"] = cfg

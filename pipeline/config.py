@@ -33,7 +33,7 @@ from lightning_modules.kernel import KernelSettings
 __all__ = [
     "RunSettings", "DefenseSettings", "PipelineConfig", "ConfigError", "OWNED_TRAINER_ARGS", "build_parser",
     "add_trainer_arguments", "trainer_parser", "normalize_trainer", "config_from_namespace", "from_plain",
-    "dump_config", "load_config",
+    "dump_config", "load_config", "prune_config",
 ]
 
 
@@ -240,6 +240,28 @@ def config_from_namespace(parser: ArgumentParser, ns: Namespace) -> PipelineConf
         if name != "trainer":
             sections[name] = from_plain(_SECTION_TYPES[name], _plain(ns[name]), name)
     return PipelineConfig(**sections)
+
+
+def prune_config(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A saved configuration without the options this version no longer has, and their dotted names.
+
+    Lets ``eval.py --run`` read a run written by an earlier version (the dropped options are reported); the
+    sections themselves must still parse.
+    """
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for section, value in data.items():
+        if section not in _SECTIONS:
+            dropped.append(section)
+            continue
+        known = _TRAINER_ARGS if section == "trainer" else (
+            {f.name for f in fields(_SECTION_TYPES[section])} if is_dataclass(_SECTION_TYPES[section]) else None)
+        if known is None or not isinstance(value, Mapping):
+            kept[section] = value
+            continue
+        kept[section] = {k: v for k, v in value.items() if k in known}
+        dropped += [f"{section}.{k}" for k in value if k not in known]
+    return kept, dropped
 
 
 def dump_config(cfg: PipelineConfig) -> str:

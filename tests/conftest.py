@@ -46,6 +46,8 @@ def tiny_config(root: Path, name: str = "tiny", **sections: Any) -> PipelineConf
             },
             detection_batch_sizes=[10, 25],
             random_batches=100,
+            mixed_attacks=["pgd_linf"],
+            sanity_samples=50,
         ),
     )
     return replace(cfg, **sections)

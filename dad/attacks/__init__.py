@@ -6,7 +6,7 @@ afterwards. New tensors follow the inputs' device. Attacks are run from an :clas
 the registry (:func:`run_attack`); importing this package registers every attack, one per module.
 """
 
-from dad.attacks import batch_apgd, defense_pgd  # noqa: F401  (registration; the others are imported below)
+from dad.attacks import apgd, defense_pgd, square  # noqa: F401  (registration; the others are imported below)
 from dad.attacks._utils import preserve_mode
 from dad.attacks.autoattack import autoattack
 from dad.attacks.cw import cw_l2

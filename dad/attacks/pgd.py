@@ -30,6 +30,7 @@ from dad.attacks._utils import (
     project,
     random_delta,
 )
+from dad.attacks.objectives import classification_loss, error_rates, strongest_batch
 from dad.attacks.registry import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -41,8 +42,9 @@ Objective = Callable[[Tensor], Tensor]
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "ce": lambda logits, y: F.cross_entropy(logits, y, reduction="sum"),
     "margin": lambda logits, y: margin(logits, y).sum(),
+    "dlr": lambda logits, y: classification_loss(logits, y, "dlr").sum(),
 }
-"""Untargeted losses to maximise, ``(logits, y) -> scalar``: cross-entropy, or the CW margin."""
+"""Untargeted losses to maximise, ``(logits, y) -> scalar``: cross-entropy, the CW margin, or DLR."""
 
 
 def expected_gradient(objective: Objective, x_adv: Tensor, eot_samples: int) -> Tensor:
@@ -144,7 +146,7 @@ def pgd(
         norm: ``"linf"`` or ``"l2"`` (case-insensitive).
         random_start: start from a random point of the ball.
         eot_samples: gradients averaged per step, for randomised models (>= 1).
-        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (CW: largest other logit minus true logit).
+        loss: ``"ce"`` (cross-entropy), ``"margin"`` (CW: largest other logit minus true logit) or ``"dlr"``.
         generator: random generator for the start (on ``x``'s device).
 
     Returns:
@@ -170,5 +172,9 @@ def pgd(
 
 @register_attack("pgd", "classifier")
 def pgd_attack(spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """PGD on the classifier alone with the spec's settings (cross-entropy, EOT if ``eot_samples`` > 1)."""
-    return pgd(model, x, y, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start, spec.eot_samples)
+    """PGD on the classifier alone with the spec's settings: one run per loss of ``spec.loss`` and restart (EOT if
+    ``eot_samples`` > 1); per sample, the AE the classifier gets wrong is kept."""
+    candidates = [pgd(model, x, y, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start,
+                      spec.eot_samples, loss=loss) for loss in spec.losses for _ in range(spec.restarts)]
+    with preserve_mode(model):
+        return strongest_batch(lambda z: error_rates(model, z, as_autograd_tensor(y), 1), candidates)

@@ -3,9 +3,9 @@
 Training AEs, the evaluation, the benchmarks and the tests all call :func:`run_attack` (or
 :func:`run_seeded`, which also fixes the random state from the spec's seed and a chunk index), so the
 same spec gives the same attack on every path. A new attack is one file that defines a function
-``fn(spec, target, x, y) -> x_adv`` decorated with :func:`register_attack`, plus its import in
-:mod:`dad.attacks`. ``target`` is the classifier for ``threat="classifier"`` and the whole defense for
-``threat="defense"``.
+decorated with :func:`register_attack`, plus its import in :mod:`dad.attacks`: ``fn(spec, model, x, y)``
+for ``threat="classifier"`` (``model`` is the classifier) and ``fn(spec, defense, x, y, filler)`` for
+``threat="defense"`` (``filler``: clean images the defense sees in the same batch, or None).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["AttackFn", "register_attack", "list_attacks", "check_registered", "run_attack", "run_seeded",
            "chunk_seed", "seeded", "target_of"]
 
-AttackFn = Callable[["AttackSpec", nn.Module, Tensor, Tensor], Tensor]
-"""``fn(spec, target, x, y)`` -> detached AEs in [0, 1] within ``spec.eps`` of ``x``."""
+AttackFn = Callable[..., Tensor]
+"""``fn(spec, target, x, y[, filler])`` -> detached AEs in [0, 1] within ``spec.eps`` of ``x``."""
 
 _ATTACKS: dict[tuple[str, str], AttackFn] = {}
 _NORMS: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -60,10 +60,19 @@ def check_registered(name: str, threat: str, norm: str | None = None) -> None:
         raise ValueError(f"Attack {name!r} supports `norm` in {_NORMS[(name, threat)]}, got {norm!r}")
 
 
-def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Run ``spec`` on one batch: ``target`` is the classifier (threat ``classifier``) or the defense."""
+def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None = None) -> Tensor:
+    """Run ``spec`` on one batch: ``target`` is the classifier (threat ``classifier``) or the defense.
+
+    ``filler``: clean images the defense sees in the same batch as ``x`` (a mixed batch); only ``x`` is
+    perturbed. A classifier-only attack does not depend on the batch, so it takes none.
+    """
     check_registered(spec.name, spec.threat, spec.norm)
-    return _ATTACKS[(spec.name, spec.threat)](spec, target, x, y)
+    fn = _ATTACKS[(spec.name, spec.threat)]
+    if spec.threat == "defense":
+        return fn(spec, target, x, y, filler)
+    if filler is not None:
+        raise ValueError("A classifier-only attack does not depend on the batch: attack the images alone")
+    return fn(spec, target, x, y)
 
 
 def target_of(spec: AttackSpec, defense: nn.Module, source: nn.Module | None = None) -> nn.Module:
@@ -94,11 +103,12 @@ def seeded(seed: int, like: Tensor) -> Iterator[None]:
         yield
 
 
-def run_seeded(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, chunk: int) -> Tensor:
+def run_seeded(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, chunk: int,
+               filler: Tensor | None = None) -> Tensor:
     """:func:`run_attack` with the random state seeded by ``spec.seed`` and ``chunk`` (restored after).
 
     The AEs of a chunk then depend only on the spec and the chunk, not on what ran before: AE caches do
     not depend on the number of processes, and a resumed evaluation reproduces an uninterrupted one.
     """
     with seeded(chunk_seed(spec.seed, chunk), x), torch.enable_grad():
-        return run_attack(spec, target, x, y)
+        return run_attack(spec, target, x, y, filler)

@@ -35,8 +35,13 @@ class AttackSpec:
         eps: radius of the threat model (pixels in [0, 1]).
         step_size: PGD/MMA step size; C&W-L2's Adam learning rate.
         steps: iterations (C&W's optimisation steps; AutoAttack's APGD, APGD-T and FAB iterations).
-        random_start: PGD/MMA start from a random point of the ball.
+        random_start: PGD/MMA/APGD start from a random point of the ball.
+        restarts: independent runs (random restarts) per loss and penalty weight; the strongest batch is kept.
+        loss: the classification term of PGD/APGD: cross-entropy (``ce``), the difference-of-logits ratio
+            (``dlr``, scale-invariant, Croce & Hein 2020) or one run of each (``ce+dlr``, AutoAttack's pair).
         eot_samples: gradients averaged per step over the defense's randomness (EOT).
+        draws: noise draws over which an attack through the defense judges each candidate batch (the batch
+            the defense gets most wrong on average is kept).
         k: MMA's number of target classes.
         mmd_weight: the adaptive objective's weight of the batch MMD score (when ``lambdas`` is empty).
         objective: what an attack through the defense maximises. ``adaptive``: the published attack, the
@@ -65,7 +70,10 @@ class AttackSpec:
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
+    restarts: int = 1
+    loss: Literal["ce", "dlr", "ce+dlr"] = "ce"
     eot_samples: int = 1
+    draws: int = 3
     k: int = 3
     mmd_weight: float = 1.0
     objective: str = "adaptive"
@@ -87,6 +95,10 @@ class AttackSpec:
         check_positive("step_size", self.step_size)
         check_at_least_one("steps", self.steps)
         check_at_least_one("eot_samples", self.eot_samples)
+        check_at_least_one("restarts", self.restarts)
+        check_at_least_one("draws", self.draws)
+        if self.loss not in ("ce", "dlr", "ce+dlr"):
+            raise ValueError(f"Expected `loss` in ('ce', 'dlr', 'ce+dlr'), got {self.loss!r}")
         check_at_least_one("k", self.k)
         if self.batch_size is not None:
             check_at_least_one("batch_size", self.batch_size)
@@ -103,6 +115,11 @@ class AttackSpec:
     def as_dict(self) -> dict[str, Any]:
         """Plain data (for manifests, state keys and reports)."""
         return asdict(self)
+
+    @property
+    def losses(self) -> list[str]:
+        """The classification terms run (one run each)."""
+        return self.loss.split("+")
 
     @property
     def schedule(self) -> list[float]:

@@ -11,8 +11,9 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks import AttackSpec, autoattack, cw_l2, list_attacks, mma, pgd, preserve_mode, projected_gradient_ascent
-from dad.attacks.batch_apgd import apgd_rand
+from dad.attacks import (
+    AttackSpec, autoattack, cw_l2, list_attacks, mma, pgd, preserve_mode, projected_gradient_ascent, run_attack,
+)
 from dad.attacks._utils import margin, normalized_step, project, random_delta
 
 N_CLASSES = 10
@@ -277,7 +278,8 @@ _MODE_ATTACKS = {
     "mma": lambda m, x, y: mma(m, x, y, eps=0.1, step_size=0.02, steps=3),
     "cw_l2": lambda m, x, y: cw_l2(m, x, y, steps=10),
     "autoattack": lambda m, x, y: autoattack(m, x, y, eps=0.1, steps=5),
-    "apgd_rand": lambda m, x, y: apgd_rand(m, x, y, norm="L2", eps=1.0, steps=5, eot_samples=2),
+    "apgd": lambda m, x, y: run_attack(AttackSpec(name="apgd", norm="l2", eps=1.0, steps=5, loss="ce+dlr"), m, x, y),
+    "square": lambda m, x, y: run_attack(AttackSpec(name="square", eps=0.1, steps=20), m, x, y),
 }
 
 
@@ -365,17 +367,18 @@ def test_autoattack_is_at_least_as_strong_as_pgd_and_leaves_the_global_rng_alone
     assert _accuracy(classifier, x_aa, y) <= _accuracy(classifier, x_pgd, y)
 
 
-def test_apgd_rand_l2_stays_in_the_ball(classifier: nn.Module, digits: dict[str, Tensor]) -> None:
+def test_apgd_with_eot_l2_stays_in_the_ball(classifier: nn.Module, digits: dict[str, Tensor]) -> None:
     x, y = digits["x_test"][:8], digits["y_test"][:8]
     noisy = _Noisy(classifier, std=0.05)
-    x_adv = apgd_rand(noisy, x, y, norm="l2", eps=0.5, steps=10, eot_samples=20)
+    x_adv = run_attack(AttackSpec(name="apgd", norm="l2", eps=0.5, steps=10, eot_samples=20), noisy, x, y)
     assert _l2(x_adv, x).max() <= 0.5 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert not torch.equal(x_adv, x)
 
 
 def test_the_registry_names_every_attack_once() -> None:
     assert set(list_attacks()) == {("pgd", "classifier"), ("mma", "classifier"), ("cw_l2", "classifier"),
-                                   ("autoattack", "classifier"), ("pgd", "defense"), ("autoattack", "defense")}
+                                   ("autoattack", "classifier"), ("apgd", "classifier"), ("square", "classifier"),
+                                   ("pgd", "defense"), ("apgd", "defense"), ("square", "defense")}
     with pytest.raises(ValueError, match="already registered"):
         from dad.attacks.registry import register_attack
 
@@ -398,7 +401,7 @@ _PGD = {"eps": 0.1, "step_size": 0.01, "steps": 2}
         (lambda m: pgd(m, _X, _Y, **{**_PGD, "steps": 0}), "Expected `steps` to be an integer >= 1, got 0"),
         (lambda m: pgd(m, _X, _Y, **_PGD, eot_samples=0), "Expected `eot_samples` to be an integer >= 1, got 0"),
         (lambda m: pgd(m, _X, _Y, **_PGD, norm="l1"), "Expected `norm` in ('linf', 'l2') (any case), got 'l1'"),
-        (lambda m: pgd(m, _X, _Y, **_PGD, loss="dlr"), "Expected `loss` in ('ce', 'margin'), got 'dlr'"),
+        (lambda m: pgd(m, _X, _Y, **_PGD, loss="hinge"), "Expected `loss` in ('ce', 'margin', 'dlr'), got 'hinge'"),
         (lambda m: pgd(m, _X + 1.0, _Y, **_PGD), "Expected images in [0, 1]"),
         (lambda m: mma(m, _X, _Y, **_PGD, k=0), "Expected `k` to be an integer >= 1, got 0"),
         (lambda m: mma(m, _X, _Y, **_PGD, k=10), "Expected `k` <= number of classes - 1 = 9, got 10"),

@@ -1,5 +1,4 @@
-"""Attacks through the whole DADDefense (adaptive, evasion, BPDA, whole-batch AutoAttack-rand) and the attack
-spec's validation."""
+"""Attacks through the whole DADDefense (adaptive, evasion, BPDA, APGD, Square) and the attack spec's validation."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks import AttackSpec, run_attack, target_of
-from dad.attacks.batch_apgd import apgd_rand
-from dad.attacks.defense_pgd import routed_objective, strongest_batch
+from dad.attacks.objectives import defense_objective, error_rates, strongest_batch
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
@@ -51,8 +49,11 @@ PRESETS = {
     "evade_denoised": {**LINF, "objective": "evade_denoised"},
     "evade_soft": {**LINF, "objective": "evade_soft", "norm": "l2", "eps": 0.5, "step_size": 0.2},
     "evade_bpda": {**LINF, "objective": "evade_bpda", "lambdas": [0.0, 1.0]},
-    "autoattack_rand": {"name": "autoattack", "threat": "defense", "norm": "linf", "eps": 0.1, "steps": 2,
-                        "eot_samples": 2},
+    "autoattack_rand": {"name": "apgd", "threat": "defense", "loss": "ce+dlr", "norm": "linf", "eps": 0.1,
+                        "steps": 2, "eot_samples": 2},
+    "apgd_evade_clean": {"name": "apgd", "threat": "defense", "objective": "evade_clean", "norm": "l2", "eps": 0.5,
+                         "steps": 3, "lambdas": [1.0, 10.0]},
+    "square": {"name": "square", "threat": "defense", "norm": "linf", "eps": 0.1, "steps": 20, "eot_samples": 2},
     "pgd_classifier": {**LINF, "threat": "classifier", "eot_samples": 1},
     "cw_l2_classifier": {"name": "cw_l2", "threat": "classifier", "norm": "l2", "eps": 0.3, "steps": 5,
                          "step_size": 0.1},
@@ -94,27 +95,16 @@ def test_defense_attacks_move_the_input(defense: DADDefense, batch: tuple[Tensor
         assert (run_attack(preset, defense, x, y) - x).abs().max() > 0.05, name
 
 
-def test_apgd_rand_queries_whole_batches_only(defense: DADDefense, batch: tuple[Tensor, Tensor]) -> None:
+@pytest.mark.parametrize("name", ["autoattack_rand", "apgd_evade_clean", "evade_bpda", "square"])
+def test_attacks_query_whole_batches_only(name: str, defense: DADDefense, batch: tuple[Tensor, Tensor]) -> None:
     sizes: list[int] = []
-
-    def spy(x: Tensor) -> Tensor:
-        sizes.append(x.shape[0])
-        return defense(x)
-
-    x, y = batch
-    apgd_rand(spy, x, y, "linf", 0.1, steps=3, eot_samples=2, seed=0)
-    assert sizes and set(sizes) == {B}
-
-
-def test_apgd_rand_breaks_a_linear_model() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    x = torch.rand(20, 1, 8, 8)
-    with torch.no_grad():
-        y = model(x).argmax(1)  # every input starts correctly classified
-    x_adv = apgd_rand(model, x, y, "linf", 0.3, steps=10, eot_samples=1)
-    with torch.no_grad():
-        assert (model(x_adv).argmax(1) == y).float().mean() < 0.2
+    hook = defense.classifier.body.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        x, y = batch
+        run_attack(AttackSpec(**PRESETS[name]), defense, x, y)
+    finally:
+        hook.remove()
+    assert sizes and set(sizes) == {B}  # every classifier pass (both routes) sees the whole batch
 
 
 def test_bpda_value_is_the_real_routed_loss() -> None:
@@ -125,10 +115,11 @@ def test_bpda_value_is_the_real_routed_loss() -> None:
         score = defense.detector.score(x)
         clean = F.cross_entropy(defense.classifier(x), y)
         denoised = F.cross_entropy(defense.classifier(defense.purify(x)), y)
-        for threshold, expected in ((score + 1.0, clean), (score - 1.0, denoised)):
-            value = routed_objective(defense, y, "evade_bpda", 0.0, threshold)(x)
+        for shift, expected in ((1.0, clean), (-1.0, denoised)):
+            defense.detector.thresholds.fill_(score.item() + shift)  # the batch is below / above the threshold
+            value = defense_objective(defense, y, "evade_bpda", 0.0)(x).mean()
             torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5)
-            soft = routed_objective(defense, y, "evade_soft", 0.0, threshold, temperature=1e-3)(x)
+            soft = defense_objective(defense, y, "evade_soft", 0.0, temperature=1e-3)(x).mean()
             torch.testing.assert_close(soft, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -138,10 +129,12 @@ def test_evasion_hinge_is_zero_below_the_target() -> None:
     with torch.no_grad():
         score = defense.detector.score(x)
         ce = F.cross_entropy(defense.classifier(x), y)
-        far_above = routed_objective(defense, y, "evade_clean", 10.0, score * 2 + 1)(x)  # score well below
+        defense.detector.thresholds.fill_(score.item() * 2 + 1)  # the score well below the threshold
+        far_above = defense_objective(defense, y, "evade_clean", 10.0)(x).mean()
         torch.testing.assert_close(far_above, ce)
         threshold = score - 0.5  # score above the threshold: relative excess 0.5 / |threshold|
-        penalised = routed_objective(defense, y, "evade_clean", 10.0, threshold, margin=0.1)(x)
+        defense.detector.thresholds.fill_(threshold.item())
+        penalised = defense_objective(defense, y, "evade_clean", 10.0, margin=0.1)(x).mean()
         expected = ce - 10.0 * (0.5 / threshold.abs() + 0.1)
         torch.testing.assert_close(penalised, expected, rtol=1e-4, atol=1e-4)
 
@@ -162,17 +155,24 @@ def test_strongest_batch_picks_the_batch_or_the_per_sample_mix() -> None:
     wrong = good.roll(1, dims=0)  # all wrong
     half_a = torch.cat([wrong[:2], good[2:]])
     half_b = torch.cat([good[:2], wrong[2:]])
-    assert torch.equal(strongest_batch(model, y, [good, wrong]), wrong)
-    assert torch.equal(strongest_batch(model, y, [good, half_a]), half_a)
-    assert torch.equal(strongest_batch(model, y, [half_a, half_b]), wrong)
+
+    def judge(z: Tensor) -> Tensor:
+        return error_rates(model, z, y)
+
+    assert torch.equal(strongest_batch(judge, [good, wrong]), wrong)
+    assert torch.equal(strongest_batch(judge, [good, half_a]), half_a)
+    assert torch.equal(strongest_batch(judge, [half_a, half_b]), wrong)
 
 
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
         ({"objective": "nope"}, "Expected `objective` in"),
+        ({"loss": "hinge"}, r"Expected `loss` in \('ce', 'dlr', 'ce\+dlr'\)"),
+        ({"draws": 0}, "`draws` to be an integer >= 1"),
+        ({"name": "square", "norm": "l2"}, r"supports `norm` in \('linf',\)"),
         ({"objective": "evade_clean", "threat": "classifier"}, "set `threat: defense`"),
-        ({"name": "mma", "threat": "defense"}, r"registered for threat 'defense' \(one of \['autoattack', 'pgd'\]\)"),
+        ({"name": "mma", "threat": "defense"}, r"registered for threat 'defense' \(one of \['apgd', 'pgd', 'square'\]\)"),
         ({"name": "cw_l2", "threat": "classifier", "norm": "linf"}, r"supports `norm` in \('l2',\)"),
         ({"lambdas": [-1.0]}, "`lambdas` >= 0"),
         ({"temperature": 0.0}, "`temperature` > 0"),

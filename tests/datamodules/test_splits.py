@@ -47,3 +47,17 @@ def test_datamodule_serves_the_calibration_split() -> None:
     assert not set(dm.splits.calibration) & set(dm.splits.val) and len(dm.dataset("calibration")) == 70
     with pytest.raises(ValueError, match="calibration_size"):
         DataSettings(calibration_size=-1)
+
+
+def test_calibration_from_the_test_pool_is_disjoint_from_the_evaluated_test_images() -> None:
+    labels = torch.arange(600) % 10
+    splits = carve_splits(labels, 300, mmd_per_class=5, val_size=50, seed=0, calibration_size=100,
+                          calibration_from="test")
+    assert len(splits.calibration) == 100 and len(splits.test) == 200
+    assert not set(splits.calibration) & set(splits.test) and set(splits.calibration) | set(splits.test) == set(range(300))
+    assert len(splits.denoiser) == 600 - 50 - 50  # nothing more is held out of the training pool
+    train = carve_splits(labels, 300, mmd_per_class=5, val_size=50, seed=0, calibration_size=100)
+    assert splits.digest() != train.digest() and train.calibration_from == "train"
+    with pytest.raises(DataError, match="own test split"):
+        carve_splits(labels, 0, mmd_per_class=5, val_size=50, seed=0, test_size=50, calibration_size=10,
+                     calibration_from="test")

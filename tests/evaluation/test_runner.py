@@ -24,19 +24,21 @@ ATTACKS = {
     "pgd_linf": {**TINY_ATTACK, "threat": "classifier"},
     "adaptive": {**TINY_ATTACK, "threat": "defense", "eot_samples": 2},
     "evade_clean": {**TINY_ATTACK, "threat": "defense", "objective": "evade_clean", "lambdas": [1.0, 10.0]},
-    "autoattack_rand": {"name": "autoattack", "threat": "defense", "norm": "linf", "eps": 0.2, "steps": 2,
-                        "eot_samples": 2},
+    "autoattack_rand": {"name": "apgd", "threat": "defense", "loss": "ce+dlr", "norm": "linf", "eps": 0.2,
+                        "steps": 2, "eot_samples": 2},
 }
 SANITY = {"gradients", "randomness_eot", "white_box_stronger", "eps_monotone", "large_eps_near_chance", "more_steps",
-          "more_eot", "restarts"}
+          "more_eot", "restarts", "fpr"}
 
 
 def _config(root: Path, **attack_changes: dict[str, Any]) -> PipelineConfig:
     cfg = tiny_config(root)
     attacks = {name: AttackSpec(**{**spec, **attack_changes.get(name, {})}) for name, spec in ATTACKS.items()}
     evaluation = replace(cfg.eval, attacks=attacks, transfer=TransferSettings(attacks=["pgd_linf"], epochs=1),
-                         sanity_attack="adaptive", sanity_batches=1, sweep_factors=[0.5, 1.0, 2.5], mixed_batches=10,
-                         max_test=75)  # attacks see 75 images; the clean FPR is measured on all 100
+                         sanity_attack="adaptive", sanity_samples=25, sweep_factors=[0.5, 1.0, 2.5],
+                         mixed_attacks=["pgd_linf", "evade_clean"], mixed_fractions=[0.1, 0.5],
+                         max_test=75, max_test_defense=50)  # classifier-only attacks see 75 images, attacks through
+    # the defense 50; the clean FPR is measured on all 100
     return replace(cfg, eval=evaluation, data=replace(cfg.data, calibration_size=150))
 
 
@@ -68,9 +70,21 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
     assert worst["classifier_only"]["dad"] == pytest.approx(report["robust_acc"]["pgd_linf"]["dad"])
     assert worst["all_attacks"]["attacks"] == [*ATTACKS, "transfer_pgd_linf"]
     assert worst["all_attacks"]["dad"] <= min(worst["white_box"]["dad"], worst["classifier_only"]["dad"])
+    assert worst["white_box"]["n"] == 50 and worst["classifier_only"]["n"] == 75
+    assert set(worst["mixed"]) == {"mixed_pgd_linf_0.1", "mixed_pgd_linf_0.5", "mixed_evade_clean_0.1",
+                                   "mixed_evade_clean_0.5"}
+    assert worst["headline"]["dad"] == min(worst["headline_whole_batch"]["dad"],
+                                           *(m["dad"] for m in worst["mixed"].values()))
+    for entry in (worst["headline"], worst["all_attacks"], *worst["mixed"].values()):
+        assert entry["ci95"][0] <= entry["dad"] <= entry["ci95"][1]
+    for name, acc in report["robust_acc"].items():
+        assert acc["dad"] <= acc["dad_mean"] + 1e-9 and acc["dad_ci95"][0] <= acc["dad"] <= acc["dad_ci95"][1]
+        d, lo, hi = acc["dad_minus_undefended"]
+        assert lo <= d <= hi and d == pytest.approx(acc["dad"] - acc["undefended"])
 
     det = report["detection"]
-    assert report["num_test"] == 75 and det["clean_pool"] == 100
+    assert report["num_test"] == 75 and report["num_test_defense"] == 50 and det["clean_pool"] == 100
+    assert det["fpr_check"]["disjoint_batches"] == 4 and det["fpr_check"]["calibration_pool"] == 150
     assert set(det["auroc"]["pgd_linf"]) == {"10", "25"} and set(det["auroc"]["adaptive"]) == {"25"}
     for per_size in det["auroc"].values():
         assert all(0.0 <= v <= 1.0 for v in per_size.values())
@@ -79,8 +93,8 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
         assert entry["calibrated"] and 0.0 <= entry["fpr_clean"] <= 1.0 and "pgd_linf" in entry["tpr"]
         assert set(entry["robust_acc_dad"]) == {"pgd_linf", "transfer_pgd_linf"}
 
-    assert set(report["mixed"]["fractions"]) == {"0.0", "0.1", "0.25", "0.5", "1.0"}
-    assert report["mixed"]["fractions"]["0.0"]["acc_adv_part"] is None
+    mixed = report["mixed"]["mixed_evade_clean_0.1"]
+    assert (mixed["attack"], mixed["fraction"], mixed["threat"], mixed["n"]) == ("evade_clean", 0.1, "defense", 50)
     assert report["transfer"]["source"]["model"] == "small_cnn"
 
     assert set(report["sanity"]) == SANITY
@@ -94,11 +108,11 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
     assert {"roc", "mmd_histogram", "accuracy_vs_eps", "mixed_batches", "images"} <= set(report["plots"])
     assert list((run / "logs" / "eval").glob("events.out.tfevents.*"))
     markdown = (run / "report.md").read_text()
-    assert markdown.startswith("| setting") and "Sanity checks" in markdown and "Worst case" in markdown
+    assert markdown.startswith("**Worst case") and "Sanity checks" in markdown and "Mixed batches" in markdown
 
     state_file = run / "eval_state" / "adaptive.pt"
     state = AttackState.from_disk(state_file, _key(state_file))
-    assert sorted(state.batches) == [0, 1, 2]  # 75 attacked images in batches of 25
+    assert sorted(state.batches) == [0, 1]  # 50 images attacked through the defense, in batches of 25
     assert state.gather("dad").float().mean().item() == pytest.approx(report["robust_acc"]["adaptive"]["dad"])
 
 
@@ -146,13 +160,13 @@ def test_interrupted_attack_resumes_from_its_finished_batches(evaluated: tuple[P
     cfg = _copy(evaluated, tmp_path)
     state_file = tmp_path / "tiny" / "eval_state" / "adaptive.pt"
     state_file.unlink()
-    monkeypatch.setattr(evaluator_module, "run_seeded", _Counter(fail_on=("adaptive", 3)))
+    monkeypatch.setattr(evaluator_module, "run_seeded", _Counter(fail_on=("adaptive", 2)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate(cfg)
-    assert sorted(AttackState.from_disk(state_file, _key(state_file)).batches) == [0, 1]
+    assert sorted(AttackState.from_disk(state_file, _key(state_file)).batches) == [0]
 
     counter = _Counter()
     monkeypatch.setattr(evaluator_module, "run_seeded", counter)
     report = evaluate(cfg)
-    assert [_is(c, "adaptive") for c in counter.calls] == [True]  # only the missing third batch
+    assert [_is(c, "adaptive") for c in counter.calls] == [True]  # only the missing second batch
     assert report["robust_acc"] == evaluated[1]["robust_acc"]

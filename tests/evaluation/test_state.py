@@ -12,8 +12,9 @@ from evaluation.state import AttackState, share_path, state_key
 def _record(index: list[int], correct: list[bool]) -> dict[str, Tensor]:
     n = len(index)
     return {"index": torch.tensor(index), "x_adv": torch.rand(n, 1, 2, 2), "undefended": torch.tensor(correct),
-            "dad": torch.tensor(correct), "denoised": torch.tensor(correct), "score": torch.tensor(0.5),
-            "flagged": torch.tensor(True), "seconds": torch.tensor(1.0)}
+            "dad": torch.tensor(correct), "dad_correct": 3 * torch.tensor(correct).long(),
+            "denoised": torch.tensor(correct), "score": torch.tensor(0.5), "flagged": torch.tensor(1.0),
+            "batches": torch.tensor(1.0), "filler_acc": torch.tensor(float("nan")), "seconds": torch.tensor(1.0)}
 
 
 def test_attack_state_round_trip_order_and_key(tmp_path) -> None:

@@ -95,10 +95,12 @@ def test_paper_cifar_configs_hold_the_published_settings(name):
     assert UNetDenoiser(**d.net).config == UNetDenoiser().config  # the HGD widths and depths
     assert (cfg.defense.batch_size, cfg.defense.reference_size, cfg.defense.target_fpr) == (100, 100, 0.05)
     attacks = cfg.eval.attacks.values()
-    adaptive = [a for a in attacks if a.threat == "defense" and a.objective == "adaptive"]
-    assert {a.norm for a in adaptive} == {"linf", "l2"}
+    adaptive = [a for a in attacks if a.threat == "defense" and a.objective == "adaptive" and a.name == "pgd"]
+    assert {a.norm for a in adaptive} == {"linf", "l2"}  # the published PGD+EOT adaptive attack
     assert all((a.steps, a.eot_samples, a.eps) == (200, 20, {"linf": 8 / 255, "l2": 0.5}[a.norm]) for a in adaptive)
     assert any(a.objective.startswith("evade") for a in attacks)  # beyond the paper: detector evasion
+    # calibration on official test images phi never trained on; the other 8,000 evaluated
+    assert (cfg.data.calibration_from, cfg.data.calibration_size) == ("test", 2000)
 
 
 def test_imagenet_config_holds_the_published_settings():
@@ -107,6 +109,7 @@ def test_imagenet_config_holds_the_published_settings():
     attack = cfg.attack
     assert attack.eps == pytest.approx(4 / 255) and attack.step_size == pytest.approx(1 / 255)
     assert cfg.denoiser.batch_size == 128 and cfg.data.options["image_size"] == 224
+    assert cfg.data.calibration_from == "test"  # calibrated on val/ images the ImageNet-trained phi never saw
 
 
 def test_cpu_config_trains_its_classifier_and_holds_out_a_test_split():

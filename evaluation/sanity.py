@@ -1,0 +1,135 @@
+"""The evaluation's sanity phase: gradient, randomness and strength checks, the eps sweep, and the folding.
+
+The strongest full-white-box attack of the primary threat model (that of the first full-white-box attack,
+or ``eval.sanity_attack``) is re-run on the first ``eval.sanity_samples`` test images with twice the steps,
+twice the EOT samples (when its gradient passes through randomness; else the strongest attack that needs
+EOT is), another random restart, and at other ``eps`` (:func:`dad.sanity.attack_checks`). Where a stronger
+variant finds errors that no full-set attack found on those images, its result is *folded* into the
+worst case: the headline of the threat model becomes the lower of the full-set figure and the subset's
+union over every attack and variant (:func:`evaluation.analysis.worst_cases`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from dad.attacks import AttackSpec
+from dad.attacks._utils import margin
+from dad.sanity import (
+    CheckResult, attack_checks, attack_variants, check_at_least_as_strong, check_gradients, check_randomness,
+    check_unchanged, is_randomized,
+)
+from evaluation.analysis import fraction, threat_groups, threat_label, union
+
+__all__ = ["SanityOutcome", "run_sanity"]
+
+Runner = Callable[[Mapping[str, AttackSpec], int], dict[str, dict[str, Tensor]]]
+"""``run(attacks, n)`` -> ``{"dad": {name: correct}, "undefended": {name: correct}}`` on the first ``n`` images."""
+SanityOutcome = tuple[dict[str, CheckResult], dict[str, Any], dict[str, dict[str, Any]]]
+
+
+def run_sanity(
+    defense: nn.Module,
+    probes: tuple[Tensor, Tensor, Tensor],
+    specs: Mapping[str, AttackSpec],
+    threats: Mapping[str, str],
+    dad: Mapping[str, Tensor],
+    num_classes: int,
+    run: Runner,
+    sanity_attack: str | None,
+    sanity_samples: int,
+    batch_size: int,
+    sweep_factors: list[float],
+    z: float,
+) -> SanityOutcome:
+    """The sanity checks, the eps sweep (for the report and its plot) and the folding per threat model.
+
+    Args:
+        defense: the defense under evaluation.
+        probes: ``(clean batch, an adversarial batch of the same images, their labels)`` for the gradient and
+            randomness checks (a defense may be random on one route only: both routes are probed).
+        specs, threats: the whole-batch attacks and their threats; ``dad`` DAD's per-sample correctness.
+        num_classes: for the chance level of the eps sweep.
+        run: runs attacks on a prefix of the test split (resumable, like the main evaluation).
+        sanity_attack: the attack to re-run (None: the strongest full-white-box one of the primary threat).
+        sanity_samples: test images of the re-runs (rounded up to whole batches, at most the attacked ones).
+        batch_size: the evaluation's batch size.
+        sweep_factors: eps multiples of the sweep; ``z``: noise level of the comparisons.
+    """
+    clean, adversarial, labels = probes
+    checks: dict[str, CheckResult] = {}
+    white = [n for n in specs if threats[n] == "defense"]
+    checks["gradients"] = check_gradients(lambda x: margin(defense(x), labels[: len(x)]), [clean, adversarial])
+    needs_eot = {n: specs[n].eot_samples for n in white if specs[n].needs_eot}
+    checks["randomness_eot"] = check_randomness(defense, [clean, adversarial], needs_eot)
+    randomized = is_randomized(defense, [clean, adversarial])
+
+    compared = []
+    for label, g in threat_groups(specs, threats).items():
+        if g["defense"] and g["classifier"]:  # on the images both kinds attacked (a common prefix)
+            both = union([union([dad[n] for n in g["defense"]]), union([dad[n] for n in g["classifier"]])])
+            n = both.numel()
+            compared.append(check_at_least_as_strong(f"{label}: worst case white box vs classifier-only (DAD)",
+                                                     union([dad[m][:n] for m in g["defense"]]),
+                                                     union([dad[m][:n] for m in g["classifier"]]), z))
+    checks["white_box_stronger"] = (
+        CheckResult(all(c.passed for c in compared), "; ".join(c.detail for c in compared)) if compared
+        else CheckResult(False, "not run: no threat model has both a full-white-box and a classifier-only attack"))
+    if not white:
+        checks["attack_strength"] = CheckResult(False, "not run: no full-white-box attack configured")
+        return checks, {}, {}
+
+    primary = [n for n in white if threat_label(specs[n]) == threat_label(specs[white[0]])]
+    name = sanity_attack or min(primary, key=lambda n: fraction(dad[n]))
+    base = specs[name]
+    n_sub = min(math.ceil(sanity_samples / batch_size) * batch_size, min(dad[n].numel() for n in white))
+    variants = {run_: f"sanity__{name}__eps{run_[0]:g}_steps{run_[1]}_eot{run_[2]}_seed{run_[3]}"
+                for run_ in attack_variants(sweep_factors, randomized and base.needs_eot)[1:]}
+    classifier_attack = next((n for n, s in specs.items() if threats[n] == "classifier" and s.name == "pgd"
+                              and s.norm == base.norm), None)
+    sweep_base = specs[classifier_attack] if classifier_attack else AttackSpec(
+        name="pgd", threat="classifier", norm=base.norm, eps=base.eps, step_size=base.step_size, steps=base.steps,
+        seed=base.seed)
+    sweep_names = {f: f"sweep__classifier__eps{f:g}" for f in sorted({*sweep_factors, 1.0})}
+    runs = {v: base.scaled(*run_) for run_, v in variants.items()}
+    runs |= {v: sweep_base.scaled(f * base.eps / sweep_base.eps) for f, v in sweep_names.items()}
+    eot_name = None
+    if randomized and not base.needs_eot:  # the EOT check then runs on the strongest attack that needs EOT
+        eot_name = min((n for n in white if specs[n].needs_eot), key=lambda n: fraction(dad[n]), default=None)
+    if eot_name is not None:
+        runs[f"sanity__{eot_name}__eot_x2"] = specs[eot_name].scaled(eot_factor=2)
+    extra = run(runs, n_sub)
+
+    def robust(eps_factor: float, steps_factor: int, eot_factor: int, seed_offset: int) -> Tensor:
+        run_ = (eps_factor, steps_factor, eot_factor, seed_offset)
+        return dad[name][:n_sub] if run_ == (1.0, 1, 1, 0) else extra["dad"][variants[run_]]
+
+    strength, sweep = attack_checks(robust, num_classes, base.eps, sweep_factors, randomized and base.needs_eot, z)
+    checks |= {key: CheckResult(c.passed, f"{name}: {c.detail}") for key, c in strength.items()}
+    stronger = [v for run_, v in variants.items() if run_[0] == 1.0]
+    if eot_name is not None:
+        more_eot = check_unchanged("2x EOT samples", dad[eot_name][:n_sub],
+                                   extra["dad"][f"sanity__{eot_name}__eot_x2"], z)
+        checks["more_eot"] = CheckResult(more_eot.passed, f"{eot_name} (the strongest attack needing EOT; {name} "
+                                         f"does not): {more_eot.detail}")
+        stronger.append(f"sanity__{eot_name}__eot_x2")
+
+    label = threat_label(base)
+    same_threat = [n for n, s in specs.items() if threat_label(s) == label]
+    base_union = union([dad[n][:n_sub] for n in same_threat])
+    folded_union = union([base_union, *(extra["dad"][v] for v in stronger)])
+    folded = {label: {"correct": folded_union, "attacks": [*same_threat, *stronger],
+                      "extra_errors": int((base_union & ~folded_union).sum())}}
+    eps = sorted(sweep)
+    sweep_report = {
+        "attack": name, "classifier_attack": classifier_attack or "pgd (derived from the white-box attack)",
+        "norm": base.norm, "n": n_sub, "eps": [f * base.eps for f in eps],
+        "dad_white_box": [fraction(sweep[f]) for f in eps],
+        "dad_classifier_only": [fraction(extra["dad"][sweep_names[f]]) for f in eps],
+        "undefended": [fraction(extra["undefended"][sweep_names[f]]) for f in eps],
+    }
+    return checks, sweep_report, folded
