@@ -6,8 +6,9 @@ the checkpoints ``p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` 
 reference implementation's integer form: the first after ``int(0.22 N)`` iterations, each later interval
 ``int(0.03 N)`` shorter than the previous one, down to ``int(0.06 N)``) when fewer than ``rho = 0.75`` of the
 steps since the last checkpoint raised the sample's objective, or when neither the step size nor the best
-objective changed; on halving, the sample restarts from its best point. Steps carry momentum ``alpha = 0.75``. Gradients and objective values are averaged
-over ``eot_samples`` evaluations of a randomised model (EOT, Athalye et al. 2018).
+objective changed; on halving, the sample restarts from its best point. Steps carry momentum
+``alpha = 0.75``. Gradients and objective values are averaged over ``eot_samples`` evaluations of a
+randomised model (EOT, Athalye et al. 2018).
 
 Written for batch-level defenses such as DAD: every query is a whole batch (torchattacks' APGD attacks
 only the still-robust inputs, so a batch defense would be queried on sub-batches that route differently),

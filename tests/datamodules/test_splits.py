@@ -54,7 +54,8 @@ def test_calibration_from_the_test_pool_is_disjoint_from_the_evaluated_test_imag
     splits = carve_splits(labels, 300, mmd_per_class=5, val_size=50, seed=0, calibration_size=100,
                           calibration_from="test")
     assert len(splits.calibration) == 100 and len(splits.test) == 200
-    assert not set(splits.calibration) & set(splits.test) and set(splits.calibration) | set(splits.test) == set(range(300))
+    assert not set(splits.calibration) & set(splits.test)
+    assert set(splits.calibration) | set(splits.test) == set(range(300))
     assert len(splits.denoiser) == 600 - 50 - 50  # nothing more is held out of the training pool
     train = carve_splits(labels, 300, mmd_per_class=5, val_size=50, seed=0, calibration_size=100)
     assert splits.digest() != train.digest() and train.calibration_from == "train"

@@ -13,7 +13,6 @@ from dad.attacks import AttackSpec, run_attack
 from dad.defense import DADDefense, load_defense
 from datamodules.settings import DataSettings
 from lightning_modules.classifier import ClassifierSettings
-from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings
 from pipeline.config import DefenseSettings
 from pipeline.paths import RunPaths
