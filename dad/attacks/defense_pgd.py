@@ -4,8 +4,8 @@ The published adaptive attack and the detector-evasion attacks (:mod:`dad.attack
 engine: fixed-size steps along the EOT-averaged gradient (Madry et al. 2018, Athalye et al. 2018). About
 ten iterates spread over the run (the last included) are judged by the real defense on the whole batch over
 ``draws`` noise draws and the one it gets most wrong is kept; a schedule of penalty weights (``lambdas``)
-runs once per weight and keeps the strongest batch (:func:`~dad.attacks.objectives.strongest_batch`). The returned AEs are always a real batch,
-judged whole.
+runs once per weight and keeps the strongest batch (:func:`~dad.attacks.objectives.strongest_batch`). The
+returned AEs are always a real batch, judged whole.
 
 Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 """
