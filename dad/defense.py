@@ -1,8 +1,9 @@
 """DADDefense: the assembled defense as a plain ``nn.Module`` (no Lightning at inference).
 
-Images in [0, 1] go in, logits come out. Each batch is scored by MMD-OPT against clean reference
-data; a batch judged clean goes straight to the classifier, a batch judged adversarial is noised,
-denoised and then classified. The batch score and decision are exposed for logging.
+Images in [0, 1] go in, logits come out. MMD-OPT judges the input against clean reference data, per
+batch or per image (:mod:`dad.routing`); what is judged clean goes straight to the classifier, what is
+judged adversarial is noised, denoised and then classified. The scores and decisions are exposed for
+logging and for attacks that know them.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from dad.detector import MMDDetector
 from dad.io import atomic_torch_save
 from dad.networks import build_networks, logits_and_features, network_specs
 from dad.noise import NOISE_MODES, NoiseMode, add_noise
+from dad.routing import ROUTINGS, JointThresholds, Routing, relative_excess
+from dad.sample_detector import SampleDetector
 
-__all__ = ["DADDefense", "DefenseOutput", "load_defense", "InvalidInputError", "IncompatibleFileError"]
+__all__ = ["DADDefense", "DefenseOutput", "Detection", "load_defense", "InvalidInputError", "IncompatibleFileError"]
 
 _FORMAT = "dad-defense"
-_VERSION = 2
-_READABLE = (1, 2)  # version 1 stored the specs without the kernel part
+_VERSION = 3
+_READABLE = (1, 2, 3)  # 1: specs without the kernel part; 2: batch routing only
 
 
 class InvalidInputError(ValueError):
@@ -36,21 +39,41 @@ class IncompatibleFileError(ValueError):
 
 
 @dataclass
+class Detection:
+    """What the detectors say of a batch, differentiable in its images.
+
+    Attributes:
+        score: the statistic the routing reports: the batch's MMD^2 against the reference set (``batch``,
+            ``both``) or the mean per-sample score (``sample``).
+        batch_excess: ``(score - threshold) / |threshold|`` of the batch test (None in ``sample`` routing).
+        sample_excess: the same per image for the per-sample test, shape ``(B,)`` (None in ``batch`` routing).
+        flags: the routing decision per image, shape ``(B,)``: True where the image is purified.
+    """
+
+    score: Tensor
+    batch_excess: Tensor | None
+    sample_excess: Tensor | None
+    flags: Tensor
+
+
+@dataclass
 class DefenseOutput:
     """What one forward pass of the defense produced."""
 
     logits: Tensor  # (B, K), or (draws, B, K) from DADDefense.forward_draws
-    score: Tensor  # the batch's MMD^2 against the reference set, differentiable in the input
-    adversarial: Tensor  # the routing decision: True if the batch went through the denoiser
+    score: Tensor  # the routing's detection statistic (see Detection), differentiable in the input
+    adversarial: Tensor  # True if any image of the batch went through the denoiser
+    flags: Tensor | None = None  # (B,): which images went through the denoiser
 
 
-def check_images(x: Tensor, shape: tuple[int, ...]) -> None:
+def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:
     """Raise :class:`InvalidInputError` unless ``x`` is a finite batch of ``shape`` images in [0, 1]."""
     if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
         expected = ", ".join(map(str, shape))
         raise InvalidInputError(f"Expected a batch of images of shape (B, {expected}), got {tuple(x.shape)}")
-    if x.shape[0] < 2:
-        raise InvalidInputError(f"DAD detects per batch: expected a batch of at least 2 images, got {x.shape[0]}")
+    if x.shape[0] < min_batch:
+        raise InvalidInputError(f"DAD detects per batch: expected a batch of at least {min_batch} images, got "
+                                f"{x.shape[0]} (`routing: sample` judges single images)")
     if not x.is_floating_point():
         raise InvalidInputError(f"Expected floating-point images in [0, 1], got dtype {x.dtype}")
     if not torch.isfinite(x).all():
@@ -66,14 +89,16 @@ def purify(denoiser: nn.Module, x: Tensor, noise_std: float, noise: NoiseMode) -
 
 
 class DADDefense(nn.Module):
-    """Classifier + MMD-OPT detector + denoiser with per-batch routing.
+    """Classifier + MMD-OPT detectors + denoiser, routing per batch, per image or both (:mod:`dad.routing`).
 
     Args:
         classifier: maps images in [0, 1] to logits; if it is also the kernel's feature extractor,
             one forward pass yields both the logits and the detection features.
-        detector: the calibrated MMD detector.
+        detector: the calibrated batch MMD detector.
         denoiser: maps noisy images to denoised ones.
         noise_std, noise: the noise added before denoising (as in the denoiser's training).
+        sample_detector: the per-sample detector (needed by the ``sample`` and ``both`` routings).
+        routing: ``batch`` (the paper's), ``sample`` or ``both``; settable on a built or loaded defense.
     """
 
     def __init__(
@@ -83,6 +108,8 @@ class DADDefense(nn.Module):
         denoiser: nn.Module,
         noise_std: float = 0.25,
         noise: NoiseMode = "one_sided",
+        sample_detector: SampleDetector | None = None,
+        routing: Routing = "batch",
     ) -> None:
         super().__init__()
         if noise_std < 0:
@@ -94,6 +121,23 @@ class DADDefense(nn.Module):
         self.denoiser = denoiser
         self.noise_std = noise_std
         self.noise = noise
+        self.sample_detector = sample_detector
+        self.joint = JointThresholds()
+        self.routing = routing
+
+    @property
+    def routing(self) -> Routing:
+        """How images are routed: ``batch``, ``sample`` or ``both`` (see :mod:`dad.routing`)."""
+        return self._routing
+
+    @routing.setter
+    def routing(self, mode: Routing) -> None:
+        if mode not in ROUTINGS:
+            raise ValueError(f"Expected `routing` in {ROUTINGS}, got {mode!r}")
+        if mode != "batch" and self.sample_detector is None:
+            raise ValueError(f"`routing: {mode}` needs a per-sample detector; this defense has none (it was saved "
+                             "before per-sample routing existed: re-run `train.py defense`)")
+        self._routing = mode
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -117,30 +161,48 @@ class DADDefense(nn.Module):
         """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier)."""
         return logits_and_features(self.classifier, self.detector.kernel, x)
 
+    def detect(self, x: Tensor, features: Tensor) -> Detection:
+        """The detectors' verdict on the batch ``x`` under the current routing (``features``: ``phi(x)``)."""
+        batch_excess = sample_excess = None
+        if self.routing == "sample":
+            scores = self.sample_detector.scores(x, features)  # type: ignore[union-attr]
+            sample_excess = relative_excess(scores, self.sample_detector.threshold)  # type: ignore[union-attr]
+            return Detection(scores.mean(), None, sample_excess, sample_excess > 0)
+        score = self.detector.score(x, features)
+        if self.routing == "batch":
+            batch_excess = relative_excess(score, self.detector.threshold_for(x.shape[0]))
+            return Detection(score, batch_excess, None, (batch_excess > 0).expand(x.shape[0]))
+        batch_threshold, sample_threshold = self.joint.thresholds_for(x.shape[0])
+        batch_excess = relative_excess(score, batch_threshold)
+        sample_excess = relative_excess(self.sample_detector.scores(x, features), sample_threshold)  # type: ignore
+        return Detection(score, batch_excess, sample_excess, (batch_excess > 0) | (sample_excess > 0))
+
     def forward_with_info(self, x: Tensor) -> DefenseOutput:
-        """Route the batch and return logits, the batch's MMD score and the decision."""
+        """Route the input and return logits, the detection statistic and the decisions."""
         out = self.forward_draws(x, 1)
-        return DefenseOutput(logits=out.logits[0], score=out.score, adversarial=out.adversarial)
+        return DefenseOutput(logits=out.logits[0], score=out.score, adversarial=out.adversarial, flags=out.flags)
 
     def forward_draws(self, x: Tensor, draws: int) -> DefenseOutput:
         """``draws`` independent passes of the defense on the batch ``x``: logits of shape ``(draws, B, K)``.
 
-        The detection (score and decision) does not depend on the noise, so it is computed once, and a batch
-        judged clean is deterministic: only the denoiser path is drawn ``draws`` times. The random state is
-        consumed exactly as ``draws`` calls of :meth:`forward_with_info` would.
+        The detection does not depend on the noise, so it is computed once, and images judged clean are
+        deterministic: only the flagged images are purified, ``draws`` times.
         """
-        check_images(x, self.image_shape)
+        check_images(x, self.image_shape, min_batch=1 if self.routing == "sample" else 2)
         if draws < 1:
             raise ValueError(f"Expected `draws` >= 1, got {draws}")
         x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
         logits, features = self.classify_with_features(x)
-        score = self.detector.score(x, features)
-        adversarial = self.detector.decide(score, x.shape[0])
-        if bool(adversarial):
+        detection = self.detect(x, features)
+        flags = detection.flags
+        stacked = logits.expand(draws, *logits.shape)
+        if bool(flags.all()):
             stacked = torch.stack([self.classifier(self.purify(x)) for _ in range(draws)])
-        else:
-            stacked = logits.expand(draws, *logits.shape)
-        return DefenseOutput(logits=stacked, score=score, adversarial=adversarial)
+        elif bool(flags.any()):
+            purified = torch.stack([self.classifier(self.purify(x[flags])) for _ in range(draws)])
+            stacked = stacked.clone()
+            stacked[:, flags] = purified
+        return DefenseOutput(logits=stacked, score=detection.score, adversarial=flags.any(), flags=flags)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_info(x).logits
@@ -154,6 +216,8 @@ class DADDefense(nn.Module):
             "noise_std": self.noise_std,
             "noise": self.noise,
             "target_fpr": self.detector.target_fpr,
+            "routing": self.routing,
+            "sample_score": self.sample_detector.kind if self.sample_detector is not None else None,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         atomic_torch_save(payload, path)
@@ -177,14 +241,22 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
     if payload.get("version") not in _READABLE:
         raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_READABLE}")
     state = payload["state_dict"]
+    if payload["version"] < 3:  # no joint thresholds before per-sample routing
+        state = {**state, **{f"joint.{k}": v for k, v in JointThresholds().state_dict().items()}}
     classifier, kernel, denoiser = build_networks(_networks_of(payload))
     detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]), target_fpr=payload["target_fpr"])
-    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"])
+    sample_detector = None
+    if payload.get("sample_score") is not None:
+        sample_detector = SampleDetector(kernel, torch.zeros_like(state["sample_detector.clean"]),
+                                         torch.zeros_like(state["sample_detector.adversarial"]),
+                                         payload["sample_score"], payload["target_fpr"])
+    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], sample_detector)
     try:
         defense.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise IncompatibleFileError(f"{path} does not match its stored architecture: {first}") from None
+    defense.routing = payload.get("routing", "batch")
     return defense.eval()
 
 

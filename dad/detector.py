@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dad.kernels import SemanticKernel
 from dad.mmd import mmd2_unbiased_unpaired
 
-__all__ = ["MMDDetector", "DetectorNotCalibratedError", "finite_pool_factor"]
+__all__ = ["MMDDetector", "DetectorNotCalibratedError", "finite_pool_factor", "pool_threshold", "random_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,14 @@ class MMDDetector(nn.Module):
         return score > self.threshold_for(batch_size)
 
     @torch.no_grad()
-    def batch_scorer(self, pool: Tensor) -> Callable[[int, int, torch.Generator | None], Tensor]:
+    def batch_scorer(self, pool: Tensor) -> Callable[..., Tensor]:
         """Scores of many random batches drawn from ``pool``, computed from one set of gram matrices.
 
-        Returns a function ``(batch_size, num_batches, generator) -> scores`` whose every score equals
-        :meth:`score` of the corresponding batch (drawn without replacement inside a batch): the gram
-        matrices of the pool against itself and the reference are computed once, and each batch's
-        score is read off them by indexing (``B^2`` entries per batch, whatever the pool's size).
+        Returns a function ``(batch_size, num_batches, generator, order=None) -> scores`` whose every score
+        equals :meth:`score` of the corresponding batch (drawn without replacement inside a batch, or the rows
+        of the index matrix ``order`` when given): the gram matrices of the pool against itself and the
+        reference are computed once, and each batch's score is read off them by indexing (``B^2`` entries
+        per batch, whatever the pool's size).
         """
         fp = torch.cat([self.kernel.features(chunk) for chunk in pool.split(256)])
         k_pp = self.kernel.cross_gram(fp, fp, pool, pool)
@@ -139,10 +140,13 @@ class MMDDetector(nn.Module):
         cross = k_pr.mean(1)
         size = pool.shape[0]
 
-        def scores(batch_size: int, num_batches: int, generator: torch.Generator | None = None) -> Tensor:
+        def scores(batch_size: int, num_batches: int, generator: torch.Generator | None = None,
+                   order: Tensor | None = None) -> Tensor:
             if not 2 <= batch_size <= size:
                 raise ValueError(f"Expected a batch size in [2, {size}] (the pool's size), got {batch_size}")
-            order = torch.rand(num_batches, size, generator=generator).argsort(1)[:, :batch_size].to(k_pp.device)
+            if order is None:
+                order = random_batches(size, batch_size, num_batches, generator)
+            order = order.to(k_pp.device)
             out = []
             for idx in order.split(max(1, 2**22 // batch_size**2)):  # bounds the (n, B, B) block to 16 MiB
                 block = k_pp[idx[:, :, None], idx[:, None, :]].sum((1, 2)) - diagonal[idx].sum(1)
@@ -199,9 +203,7 @@ class MMDDetector(nn.Module):
         thresholds = []
         for b in sizes:
             scores = scorer(b, num_batches, generator).double()
-            centre = scores.mean()
-            factor = finite_pool_factor(pool, b)
-            threshold = (centre + factor * (torch.quantile(scores, 1.0 - self.target_fpr) - centre)).float()
+            threshold, factor = pool_threshold(scores, pool, b, self.target_fpr)
             thresholds.append(threshold)
             results[b] = {
                 "threshold": threshold.item(),
@@ -219,6 +221,20 @@ class MMDDetector(nn.Module):
 def _refresh_after_load(detector: MMDDetector, incompatible_keys: object) -> None:
     """Load hook: rebuild the reference gram from the loaded kernel and reference features."""
     detector._refresh_ref_gram()
+
+
+def random_batches(pool: int, batch_size: int, num_batches: int, generator: torch.Generator | None = None) -> Tensor:
+    """``(num_batches, batch_size)`` indices into a pool of ``pool`` images, without replacement in a batch."""
+    return torch.rand(num_batches, pool, generator=generator).argsort(1)[:, :batch_size]
+
+
+def pool_threshold(scores: Tensor, pool: int, batch_size: int, fpr: float) -> tuple[Tensor, float]:
+    """The threshold of random batches' ``scores`` drawn from a pool of ``pool`` images at a false-positive rate
+    ``fpr`` on fresh batches: the ``1 - fpr`` quantile's distance from the mean widened by
+    :func:`finite_pool_factor`. Returns the threshold and the factor."""
+    centre = scores.mean()
+    factor = finite_pool_factor(pool, batch_size)
+    return (centre + factor * (torch.quantile(scores, 1.0 - fpr) - centre)).float(), factor
 
 
 def finite_pool_factor(pool: int, batch_size: int) -> float:

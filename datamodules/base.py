@@ -3,7 +3,9 @@
 Splits (all disjoint):
 - ``mmd``: N images per class from the training data (trains the MMD-OPT kernel; the detector's
   reference set is drawn from it);
-- ``denoiser``: the rest of the training data (trains the denoiser);
+- ``denoiser``: the rest of the training data (trains the denoiser), or ``denoiser_size`` of it, the others
+  (``extra``) then training the classifier only: a large training set for the classifier without paying for
+  its adversarial examples;
 - ``val``: clean held-out images (model selection; threshold calibration too unless there is a
   ``calibration`` split);
 - ``calibration``: optional clean held-out images for the detector's thresholds only. Calibration needs
@@ -13,7 +15,7 @@ Splits (all disjoint):
   phi on CIFAR-10, ImageNet) has seen every training image, and calibration images it has seen look more
   in-distribution than the test batches, which shifts the realised FPR;
 - ``test``: the dataset's test split, or a held-out part of the data where there is none.
-The classifier trains on ``mmd`` + ``denoiser``. The indices are a pure function of the seed and are
+The classifier trains on ``mmd`` + ``denoiser`` + ``extra``. The indices are a pure function of the seed and are
 saved in the run directory, so a resumed or later stage sees exactly the same split.
 """
 
@@ -32,12 +34,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dad.io import atomic_write_json
+from datamodules.augment import FlipCrop
 from datamodules.sampling import ResumableSampler
 from datamodules.settings import DataSettings
 
 __all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits", "open_torchvision_dataset"]
 
-SPLIT_NAMES = ("mmd", "denoiser", "val", "calibration", "test")
+SPLIT_NAMES = ("mmd", "denoiser", "val", "calibration", "test", "extra")
 
 
 class DataError(ValueError):
@@ -55,16 +58,18 @@ class Splits:
     test: list[int]
     calibration: list[int] = field(default_factory=list)
     calibration_from: str = "train"
+    extra: list[int] = field(default_factory=list)
 
     def digest(self) -> str:
         """A short hash identifying the split (recorded in AE-cache manifests).
 
-        An empty ``calibration`` split, and the default training pool of calibration, are left out, so runs
-        made before they existed keep their digest.
+        Empty ``calibration`` and ``extra`` splits, and the default training pool of calibration, are left out,
+        so runs made before they existed keep their digest.
         """
         fields = asdict(self)
-        if not fields["calibration"]:
-            del fields["calibration"]
+        for name in ("calibration", "extra"):
+            if not fields[name]:
+                del fields[name]
         if fields["calibration_from"] == "train":
             del fields["calibration_from"]
         return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
@@ -76,19 +81,21 @@ class Splits:
 
 
 class ImageTensorDataset(Dataset):
-    """``(image, label)`` pairs from in-memory tensors; uint8 images are scaled to [0, 1] on access."""
+    """``(image, label)`` pairs from in-memory tensors; uint8 images are scaled to [0, 1] on access unless
+    ``raw`` (then the loader's ``collate_fn`` augments and scales whole batches, see :mod:`datamodules.augment`)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, indices: list[int] | None = None) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, indices: list[int] | None = None, raw: bool = False) -> None:
         self.images = images
         self.labels = labels
         self.indices = indices if indices is not None else list(range(len(labels)))
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         j = self.indices[i]
-        return to_float(self.images[j]), self.labels[j]
+        return (self.images[j] if self.raw else to_float(self.images[j])), self.labels[j]
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -105,6 +112,7 @@ def carve_splits(
     test_size: int = 0,
     calibration_size: int = 0,
     calibration_from: str = "train",
+    denoiser_size: int | None = None,
 ) -> Splits:
     """Carve the DAD splits deterministically from ``seed``.
 
@@ -113,7 +121,8 @@ def carve_splits(
     ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
     from the training pool too (datasets without a test split), else it is the whole test pool of
     ``num_test`` images, in a seeded random order. With ``calibration_from="test"`` the calibration split is
-    the first ``calibration_size`` images of that order instead, and the test split the rest.
+    the first ``calibration_size`` images of that order instead, and the test split the rest. With
+    ``denoiser_size``, the denoiser split is capped at that many images and the others form ``extra``.
     """
     if calibration_from not in ("train", "test"):
         raise ValueError(f"Expected `calibration_from` in ('train', 'test'), got {calibration_from!r}")
@@ -150,8 +159,10 @@ def carve_splits(
                         f"calibration_size={calibration_size} leave none for the denoiser")
     if calibration_from == "train":
         calibration = sorted(rest[val_size:held_out])
-    return Splits(mmd=sorted(mmd), denoiser=sorted(rest[held_out:]), val=sorted(rest[:val_size]), test=test,
-                  calibration=calibration, calibration_from=calibration_from)
+    remaining = rest[held_out:]
+    cap = len(remaining) if denoiser_size is None else denoiser_size
+    return Splits(mmd=sorted(mmd), denoiser=sorted(remaining[:cap]), val=sorted(rest[:val_size]), test=test,
+                  calibration=calibration, calibration_from=calibration_from, extra=sorted(remaining[cap:]))
 
 
 class DADDataModule(pl.LightningDataModule):
@@ -200,7 +211,7 @@ class DADDataModule(pl.LightningDataModule):
         self.train_images, self.train_labels = train_x, train_y
         cfg = self.settings
         self.splits = carve_splits(train_y, len(test_y), cfg.mmd_per_class, cfg.val_size, self.seed, cfg.test_size,
-                                   cfg.calibration_size, cfg.calibration_from)
+                                   cfg.calibration_size, cfg.calibration_from, cfg.denoiser_size)
         self.test_images, self.test_labels = test_x, test_y
 
     def save_splits(self, path: str | Path) -> None:
@@ -218,17 +229,18 @@ class DADDataModule(pl.LightningDataModule):
             return to_float(self.test_images[idx]), self.test_labels[idx]
         return to_float(self.train_images[idx]), self.train_labels[idx]
 
-    def dataset(self, name: str) -> ImageTensorDataset:
+    def dataset(self, name: str, raw: bool = False) -> ImageTensorDataset:
+        """The images of split ``name`` (``train`` is ``mmd`` + ``denoiser``), uint8 as stored if ``raw``."""
         self.setup()
         if name == "test" or (name == "calibration" and self.splits.calibration_from == "test"):
-            return ImageTensorDataset(self.test_images, self.test_labels, getattr(self.splits, name))
+            return ImageTensorDataset(self.test_images, self.test_labels, getattr(self.splits, name), raw)
         if name == "train":
-            train = sorted(self.splits.mmd + self.splits.denoiser)
-            return ImageTensorDataset(self.train_images, self.train_labels, train)
-        return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name))
+            train = sorted(self.splits.mmd + self.splits.denoiser + self.splits.extra)
+            return ImageTensorDataset(self.train_images, self.train_labels, train, raw)
+        return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name), raw)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        data = self.dataset(name)
+    def _loader(self, name: str, shuffle: bool, augment: FlipCrop | None = None) -> DataLoader:
+        data = self.dataset(name, raw=augment is not None)
         return DataLoader(
             data,
             batch_size=self.batch_size,
@@ -236,10 +248,12 @@ class DADDataModule(pl.LightningDataModule):
             num_workers=self.settings.num_workers,
             persistent_workers=self.settings.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=augment,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self, augment: FlipCrop | None = None) -> DataLoader:
+        """Shuffled training batches; ``augment`` crops and flips each uint8 batch (the classifier's recipe)."""
+        return self._loader("train", shuffle=True, augment=augment)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

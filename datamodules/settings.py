@@ -24,6 +24,8 @@ class DataSettings:
         calibration_size: if > 0, a clean split of this size for the detector's thresholds only.
         calibration_from: the pool the calibration split is carved from: ``train``, or the dataset's own
             ``test`` pool (then evaluated on the rest): images a pre-trained feature extractor never saw.
+        denoiser_size: cap the denoiser split (its AEs cost the most); the remaining training images train
+            the classifier only. None: every training image not held out.
         subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
         batch_size: batch size of the classifier's loaders, per process.
         num_workers: data-loader workers.
@@ -38,6 +40,7 @@ class DataSettings:
     test_size: int = 450
     calibration_size: int = 0
     calibration_from: Literal["train", "test"] = "train"
+    denoiser_size: int | None = None
     subset: int | None = None
     batch_size: int = 64
     num_workers: int = 0
@@ -52,5 +55,7 @@ class DataSettings:
         for name in ("test_size", "calibration_size", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Expected `data.{name}` >= 0, got {getattr(self, name)}")
+        if self.denoiser_size is not None and self.denoiser_size < 1:
+            raise ValueError(f"Expected `data.denoiser_size` >= 1, got {self.denoiser_size}")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"Expected `data.subset` >= 1, got {self.subset}")

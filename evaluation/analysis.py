@@ -16,12 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks import AttackSpec
+from dad.detector import random_batches
 from dad.metrics import auroc, batched_predictions, rate_above, worst_case
+from dad.routing import BATCH_SHARE
 from dad.sanity import CheckResult
 from dad.stats import accuracy_interval
 
 __all__ = [
     "fraction", "summary", "threat_label", "threat_groups", "union", "worst_cases", "detection_metrics", "fpr_check",
+    "purified_share", "sample_detection",
 ]
 
 
@@ -163,28 +166,80 @@ def detection_metrics(
 
 
 def fpr_check(measured: float, target: float, pool: int, calibration_pool: int, batch_size: int,
-              z: float = 2.0) -> tuple[CheckResult, dict[str, Any]]:
-    """Does the clean FPR measured at the deployed batch size agree with the target, within its noise?
+              routing: str = "batch", z: float = 2.0) -> tuple[CheckResult, dict[str, Any]]:
+    """Does the share of clean images the defense purifies at the deployed batch size agree with the target FPR,
+    within its noise?
 
-    Two sources of noise, added in quadrature: the measurement's binomial error on the ``pool // batch_size``
-    *disjoint* clean batches the test pool holds (random batches drawn from it overlap, so they carry no more
-    information), and the calibration pool's own offset from the population, which moves the threshold:
-    the pool's mean deviates from the population's by ``sqrt(B / N_cal)`` of a batch score's spread (the term
-    the detector's finite-pool factor models), i.e. ``phi(q) sqrt(B / N_cal)`` in FPR at the
-    ``q = Phi^-1(1 - target)`` quantile of a normal null.
+    Two sources of noise, added in quadrature. The measurement's binomial error: on the ``pool // batch_size``
+    *disjoint* clean batches the test pool holds for the batch test (random batches drawn from it overlap,
+    so they carry no more information), on the ``pool`` images for the per-sample test. And the calibration
+    pool's own error, which moves the threshold: for the batch test the pool's mean deviates from the
+    population's by ``sqrt(B / N_cal)`` of a batch score's spread (the term the detector's finite-pool factor
+    models), i.e. ``phi(q) sqrt(B / N_cal)`` in FPR at the ``q = Phi^-1(1 - fpr)`` quantile of a normal null;
+    for the per-sample test an empirical quantile of ``N_cal`` scores, ``sqrt(fpr (1 - fpr) / N_cal)``. The
+    ``both`` routing adds the terms of its batch test (at half the target) and its per-sample test (the rest).
     """
     disjoint = max(pool // batch_size, 1)
-    binomial = math.sqrt(target * (1 - target) / disjoint)
-    quantile = NormalDist().inv_cdf(1 - target)
-    calibration = NormalDist().pdf(quantile) * math.sqrt(batch_size / max(calibration_pool, 1))
-    tolerance = z * math.sqrt(binomial**2 + calibration**2)
+    batch_fpr = {"batch": target, "sample": 0.0, "both": BATCH_SHARE * target}[routing]
+    sample_fpr = (target - batch_fpr) / (1.0 - batch_fpr)
+    binomial_sq = batch_fpr * (1 - batch_fpr) / disjoint + sample_fpr * (1 - sample_fpr) / max(pool, 1)
+    calibration_sq = sample_fpr * (1 - sample_fpr) / max(calibration_pool, 1)
+    if batch_fpr > 0:
+        density = NormalDist().pdf(NormalDist().inv_cdf(1 - batch_fpr))
+        calibration_sq += (density * math.sqrt(batch_size / max(calibration_pool, 1))) ** 2
+    binomial, calibration = math.sqrt(binomial_sq), math.sqrt(calibration_sq)
+    tolerance = z * math.sqrt(binomial_sq + calibration_sq)
     passed = abs(measured - target) <= tolerance
     detail = {"measured": measured, "target": target, "tolerance": tolerance, "disjoint_batches": disjoint,
               "se_binomial": binomial, "se_calibration": calibration, "calibration_pool": calibration_pool,
-              "batch_size": batch_size, "z": z,
-              "formula": "|FPR - target| <= z * sqrt(target (1 - target) / floor(N_test / B) + "
-                         "(phi(Phi^-1(1 - target)) * sqrt(B / N_cal))^2)"}
-    text = (f"clean FPR {measured:.4f} vs target {target:.3f} at batch size {batch_size}: tolerance {tolerance:.4f} = "
-            f"{z:g} x sqrt({binomial:.4f}^2 [binomial, {disjoint} disjoint batches] + {calibration:.4f}^2 "
-            f"[calibration pool of {calibration_pool}])")
+              "batch_size": batch_size, "routing": routing, "z": z,
+              "formula": "|purified share - target| <= z * sqrt(p_b (1 - p_b) / floor(N_test / B) + "
+                         "p_s (1 - p_s) / N_test + (phi(Phi^-1(1 - p_b)) sqrt(B / N_cal))^2 + p_s (1 - p_s) / N_cal)"
+                         f" with p_b = {batch_fpr:.3g} (batch test) and p_s = {sample_fpr:.3g} (per-sample test)"}
+    text = (f"clean images purified {measured:.4f} vs target {target:.3f} ({routing} routing, batch size "
+            f"{batch_size}): tolerance {tolerance:.4f} = {z:g} x sqrt({binomial:.4f}^2 [binomial: {disjoint} "
+            f"disjoint batches, {pool} images] + {calibration:.4f}^2 [calibration pool of {calibration_pool}])")
     return CheckResult(passed, text), detail
+
+
+@torch.no_grad()
+def purified_share(defense: nn.Module, pool: Tensor, batch_size: int, num_batches: int,
+                   generator: torch.Generator | None = None) -> float:
+    """The share of clean images the defense purifies on random batches of ``pool``, under its routing.
+
+    Computed from one pass over the pool: the batch scores of random batches are read off the pool's gram
+    matrices (:meth:`~dad.detector.MMDDetector.batch_scorer`) and each image's per-sample score does not depend
+    on its batch.
+    """
+    routing, size = defense.routing, len(pool)
+    sample = torch.cat([defense.sample_detector.scores(part) for part in pool.split(256)]) if routing != "batch" \
+        else None
+    if routing == "sample":
+        return (sample > defense.sample_detector.threshold).double().mean().item()
+    order = random_batches(size, batch_size, num_batches, generator)
+    scores = defense.detector.batch_scorer(pool)(batch_size, num_batches, order=order).cpu()
+    if routing == "batch":
+        return (scores > defense.detector.threshold_for(batch_size).cpu()).double().mean().item()
+    batch_threshold, sample_threshold = defense.joint.thresholds_for(batch_size)
+    flagged = (scores > batch_threshold.cpu())[:, None] | (sample.cpu()[order] > sample_threshold.cpu())
+    return flagged.double().mean().item()
+
+
+@torch.no_grad()
+def sample_detection(defense: nn.Module, fpr_pool: Tensor, pools: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Per-sample detection: the clean images' FPR at the per-sample threshold, and per attack the AUROC of the
+    per-sample scores (clean test images vs the attack's AEs) and the TPR at the threshold."""
+    detector = defense.sample_detector
+
+    def scores(images: Tensor) -> Tensor:
+        return torch.cat([detector.scores(part) for part in images.split(256)]).cpu()
+
+    clean = scores(fpr_pool)
+    threshold = detector.threshold.item()
+    out: dict[str, Any] = {"score": detector.kind, "threshold": threshold, "fpr_clean": rate_above(clean, threshold),
+                           "auroc": {}, "tpr": {}}
+    for name, pool in pools.items():
+        adversarial = scores(pool)
+        out["auroc"][name] = auroc(clean, adversarial)
+        out["tpr"][name] = rate_above(adversarial, threshold)
+    return out

@@ -20,6 +20,14 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+_ROUTING = {
+    "batch": "each batch's MMD score decides for the whole batch (the paper's; it assumes the attacker controls "
+             "whole batches).",
+    "sample": "each image is judged and routed on its own per-sample score.",
+    "both": "a batch judged adversarial is purified whole, otherwise the images judged adversarial alone are.",
+}
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -82,7 +90,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     det = report["detection"]
     draws = report["draws"]
     clean = report["clean_acc"]
-    lines = [f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
+    lines = [f"DAD with **{report['routing']}** routing: {_ROUTING[report['routing']]}", "",
+             f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
              f"it is right in all {draws} noise draws and every attack of the column left it correct; the headline "
              "is the lowest column):", "", *_headline(report), "",
              f"**Attacks** ({report['num_test']} test images; attacks through the defense on the first "
@@ -92,7 +101,7 @@ def report_markdown(report: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| clean | - | - | {_pct(clean['undefended'])} | {_ci(clean['dad'], clean['dad_ci95'])} | "
              f"{_pct(clean['dad_mean'])} | {_ci(*_split(clean['dad_minus_undefended']))} | "
-             f"FPR {det['fpr_clean']:.4f} (target {det['target_fpr']:.2f}) | - |"]
+             f"purified {det['clean_purified']:.4f} (target {det['target_fpr']:.2f}) | - |"]
     for name, acc in report["robust_acc"].items():
         a = report["attacks"][name]
         lines.append(f"| {name} | {a['threat']} | {_kind(a)}: {_settings(a)} | {_pct(acc['undefended'])} | "
@@ -125,6 +134,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         cells = [f"{_pct(e['auroc'].get(name))} / {_pct(e['tpr'].get(name))}" if name in e["auroc"] else "-"
                  for e in per_size]
         lines.append(f"| {name}: AUROC / TPR | " + " | ".join(cells) + " |")
+    sample = det.get("per_sample")
+    if sample:
+        names = list(sample["auroc"])
+        lines += ["", f"**Per-sample detection** ({sample['score']} score; threshold {sample['threshold']:.4g}, "
+                      f"clean test images above it: {sample['fpr_clean']:.4f}):", "",
+                  "| attack | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
+                  "| AUROC / TPR | " + " | ".join(f"{_pct(sample['auroc'][n])} / {_pct(sample['tpr'][n])}"
+                                                 for n in names) + " |"]
     if report.get("transfer"):
         src = report["transfer"]["source"]
         lines += ["", f"Transfer: AEs crafted on a separately trained {src['model']} (seed {src['seed']}, clean "

@@ -50,7 +50,9 @@ from dad.stats import paired_difference_interval
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
 from evaluation import plots
-from evaluation.analysis import detection_metrics, fpr_check, fraction, summary, worst_cases
+from evaluation.analysis import (
+    detection_metrics, fpr_check, fraction, purified_share, sample_detection, summary, worst_cases,
+)
 from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import run_sanity
 from evaluation.settings import TransferSettings
@@ -194,6 +196,8 @@ def _detection(ctx: _Context, states: Mapping[str, AttackState], threats: Mappin
     by_size, clean_scores, attack_scores = detection_metrics(
         ctx.defense, clean, ctx.y[: len(clean)].to(ctx.device), ctx.fpr_pool.to(ctx.device), pools, attacked, sizes,
         b, n_random)
+    per_sample = (sample_detection(ctx.defense, ctx.fpr_pool.to(ctx.device), pools)
+                  if ctx.defense.sample_detector is not None and ctx.defense.sample_detector.calibrated else None)
     threshold = detector.threshold_for(b).item()
     detection = {
         "threshold": threshold,
@@ -208,6 +212,7 @@ def _detection(ctx: _Context, states: Mapping[str, AttackState], threats: Mappin
         "auroc": {name: {str(s): by_size[str(s)]["auroc"][name] for s in sizes if name in by_size[str(s)]["auroc"]}
                   for name in threats},
         "by_batch_size": by_size,
+        "per_sample": per_sample,
     }
     return detection, clean_scores, attack_scores
 
@@ -278,6 +283,9 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     start = time.perf_counter()
     paths = RunPaths(Path(run_dir) if run_dir is not None else cfg.run.dir)
     defense = load_defense(paths.defense)
+    saved_routing = defense.routing
+    if cfg.eval.routing is not None:
+        defense.routing = cfg.eval.routing
     dm = load_datamodule(cfg, paths)
     fpr_pool, fpr_labels = dm.split_tensors("test")  # every clean test image: the FPR pool and the mixed filler
     ev = cfg.eval
@@ -288,7 +296,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="eval", default_hp_metric=False)
     ctx = _Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger,
                    {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "batch_size": b,
-                    "protocol": PROTOCOL})
+                    "routing": defense.routing, "protocol": PROTOCOL})
     threats = {name: s.threat for name, s in specs.items()}
 
     sources: dict[str, tuple[nn.Module, str]] = {}
@@ -332,8 +340,9 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     checks, sweep, folded = run_sanity(defense, probes, specs, threats, dad, num_classes, run, ev.sanity_attack,
                                        ev.sanity_samples, b, ev.sweep_factors, ev.sanity_z)
     calibration_pool = len(getattr(dm.splits, dm.splits.calibration_split))
-    checks["fpr"], fpr_detail = fpr_check(detection["fpr_clean"], detection["target_fpr"], len(fpr_labels),
-                                          calibration_pool, b, ev.sanity_z)
+    purified = purified_share(defense, fpr_pool.to(ctx.device), b, ev.random_batches, torch.Generator().manual_seed(7))
+    checks["fpr"], fpr_detail = fpr_check(purified, detection["target_fpr"], len(fpr_labels), calibration_pool, b,
+                                          defense.routing, ev.sanity_z)
     sanity_seconds = time.perf_counter() - sanity_start
     report: dict[str, Any] = {
         "clean_acc": {**_accuracies(states, results, CLEAN), "detection_rate": results[CLEAN]["detection_rate"]},
@@ -341,11 +350,12 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
         "mixed": {name: _mixed_entry(states[name], results[name], attack, p, specs[attack].threat)
                   for name, (attack, p) in mixed_bases.items()},
         "worst_case": worst_cases(specs, threats, dad, undefended, mixed_bases, folded),
-        "detection": {**detection, "fpr_check": fpr_detail},
+        "detection": {**detection, "clean_purified": purified, "fpr_check": fpr_detail},
         "transfer": transfer_info,
         "sanity": {key: c.as_dict() for key, c in checks.items()},
         "sweep": sweep,
         "attacks": {name: {**s.as_dict(), "threat": threats[name]} for name, s in specs.items()},
+        "routing": defense.routing,
         "draws": ev.draws,
         "num_test": n,
         "num_test_defense": n_defense,
@@ -358,9 +368,10 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                            "attacks": {name: states[name].per_batch("seconds").sum().item()
                                        for name in [*specs, *mixed]}}
     report = strict_json(report)
+    name = "report" if defense.routing == saved_routing else f"report_{defense.routing}"
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        atomic_write_json(report, paths.root / "report.json")
-        atomic_write_text(report_markdown(report), paths.root / "report.md")
+        atomic_write_json(report, paths.root / f"{name}.json")
+        atomic_write_text(report_markdown(report), paths.root / f"{name}.md")
     return report
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from dad.attacks import AttackSpec
 
@@ -69,6 +69,8 @@ class EvalSettings:
 
     Attributes:
         attacks: named attacks on whole batches (each an :class:`~dad.attacks.AttackSpec`).
+        routing: evaluate the defense under this routing (``batch``, ``sample`` or ``both``) instead of the one
+            it was saved with; the reports are then ``report_<routing>.{json,md}``.
         draws: noise draws per evaluation of a randomised defense: a sample counts as robust only if it is
             classified correctly in every draw (the mean over draws is reported beside it).
         detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
@@ -90,6 +92,7 @@ class EvalSettings:
     """
 
     attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
+    routing: Literal["batch", "sample", "both"] | None = None
     draws: int = 3
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     random_batches: int = 1000

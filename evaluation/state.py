@@ -32,8 +32,8 @@ SAMPLE_FIELDS = ("index", "x_adv", "undefended", "dad", "dad_correct", "denoised
 """Per-sample values of a batch record: test-split index, AE, whether each predictor was right (DAD and the
 denoiser path in every draw), and DAD's number of correct draws."""
 BATCH_FIELDS = ("score", "flagged", "batches", "filler_acc", "seconds")
-"""Per-record values: the detector's MMD score and the share of defense batches flagged (means over a record's
-mixed batches), how many defense batches the record holds (1, or the number of mixed batches), the accuracy on
+"""Per-record values: the detection statistic and the share of images purified (means over a record's mixed
+batches; under batch routing the share is 0 or 1 per batch), how many defense batches the record holds (1, or the number of mixed batches), the accuracy on
 the clean filler of mixed batches (NaN otherwise), the seconds the attack took."""
 
 

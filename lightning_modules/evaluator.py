@@ -137,7 +137,7 @@ class DefenseEvaluator(pl.LightningModule):
             "dad_correct": correct,
             "denoised": denoised,
             "score": out.score.detach().reshape(()),
-            "flagged": out.adversarial.reshape(()).float(),
+            "flagged": out.flags.float().mean(),
             "filler_acc": filler_acc,
         }
 

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import yaml
@@ -68,15 +68,22 @@ class DefenseSettings:
 
     Attributes:
         reference_size: clean reference images (drawn from the MMD set) each batch is tested against.
-        target_fpr: the detector's false-positive rate on clean batches.
+        target_fpr: the detector's false-positive rate on clean batches (and images, per sample).
         calibration_batches: random clean batches drawn per calibrated batch size.
         batch_size: the inference (detection) batch; the evaluation attacks batches of this size.
+        routing: ``batch`` (the paper's: the batch's MMD score routes the whole batch), ``sample`` (each image
+            by its own score) or ``both`` (see :mod:`dad.routing`); saved with the defense.
+        sample_score: the per-sample score, ``witness`` or ``reference`` (see :mod:`dad.sample_detector`).
+        witness_size: images of the MMD set (and their training AEs) the witness uses (None: all of them).
     """
 
     reference_size: int = 100
     target_fpr: float = 0.05
     calibration_batches: int = 1000
     batch_size: int = 100
+    routing: Literal["batch", "sample", "both"] = "batch"
+    sample_score: Literal["witness", "reference"] = "witness"
+    witness_size: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:
@@ -87,6 +94,8 @@ class DefenseSettings:
             raise ConfigError(f"Expected `defense.batch_size` >= 2, got {self.batch_size}")
         if self.calibration_batches < 1:
             raise ConfigError(f"Expected `defense.calibration_batches` >= 1, got {self.calibration_batches}")
+        if self.witness_size is not None and self.witness_size < 2:
+            raise ConfigError(f"Expected `defense.witness_size` >= 2, got {self.witness_size}")
 
 
 OWNED_TRAINER_ARGS: dict[str, str] = {

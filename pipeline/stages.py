@@ -18,7 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -26,11 +26,13 @@ from callbacks import DenoiserImageLogger, ThresholdCalibration
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
+from dad.sample_detector import SampleDetector
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from dad.kernels import SemanticKernel
 from dad.models import ImageClassifier, create_model, freeze, load_classifier_weights
 from dad.networks import build_networks
 from datamodules import DADDataModule, PairedDataModule
+from datamodules.augment import FlipCrop
 from datamodules.registry import build_datamodule
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.denoiser import DenoiserModule
@@ -202,12 +204,43 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
             atomic_torch_save(ckpt, paths.product("classifier"))
         nets.classifier = module.model
         return {"val_acc": val["val/acc"], "weights": c.weights}
-    trainer = _trainer(cfg, paths, "classifier", _checkpointing(cfg, paths, "classifier", "val/acc"),
-                       max_epochs=c.epochs)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    callbacks = _checkpointing(cfg, paths, "classifier", "val/acc")
+    if c.ema_decay is not None:  # validated and checkpointed with the averaged weights
+        callbacks.append(EMAWeightAveraging(decay=c.ema_decay))
+    trainer = _trainer(cfg, paths, "classifier", callbacks, max_epochs=c.epochs)
+    train = dm.train_dataloader(augment=FlipCrop(c.crop_padding) if c.augment else None)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader(), ckpt_path=resume,
+                weights_only=True)
+    fit_seconds = time.perf_counter() - start
     nets.keep_best("classifier", module.model, "model")
     best = trainer.checkpoint_callback.best_model_score
-    return {"val_acc": float(best) if best is not None else None, "epochs": trainer.current_epoch}
+    summary = {"val_acc": float(best) if best is not None else None, "epochs": trainer.current_epoch,
+               "train_images": len(train.dataset), "fit_seconds": fit_seconds,
+               "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds}
+    if c.ema_decay is not None:
+        summary |= {"val_acc_averaged_statistics": summary["val_acc"], **_refresh_batch_norm(cfg, paths, dm, module)}
+    return summary
+
+
+def _refresh_batch_norm(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
+                        module: ClassifierModule) -> dict[str, Any]:
+    """Recompute the batch-norm statistics of the averaged weights on the training images, and keep them.
+
+    Averaged weights are never the weights the running statistics were gathered with; one pass over the
+    training images (no augmentation) in train mode gives statistics that match them.
+    """
+    train = DataLoader(dm.dataset("train"), batch_size=dm.batch_size)
+    model = module.model
+    torch.optim.swa_utils.update_bn(((x.to(module.device), y) for x, y in train), model, device=module.device)
+    freeze(model)
+    trainer = _trainer(cfg, paths, "classifier", [], max_epochs=1)
+    val = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)[0]
+    if _is_rank_zero():
+        ckpt = read_checkpoint(paths.product("classifier"), "classifier")
+        ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v for k, v in model.state_dict().items()}}
+        atomic_torch_save(ckpt, paths.product("classifier"))
+    return {"val_acc": val["val/acc"]}
 
 
 def _paired(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks, train_split: str,
@@ -271,11 +304,24 @@ def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:
     return images[order[:size]]
 
 
-def assemble_defense(cfg: PipelineConfig, nets: RunNetworks, dm: DADDataModule) -> DADDefense:
-    """The (uncalibrated) defense from the trained networks and the reference set."""
-    detector = MMDDetector(nets.kernel, _reference(dm, cfg.defense.reference_size, cfg.run.seed),
-                           cfg.defense.target_fpr)
-    return DADDefense(nets.classifier, detector, nets.denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise).eval()
+def _witness_sets(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
+                  nets: RunNetworks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MMD set and its training AEs (the kernel's own, from the AE cache), or ``witness_size`` of them."""
+    clean, adversarial, _ = _paired(cfg, paths, dm, nets, "mmd", None, None).triples("mmd")
+    size = cfg.defense.witness_size
+    if size is not None and size < len(clean):
+        keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(cfg.run.seed))[:size]
+        clean, adversarial = clean[keep], adversarial[keep]
+    return clean, adversarial
+
+
+def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm: DADDataModule) -> DADDefense:
+    """The (uncalibrated) defense from the trained networks, the reference set and the witness sets."""
+    d = cfg.defense
+    detector = MMDDetector(nets.kernel, _reference(dm, d.reference_size, cfg.run.seed), d.target_fpr)
+    sample_detector = SampleDetector(nets.kernel, *_witness_sets(cfg, paths, dm, nets), d.sample_score, d.target_fpr)
+    return DADDefense(nets.classifier, detector, nets.denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise,
+                      sample_detector, d.routing).eval()
 
 
 def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
@@ -289,7 +335,7 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
                 resume: str | None) -> dict[str, Any]:
-    defense = assemble_defense(cfg, nets, dm)
+    defense = assemble_defense(cfg, paths, nets, dm)
     clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)
@@ -298,7 +344,9 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     trainer.validate(DefenseEvaluator(defense, keep_images=False), dataloaders=loader, verbose=False)
     if _is_rank_zero():
         defense.save(paths.defense)
-    return {"calibration": {str(b): r for b, r in calib.results.items()}, "defense": str(paths.defense)}
+    return {"calibration": {str(b): r for b, r in calib.results.items()}, "sample_calibration": calib.sample_results,
+            "joint_calibration": {str(b): r for b, r in calib.joint_results.items()}, "routing": defense.routing,
+            "defense": str(paths.defense)}
 
 
 _RUNNERS = {"classifier": run_classifier, "kernel": run_kernel, "denoiser": run_denoiser, "defense": run_defense}

@@ -1,18 +1,20 @@
 """What attacks through the whole :class:`~dad.defense.DADDefense` maximise, and how their candidates are judged.
 
-DAD routes a *batch*: if its MMD score exceeds the threshold every image goes through noise, denoiser
-and classifier, else straight to the classifier. The objectives (``objective`` of an
-:class:`~dad.attacks.AttackSpec`):
+DAD routes what its detectors flag through noise, denoiser and classifier, the rest straight to the
+classifier: whole batches (``batch`` routing), single images (``sample``) or both (:mod:`dad.routing`).
+The objectives (``objective`` of an :class:`~dad.attacks.AttackSpec`) know the routing in force and its
+detection statistics, through the relative excess ``(score - threshold) / |threshold|`` of each test
+(the batch's, and each image's own):
 
 * ``adaptive``: the published attack, the loss of the defended output (hard routing, EOT over the noise)
-  plus ``lam`` times the batch's MMD score. Note that this term pushes the batch *into* the detector
+  plus ``lam`` times the detection statistic. Note that this term pushes the input *into* the detector
   (towards the denoiser); the evasion objectives below go the other way or cross the routing.
-* ``evade_clean``: fool the classifier alone while a hinge ``lam * relu(excess + margin)`` on the relative
-  excess ``(score - threshold) / |threshold|`` drives the batch below the threshold, so the denoiser is
-  never used;
-* ``evade_denoised``: fool the denoiser path (EOT over its noise) while keeping the batch flagged;
+* ``evade_clean``: fool the classifier alone while hinges ``lam * relu(excess + margin)`` drive every test
+  in force below its threshold (the batch's, and each attacked image's own), so the denoiser is never used;
+* ``evade_denoised``: fool the denoiser path (EOT over its noise) while keeping the input flagged;
 * ``evade_soft`` / ``evade_bpda``: cross the hard routing decision, which has no gradient, with a relaxation
-  ``p = sigmoid(excess / temperature)`` mixing both paths' probabilities (Athalye et al. 2018,
+  ``p = sigmoid(excess / temperature)`` per test (an image is purified unless every test passes it,
+  ``p = 1 - prod(1 - p_test)``) mixing both paths' probabilities (Athalye et al. 2018,
   https://arxiv.org/abs/1802.00420): ``soft`` uses ``p`` forward and backward, ``bpda`` the hard decision
   forward and the sigmoid's gradient backward (so the loss value is the real one).
 
@@ -39,10 +41,11 @@ from torch.nn import functional as F
 
 from dad.attacks._utils import check_at_least_one, check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
+from dad.defense import Detection
 
 __all__ = [
-    "Loss", "LOSS_KINDS", "PerSample", "Judge", "classification_loss", "relative_excess", "defense_objective",
-    "error_rates", "strongest_batch", "with_filler", "judged_steps",
+    "Loss", "LOSS_KINDS", "PerSample", "Judge", "classification_loss", "defense_objective", "error_rates",
+    "strongest_batch", "with_filler", "judged_steps",
 ]
 
 Loss = Literal["ce", "dlr"]
@@ -71,11 +74,6 @@ def classification_loss(logits: Tensor, y: Tensor, kind: Loss = "ce") -> Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return -(true - others) / (top[:, 0] - top[:, 2] + _TINY)
-
-
-def relative_excess(score: Tensor, threshold: Tensor) -> Tensor:
-    """``(score - threshold) / |threshold|``: positive exactly when the batch is flagged."""
-    return (score - threshold) / threshold.abs().clamp_min(_TINY)
 
 
 def with_filler(x: Tensor, filler: Tensor | None) -> Tensor:
@@ -110,8 +108,6 @@ def defense_objective(
     if lam < 0:
         raise ValueError(f"Expected `lam` >= 0, got {lam}")
     check_positive("temperature", temperature)
-    size = len(y) + (0 if filler is None else len(filler))
-    threshold = defense.detector.threshold_for(size).detach()
 
     def value(x_adv: Tensor) -> Tensor:
         n = len(x_adv)
@@ -120,18 +116,35 @@ def defense_objective(
             out = defense.forward_with_info(batch)
             return classification_loss(out.logits[:n], y, loss) + lam * out.score
         logits_clean, features = defense.classify_with_features(batch)
-        excess = relative_excess(defense.detector.score(batch, features), threshold)
+        excesses = _excesses(defense.detect(batch, features), n)
         if objective == "evade_clean":
-            return classification_loss(logits_clean[:n], y, loss) - lam * F.relu(excess + margin)
+            hinge = sum(F.relu(e + margin) for e in excesses)
+            return classification_loss(logits_clean[:n], y, loss) - lam * hinge
         logits_denoised = defense.classifier(defense.purify(batch))
-        if objective == "evade_denoised":
-            return classification_loss(logits_denoised[:n], y, loss) - lam * F.relu(margin - excess)
-        soft = torch.sigmoid(excess / temperature)
-        p = soft if objective == "evade_soft" else (excess > 0).to(soft) + soft - soft.detach()
-        probs = (1.0 - p) * logits_clean[:n].softmax(1) + p * logits_denoised[:n].softmax(1)
-        return classification_loss(probs.clamp_min(_TINY).log(), y, loss) - lam * F.relu(excess + margin)
+        if objective == "evade_denoised":  # flagged by any test is enough
+            return classification_loss(logits_denoised[:n], y, loss) - lam * F.relu(margin - _largest(excesses))
+        passes = [1.0 - torch.sigmoid(e / temperature) for e in excesses]
+        soft = 1.0 - torch.stack(torch.broadcast_tensors(*passes)).prod(0)
+        p = soft if objective == "evade_soft" else (_largest(excesses) > 0).to(soft) + soft - soft.detach()
+        probs = (1.0 - p)[:, None] * logits_clean[:n].softmax(1) + p[:, None] * logits_denoised[:n].softmax(1)
+        hinge = sum(F.relu(e + margin) for e in excesses)
+        return classification_loss(probs.clamp_min(_TINY).log(), y, loss) - lam * hinge
 
     return value
+
+
+def _excesses(detection: Detection, n: int) -> list[Tensor]:
+    """The relative excesses of the tests in force, per attacked image: the batch's (shared) and each image's."""
+    found = []
+    if detection.batch_excess is not None:
+        found.append(detection.batch_excess.expand(n))
+    if detection.sample_excess is not None:
+        found.append(detection.sample_excess[:n])
+    return found
+
+
+def _largest(excesses: list[Tensor]) -> Tensor:
+    return torch.stack(excesses).amax(0)
 
 
 @torch.no_grad()

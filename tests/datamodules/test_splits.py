@@ -62,3 +62,12 @@ def test_calibration_from_the_test_pool_is_disjoint_from_the_evaluated_test_imag
     with pytest.raises(DataError, match="own test split"):
         carve_splits(labels, 0, mmd_per_class=5, val_size=50, seed=0, test_size=50, calibration_size=10,
                      calibration_from="test")
+
+
+def test_a_capped_denoiser_split_leaves_the_rest_to_the_classifier() -> None:
+    labels = torch.arange(600) % 10
+    full = carve_splits(labels, 100, mmd_per_class=5, val_size=50, seed=0)
+    capped = carve_splits(labels, 100, mmd_per_class=5, val_size=50, seed=0, denoiser_size=120)
+    assert len(capped.denoiser) == 120 and set(capped.denoiser) | set(capped.extra) == set(full.denoiser)
+    assert not set(capped.denoiser) & set(capped.extra) and full.extra == []
+    assert capped.digest() != full.digest() and full.digest() == carve_splits(labels, 100, 5, 50, 0).digest()

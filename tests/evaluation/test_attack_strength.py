@@ -35,9 +35,9 @@ THROUGH = {
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DADDefense, Tensor, Tensor]:
     """A small DAD on all of digits whose denoiser restores much of the accuracy under classifier-only PGD."""
     cfg = tiny_config(tmp_path_factory.mktemp("strength"))
-    cfg = replace(cfg, data=DataSettings(mmd_per_class=10, val_size=300, test_size=200),
-                  classifier=ClassifierSettings(epochs=8, lr=3e-3), kernel=KernelSettings(steps=60, lr=1e-2),
-                  attack=AttackSpec(name="pgd", eps=0.2, step_size=0.05, steps=5, batch_size=256),
+    cfg = replace(cfg, data=DataSettings(mmd_per_class=20, val_size=300, test_size=200),
+                  classifier=ClassifierSettings(epochs=15, lr=2e-3), kernel=KernelSettings(steps=200, lr=1e-2),
+                  attack=AttackSpec(name="pgd", eps=0.2, step_size=0.03, steps=10, batch_size=256),
                   denoiser=replace(cfg.denoiser, epochs=6, lr=2e-3, alpha=0.1, milestones=[],
                                    net={"enc_widths": [16, 32], "enc_depths": [1, 1], "dec_widths": [16],
                                         "dec_depths": [1]}),
@@ -96,3 +96,24 @@ def test_a_sign_flipped_objective_fails_the_strength_test(trained, classifier_on
     monkeypatch.setattr(objectives, "classification_loss", lambda *args: -real(*args))
     defense, x, y = trained
     assert not _accuracy(defense, THROUGH["apgd_evade_clean"], x, y) < classifier_only - 0.1
+
+
+def test_one_adversarial_image_in_a_clean_batch_is_purified_alone(trained) -> None:
+    defense, x, y = trained
+    defense.routing = "sample"
+    try:
+        with torch.no_grad():
+            clean_flags = defense.forward_with_info(x).flags
+        neighbours = x[~clean_flags][: B - 1]  # clean images the per-sample test lets through
+        spec = AttackSpec(name="pgd", step_size=0.02, **{**LINF, "steps": 20})
+        torch.manual_seed(0)
+        aes = run_attack(spec, defense.classifier, x[:20], y[:20])
+        purified = 0
+        for ae in aes:
+            with torch.no_grad():
+                flags = defense.forward_with_info(torch.cat([ae[None], neighbours])).flags
+            purified += int(flags[0])
+            assert not flags[1:].any()  # the neighbours keep their own route
+        assert purified >= 16  # of 20 single AEs, each in a batch of clean images
+    finally:
+        defense.routing = "batch"

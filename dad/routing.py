@@ -1,0 +1,101 @@
+"""Which images the defense purifies: per batch, per image, or both, and the thresholds of each mode.
+
+* ``batch`` (the paper): the batch's MMD score decides for every image of the batch. It assumes the
+  attacker controls whole batches; an attacker who mixes a few AEs into clean batches passes it at its
+  false-positive rate.
+* ``sample``: every image is judged alone by its per-sample score (:mod:`dad.sample_detector`); batches of
+  one are allowed. Nothing an attacker does to other images changes an image's route.
+* ``both``: a batch judged adversarial is purified whole; otherwise the images judged adversarial alone are.
+  Its two thresholds are calibrated jointly (:class:`JointThresholds`) so that the share of clean images
+  purified, by either test, is the target FPR: the batch test gets half of it, the per-sample test the
+  rest among the images of batches the batch test lets through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dad.detector import MMDDetector, pool_threshold, random_batches
+from dad.sample_detector import SampleDetector
+
+__all__ = ["Routing", "ROUTINGS", "JointThresholds", "BATCH_SHARE", "relative_excess"]
+
+Routing = Literal["batch", "sample", "both"]
+ROUTINGS: tuple[str, ...] = ("batch", "sample", "both")
+BATCH_SHARE = 0.5
+"""The share of the target FPR the batch test of the ``both`` mode is calibrated for."""
+
+
+def relative_excess(score: Tensor, threshold: Tensor) -> Tensor:
+    """``(score - threshold) / |threshold|``: positive exactly where the test flags."""
+    return (score - threshold) / threshold.abs().clamp_min(1e-12)
+
+
+class JointThresholds(nn.Module):
+    """The batch and per-sample thresholds of the ``both`` mode, per batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("batch_sizes", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("batch_thresholds", torch.zeros(0))
+        self.register_buffer("sample_thresholds", torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        for name in ("batch_sizes", "batch_thresholds", "sample_thresholds"):  # sizes vary with the calibration
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.batch_sizes.numel() > 0
+
+    def thresholds_for(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``(batch threshold, per-sample threshold)`` for ``batch_size`` (or the nearest calibrated size)."""
+        if not self.calibrated:
+            from dad.detector import DetectorNotCalibratedError
+
+            raise DetectorNotCalibratedError("The `both` routing has no thresholds: calibrate it on clean data first")
+        i = (self.batch_sizes - batch_size).abs().argmin()
+        return self.batch_thresholds[i], self.sample_thresholds[i]
+
+    @torch.no_grad()
+    def calibrate(self, detector: MMDDetector, sample_detector: SampleDetector, clean: Tensor,
+                  batch_sizes: Sequence[int], target_fpr: float, num_batches: int = 1000,
+                  generator: torch.Generator | None = None) -> dict[int, dict[str, float]]:
+        """Calibrate both thresholds per batch size on random batches of the clean pool ``clean``.
+
+        The batch threshold takes :data:`BATCH_SHARE` of ``target_fpr`` (with the batch detector's finite-pool
+        widening); among the images of the drawn batches it does not flag, the per-sample threshold is the
+        quantile that flags ``q = (target - share) / (1 - share)`` of them, so that the expected share of clean
+        images purified by either test is ``target_fpr``.
+        """
+        pool = clean.shape[0]
+        batch_fpr = BATCH_SHARE * target_fpr
+        rest = (target_fpr - batch_fpr) / (1.0 - batch_fpr)
+        sample_scores = torch.cat([sample_detector.scores(part) for part in clean.split(256)])
+        scorer = detector.batch_scorer(clean)
+        sizes = sorted({int(b) for b in batch_sizes})
+        results: dict[int, dict[str, float]] = {}
+        batch_thresholds, sample_thresholds = [], []
+        for b in sizes:
+            order = random_batches(pool, b, num_batches, generator)
+            scores = scorer(b, num_batches, order=order).double()
+            batch_threshold, _ = pool_threshold(scores, pool, b, batch_fpr)
+            passed = order[scores.to(order.device) <= batch_threshold.to(scores)]
+            sample_threshold = torch.quantile(sample_scores[passed.flatten()].double(), 1.0 - rest).float()
+            flagged = (scores > batch_threshold).double().mean().item()
+            purified = flagged + (1 - flagged) * (sample_scores[passed.flatten()] > sample_threshold).double().mean()
+            batch_thresholds.append(batch_threshold)
+            sample_thresholds.append(sample_threshold)
+            results[b] = {"batch_threshold": batch_threshold.item(), "sample_threshold": sample_threshold.item(),
+                          "purified_pool": float(purified), "num_batches": num_batches}
+        device = detector.reference.device
+        self.batch_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
+        self.batch_thresholds = torch.stack(batch_thresholds).to(device)
+        self.sample_thresholds = torch.stack(sample_thresholds).to(device)
+        return results
