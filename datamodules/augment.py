@@ -40,8 +40,9 @@ def flip_crop(images: Tensor, padding: int = 4, flip: bool = True, generator: to
     rows = offsets[0, :, None] + torch.arange(h)
     columns = torch.where(flips[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + offsets[1, :, None]
     device = images.device
-    return padded[torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None],
-                  rows.to(device)[:, None, :, None], columns.to(device)[:, None, None, :]]
+    images_index = torch.arange(b, device=device)[:, None, None, None]
+    channels = torch.arange(c, device=device)[None, :, None, None]
+    return padded[images_index, channels, rows.to(device)[:, None, :, None], columns.to(device)[:, None, None, :]]
 
 
 class FlipCrop:

@@ -140,8 +140,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"**Per-sample detection** ({sample['score']} score; threshold {sample['threshold']:.4g}, "
                       f"clean test images above it: {sample['fpr_clean']:.4f}):", "",
                   "| attack | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
-                  "| AUROC / TPR | " + " | ".join(f"{_pct(sample['auroc'][n])} / {_pct(sample['tpr'][n])}"
-                                                 for n in names) + " |"]
+                  "| AUROC / TPR | "
+                  + " | ".join(f"{_pct(sample['auroc'][n])} / {_pct(sample['tpr'][n])}" for n in names) + " |"]
     if report.get("transfer"):
         src = report["transfer"]["source"]
         lines += ["", f"Transfer: AEs crafted on a separately trained {src['model']} (seed {src['seed']}, clean "

@@ -33,8 +33,9 @@ SAMPLE_FIELDS = ("index", "x_adv", "undefended", "dad", "dad_correct", "denoised
 denoiser path in every draw), and DAD's number of correct draws."""
 BATCH_FIELDS = ("score", "flagged", "batches", "filler_acc", "seconds")
 """Per-record values: the detection statistic and the share of images purified (means over a record's mixed
-batches; under batch routing the share is 0 or 1 per batch), how many defense batches the record holds (1, or the number of mixed batches), the accuracy on
-the clean filler of mixed batches (NaN otherwise), the seconds the attack took."""
+batches; under batch routing the share is 0 or 1 per batch), how many defense batches the record holds (1, or
+the number of mixed batches), the accuracy on the clean filler of mixed batches (NaN otherwise), the seconds
+the attack took."""
 
 
 def state_key(**parts: Any) -> str:

@@ -108,7 +108,8 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
     assert {"roc", "mmd_histogram", "accuracy_vs_eps", "mixed_batches", "images"} <= set(report["plots"])
     assert list((run / "logs" / "eval").glob("events.out.tfevents.*"))
     markdown = (run / "report.md").read_text()
-    assert markdown.startswith("DAD with **batch** routing") and "Sanity checks" in markdown and "Mixed batches" in markdown
+    assert markdown.startswith("DAD with **batch** routing")
+    assert "Sanity checks" in markdown and "Mixed batches" in markdown
 
     state_file = run / "eval_state" / "adaptive.pt"
     state = AttackState.from_disk(state_file, _key(state_file))
