@@ -9,12 +9,16 @@ Stages, at the inference batch size of the config (100 for ``cifar10_cpu.yaml``)
 - ``denoiser_train_step``: the :class:`~lightning_modules.denoiser.DenoiserModule` loss (biased MMD-OPT +
   alpha CE through the frozen classifier), backward and Adam step;
 - ``bare_classifier``, ``dad_clean``, ``dad_adversarial``: inference of the classifier alone and of
-  :class:`~dad.defense.DADDefense` on a batch it routes straight to the classifier and on one it denoises.
+  :class:`~dad.defense.DADDefense` (batch routing) on a batch it routes straight to the classifier and on one
+  it denoises; ``dad_clean_sample`` and ``dad_clean_both``: the clean batch under the ``sample`` and ``both``
+  routings (which purify the few clean images their per-sample test flags: the share is reported);
+  ``bare_classifier_single`` and ``dad_single_sample``: one image, classifier alone and ``sample`` routing.
 
-The three inference figures are timed interleaved in one loop, so background load hits them alike, and
-their ratios are written as ``dad_clean_over_bare`` and ``dad_adv_over_bare``. The defense is built from
-the real classes with random weights; its detector is calibrated on random clean images, so a fresh clean
-batch is not flagged and a heavily noised batch is (both checked before timing).
+The inference figures are timed interleaved in one loop, so background load hits them alike, and their
+ratios are written as ``dad_clean_over_bare`` (and per routing) and ``dad_adv_over_bare``. The defense is
+built from the real classes with random weights; its detectors are calibrated on random clean images (the
+witness's "AEs" are brightened images), so a fresh clean batch is not flagged and a heavily noised batch is
+(both checked before timing).
 
     OMP_NUM_THREADS=1 python bench/throughput.py --config configs/cifar10_cpu.yaml --threads 1
 """
@@ -39,6 +43,7 @@ from dad.attacks import AttackSpec, run_attack  # noqa: E402
 from dad.defense import DADDefense  # noqa: E402
 from dad.denoisers import UNetDenoiser  # noqa: E402
 from dad.detector import MMDDetector  # noqa: E402
+from dad.sample_detector import SampleDetector  # noqa: E402
 from dad.kernels import SemanticKernel  # noqa: E402
 from dad.mmd import j_statistic, mmd2_biased  # noqa: E402
 from dad.models import create_model, freeze  # noqa: E402
@@ -87,8 +92,15 @@ def build_defense(cfg: PipelineConfig, classifier: torch.nn.Module, pool: torch.
     reference, held_out = pool[: cfg.defense.reference_size], pool[cfg.defense.reference_size:]
     detector = MMDDetector(kernel, reference, cfg.defense.target_fpr)
     detector.calibrate(held_out, [cfg.defense.batch_size], num_batches=400, generator=generator)
+    witness = cfg.defense.witness_size or 500
+    sample = SampleDetector(kernel, pool[:witness], shifted[:witness], cfg.defense.sample_score,
+                            cfg.defense.target_fpr)
+    sample.calibrate(held_out)
     denoiser = UNetDenoiser(**{"in_channels": 3, **cfg.denoiser.net}).to(pool.device)
-    return DADDefense(classifier, detector, denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise).eval()
+    defense = DADDefense(classifier, detector, denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise, sample)
+    defense.joint.calibrate(detector, sample, held_out, [cfg.defense.batch_size], cfg.defense.target_fpr, 400,
+                            generator)
+    return defense.eval()
 
 
 def bench_training(cfg: PipelineConfig, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -171,10 +183,27 @@ def bench_inference(cfg: PipelineConfig, args: argparse.Namespace, device: torch
         noisy = (clean + 0.5 * torch.rand(clean.shape, generator=gen).to(device)).clamp(0, 1)
         if not bool(defense.forward_with_info(noisy).adversarial):
             raise RuntimeError("The noised batch was not flagged: the adversarial path cannot be timed")
+    flagged = {}
+    for mode in ("sample", "both"):
+        defense.routing = mode
+        with torch.inference_mode():
+            flagged[mode] = defense.forward_with_info(clean).flags.float().mean().item()
+    defense.routing = "batch"
+
+    def routed(mode: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            defense.routing = mode
+            return defense(x)
+        return call
+
     calls = {
         "bare_classifier": lambda: classifier(clean),
-        "dad_clean": lambda: defense(clean),
-        "dad_adversarial": lambda: defense(noisy),
+        "dad_clean": routed("batch", clean),
+        "dad_adversarial": routed("batch", noisy),
+        "dad_clean_sample": routed("sample", clean),
+        "dad_clean_both": routed("both", clean),
+        "bare_classifier_single": lambda: classifier(clean[:1]),
+        "dad_single_sample": routed("sample", clean[:1]),
     }
     times: dict[str, list[float]] = {name: [] for name in calls}
     peaks: dict[str, float] = {}
@@ -186,12 +215,18 @@ def bench_inference(cfg: PipelineConfig, args: argparse.Namespace, device: torch
         for _ in range(args.inference_repeats):
             for name, fn in calls.items():
                 times[name] += time_calls(fn, repeats=1, warmup=0, device=device)
-    out = {name: _summary(times[name], b, peaks[name]) for name in calls}
+    out = {name: _summary(times[name], 1 if "single" in name else b, peaks[name]) for name in calls}
     bare = out["bare_classifier"]["seconds_median"]
     return {
         "stages": out,
         "dad_clean_over_bare": out["dad_clean"]["seconds_median"] / bare,
         "dad_adv_over_bare": out["dad_adversarial"]["seconds_median"] / bare,
+        "dad_clean_over_bare_by_routing": {mode: out[f"dad_clean{suffix}"]["seconds_median"] / bare
+                                           for mode, suffix in (("batch", ""), ("sample", "_sample"),
+                                                                ("both", "_both"))},
+        "clean_share_purified_by_routing": {"batch": 0.0, **flagged},
+        "single_image_latency_ms": {"bare_classifier": 1000 * out["bare_classifier_single"]["seconds_median"],
+                                    "dad_sample": 1000 * out["dad_single_sample"]["seconds_median"]},
         "shares_features": defense.shares_features,
     }
 
@@ -208,13 +243,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="throughput", help="result file: bench/results/<name>.json")
+    parser.add_argument("--inference-only", action="store_true", help="time the inference variants only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     threads = configure_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
     start = time.perf_counter()
-    training = bench_training(cfg, args, device)
+    training = {} if args.inference_only else bench_training(cfg, args, device)
     inference = bench_inference(cfg, args, device)
     result = {
         "machine": machine_description(device),
@@ -228,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stages": {**training, **inference["stages"]},
         "dad_clean_over_bare": inference["dad_clean_over_bare"],
         "dad_adv_over_bare": inference["dad_adv_over_bare"],
+        "dad_clean_over_bare_by_routing": inference["dad_clean_over_bare_by_routing"],
+        "clean_share_purified_by_routing": inference["clean_share_purified_by_routing"],
+        "single_image_latency_ms": inference["single_image_latency_ms"],
         "target_dad_clean_over_bare": TARGET_CLEAN_RATIO,
         "meets_target": inference["dad_clean_over_bare"] <= TARGET_CLEAN_RATIO,
         "detector_reuses_classifier_features": inference["shares_features"],

@@ -5,23 +5,51 @@ Jordan's airbench) is available piece by piece: a one-cycle schedule (torch's ``
 smoothing, flip-and-crop augmentation on uint8 batches (:mod:`datamodules.augment`), an exponential moving
 average of the weights (Lightning's ``EMAWeightAveraging``, followed by a batch-norm statistics update) and
 channels-last memory format.
+
+Adversarial training (``training``) replaces the clean batch by the method's adversarial examples
+(:mod:`dad.robust`: PGD-AT, TRADES, FAT, FAT-TRADES, GAIRAT, GAIR-FAT); the inner maximisation runs with
+batch norm in eval mode and input gradients only, the outer loss in training mode. Validation then also
+measures PGD-10 robust accuracy on the first validation images, by which the best checkpoint is chosen.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from dad.attacks import pgd
+from dad.distributed import rank_and_world
 from dad.models import ImageClassifier
 from dad.networks import network_specs
+from dad.robust import (
+    FAT_TAU_SCHEDULE,
+    FAT_TRADES_TAU_SCHEDULE,
+    InnerMaximum,
+    fat_examples,
+    gairat_weights,
+    global_mean,
+    pgd_at_examples,
+    tau_schedule,
+    trades_examples,
+    trades_loss,
+)
 from lightning_modules.stage import StageModule
 
-__all__ = ["ClassifierModule", "ClassifierSettings"]
+__all__ = ["ClassifierModule", "ClassifierSettings", "Training"]
+
+Training = Literal["standard", "pgd_at", "trades", "fat", "fat_trades", "gairat", "gair_fat"]
+"""Standard training, or an adversarial training method of :mod:`dad.robust`."""
+
+ROBUST_VAL_STEPS = 10
+"""Steps of the PGD attack behind ``val/robust_acc`` (PGD-10, the literature's model-selection attack)."""
+
+_TAU_SCHEDULES = {"fat": FAT_TAU_SCHEDULE, "gair_fat": FAT_TAU_SCHEDULE, "fat_trades": FAT_TRADES_TAU_SCHEDULE}
 
 
 @dataclass(frozen=True)
@@ -44,6 +72,19 @@ class ClassifierSettings:
         ema_decay: keep an exponential moving average of the weights with this decay (None: off); the average
             is validated and kept, and its batch-norm statistics are recomputed on the training images.
         channels_last: train in channels-last memory format (faster convolutions on some CPUs and GPUs).
+        training: ``standard`` (cross-entropy on clean images) or adversarial training, Linf:
+            ``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``fat`` and ``fat_trades``
+            (Zhang et al., ICML 2020; tau follows the paper's schedule over the epochs), ``gairat`` and
+            ``gair_fat`` (Zhang et al., ICLR 2021; uniform weights for the first half of the epochs).
+        adv_eps: the training attack's Linf radius (8/255: the papers' CIFAR-10 setting).
+        adv_step_size: its step size (2/255: Madry et al.'s CIFAR-10 setting; the TRADES, FAT and GAIRAT code
+            uses 0.007 with eps 0.031).
+        adv_steps: its steps K (10 in all four papers); also GAIRAT's K in the weights.
+        trades_beta: TRADES' (and FAT-TRADES') weight of the KL term (6, Zhang et al. 2019).
+        fat_omega: standard deviation of FAT's Gaussian term in each step (0.001, Zhang et al. 2020).
+        gairat_lambda: GAIRAT's lambda in ``(1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2`` (-1, Zhang et al. 2021).
+        robust_val_samples: adversarial training only: ``val/robust_acc`` is PGD-10 (``adv_eps``,
+            ``adv_step_size``) accuracy on this many first validation images, the checkpoint's criterion.
     """
 
     model: str = "small_cnn"
@@ -61,6 +102,19 @@ class ClassifierSettings:
     crop_padding: int = 4
     ema_decay: float | None = None
     channels_last: bool = False
+    training: Training = "standard"
+    adv_eps: float = 8 / 255
+    adv_step_size: float = 2 / 255
+    adv_steps: int = 10
+    trades_beta: float = 6.0
+    fat_omega: float = 0.001
+    gairat_lambda: float = -1.0
+    robust_val_samples: int = 500
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the classifier is trained on adversarial examples."""
+        return self.training != "standard"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -77,10 +131,33 @@ class ClassifierSettings:
             raise ValueError(f"Expected `classifier.crop_padding` >= 0, got {self.crop_padding}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"Expected `classifier.ema_decay` in (0, 1), got {self.ema_decay}")
+        if self.training not in get_args(Training):
+            raise ValueError(f"Expected `classifier.training` in {get_args(Training)}, got {self.training!r}")
+        if not self.adv_eps > 0:
+            raise ValueError(f"Expected `classifier.adv_eps` > 0, got {self.adv_eps}")
+        if not self.adv_step_size > 0:
+            raise ValueError(f"Expected `classifier.adv_step_size` > 0, got {self.adv_step_size}")
+        if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) or self.adv_steps < 1:
+            raise ValueError(f"Expected `classifier.adv_steps` to be an integer >= 1, got {self.adv_steps!r}")
+        if not self.trades_beta >= 0:
+            raise ValueError(f"Expected `classifier.trades_beta` >= 0, got {self.trades_beta}")
+        if not self.fat_omega >= 0:
+            raise ValueError(f"Expected `classifier.fat_omega` >= 0, got {self.fat_omega}")
+        if isinstance(self.robust_val_samples, bool) or not isinstance(self.robust_val_samples, int) \
+                or self.robust_val_samples < 1:
+            raise ValueError(f"Expected `classifier.robust_val_samples` to be an integer >= 1, "
+                             f"got {self.robust_val_samples!r}")
+        if self.adversarial and self.label_smoothing != 0:
+            raise ValueError(f"Expected `classifier.label_smoothing` 0 with adversarial training (it masks gradients), "
+                             f"got {self.label_smoothing}")
 
 
 class ClassifierModule(StageModule):
-    """Cross-entropy training of an injected classifier; logs ``train/*`` and ``val/acc``.
+    """Cross-entropy training of an injected classifier, standard or adversarial (``settings.training``).
+
+    Logs ``train/*`` and ``val/acc``; adversarial training also logs ``train/backward_passes_per_sample``
+    (the inner steps plus the outer backward), the kappa histogram (to TensorBoard; every method but TRADES,
+    which has no labels in its inner loop) and ``val/robust_acc``, the checkpoint's criterion (:attr:`monitor`).
 
     Args:
         model: the classifier (built by :func:`dad.models.create_model`).
@@ -97,6 +174,13 @@ class ClassifierModule(StageModule):
         self.train_acc = MulticlassAccuracy(model.num_classes)
         self.val_acc = MulticlassAccuracy(model.num_classes)
         self.test_acc = MulticlassAccuracy(model.num_classes)
+        self.val_robust = MulticlassAccuracy(model.num_classes, average="micro")
+        self._robust_seen = 0  # validation images of this rank attacked in the current epoch
+
+    @property
+    def monitor(self) -> str:
+        """The metric by which the best checkpoint is kept: robust accuracy for adversarial training."""
+        return "val/robust_acc" if self.settings.adversarial else "val/acc"
 
     def network_specs(self) -> dict[str, Any]:
         return network_specs(self.model)
@@ -116,11 +200,80 @@ class ClassifierModule(StageModule):
         self.log(f"{prefix}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
+    def epoch_fraction(self) -> float:
+        """The share of the training epochs done, which drives FAT's tau and the start of GAIRAT's weights."""
+        return self.current_epoch / self.settings.epochs
+
+    def inner_maximum(self, x: Tensor, y: Tensor) -> InnerMaximum:
+        """The training method's adversarial examples of a batch (eval-mode batch norm, input gradients only)."""
+        s = self.settings
+        if s.training in ("pgd_at", "gairat"):
+            return pgd_at_examples(self.model, x, y, s.adv_eps, s.adv_step_size, s.adv_steps)
+        if s.training == "trades":
+            return trades_examples(self.model, x, s.adv_eps, s.adv_step_size, s.adv_steps)
+        tau = tau_schedule(self.epoch_fraction(), *_TAU_SCHEDULES[s.training])
+        return fat_examples(self.model, x, y, s.adv_eps, s.adv_step_size, s.adv_steps, tau, s.fat_omega,
+                            loss="kl" if s.training == "fat_trades" else "ce")
+
+    def _adversarial_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        s = self.settings
+        if s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        inner = self.inner_maximum(x, y)
+        logits = self.model(inner.examples)
+        if s.training in ("trades", "fat_trades"):
+            loss = trades_loss(self.model(x), logits, y, s.trades_beta)
+        elif s.training in ("gairat", "gair_fat") and self.epoch_fraction() >= 0.5:
+            assert inner.kappa is not None  # both paths count kappa
+            # normalised over the global batch, so DDP's averaged gradient is the single-process one
+            weights = gairat_weights(inner.kappa, s.adv_steps, s.gairat_lambda, mean=global_mean)
+            loss = (weights * F.cross_entropy(logits, y, reduction="none")).mean()
+        else:
+            loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/adv_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/backward_passes_per_sample", inner.steps.float().mean() + 1.0)
+        if inner.kappa is not None:
+            self._log_kappa(inner.kappa)
+        return loss
+
+    def _log_kappa(self, kappa: Tensor) -> None:
+        if isinstance(self.logger, TensorBoardLogger) and self.global_step % self.trainer.log_every_n_steps == 0:
+            self.logger.experiment.add_histogram("train/kappa", kappa, global_step=self.global_step)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.settings.adversarial:
+            return self._adversarial_step(batch)
         return self._step(batch, self.train_acc, "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._robust_seen = 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_acc, "val")
+        if self.settings.adversarial:
+            self._robust_validation(batch, batch_idx)
+
+    def _robust_validation(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """PGD-10 accuracy on the first ``robust_val_samples`` validation images.
+
+        Validation loaders deal samples round-robin to the ranks (unshuffled), so global image ``i`` is local
+        image ``i // world`` of rank ``i % world``: each rank attacks its share of the first images.
+        """
+        x, y = batch
+        s = self.settings
+        rank, world = rank_and_world()
+        take = min(x.shape[0], len(range(rank, s.robust_val_samples, world)) - self._robust_seen)
+        if take > 0:
+            self._robust_seen += take
+            generator = torch.Generator(x.device).manual_seed(batch_idx)  # the same random starts every epoch
+            x_adv = pgd(self.model, x[:take], y[:take], s.adv_eps, s.adv_step_size, ROBUST_VAL_STEPS,
+                        generator=generator)
+            self.val_robust(self.model(x_adv), y[:take])
+        # logged on every step and rank, so that the epoch-end synchronisation of the metric is collective
+        self.log("val/robust_acc", self.val_robust, prog_bar=True, on_step=False, on_epoch=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.test_acc, "test")

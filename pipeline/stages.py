@@ -203,8 +203,9 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
             module.on_save_checkpoint(ckpt)
             atomic_torch_save(ckpt, paths.product("classifier"))
         nets.classifier = module.model
-        return {"val_acc": val["val/acc"], "weights": c.weights}
-    callbacks = _checkpointing(cfg, paths, "classifier", "val/acc")
+        return {**{k.replace("/", "_"): v for k, v in val.items() if k in ("val/acc", "val/robust_acc")},
+                "weights": c.weights}
+    callbacks = _checkpointing(cfg, paths, "classifier", module.monitor)  # robust accuracy for adversarial training
     if c.ema_decay is not None:  # validated and checkpointed with the averaged weights
         callbacks.append(EMAWeightAveraging(decay=c.ema_decay))
     trainer = _trainer(cfg, paths, "classifier", callbacks, max_epochs=c.epochs)
@@ -215,11 +216,13 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
     fit_seconds = time.perf_counter() - start
     nets.keep_best("classifier", module.model, "model")
     best = trainer.checkpoint_callback.best_model_score
-    summary = {"val_acc": float(best) if best is not None else None, "epochs": trainer.current_epoch,
+    monitored = module.monitor.replace("/", "_")
+    summary = {monitored: float(best) if best is not None else None, "epochs": trainer.current_epoch,
                "train_images": len(train.dataset), "fit_seconds": fit_seconds,
                "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds}
     if c.ema_decay is not None:
-        summary |= {"val_acc_averaged_statistics": summary["val_acc"], **_refresh_batch_norm(cfg, paths, dm, module)}
+        summary |= {f"{monitored}_averaged_statistics": summary[monitored],
+                    **_refresh_batch_norm(cfg, paths, dm, module)}
     return summary
 
 
@@ -240,7 +243,7 @@ def _refresh_batch_norm(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
         ckpt = read_checkpoint(paths.product("classifier"), "classifier")
         ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v for k, v in model.state_dict().items()}}
         atomic_torch_save(ckpt, paths.product("classifier"))
-    return {"val_acc": val["val/acc"]}
+    return {key.replace("/", "_"): value for key, value in val.items() if key in ("val/acc", "val/robust_acc")}
 
 
 def _paired(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks, train_split: str,

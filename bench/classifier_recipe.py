@@ -1,0 +1,89 @@
+"""The classifier stage of CIFAR-10 CPU scale, the fast recipe against the one before it, in one run.
+
+Trains the classifier stage of ``--config`` (the fast recipe, once per seed) and of ``--before`` (the recipe
+it replaces) on the same machine, one after the other, and records per run the stage's wall time, the
+epochs, the training images, images/s (epochs x training images / fit time), the validation accuracy and
+the accuracy on the whole test split (never seen by the stage). Writes ``bench/results/<name>.json``.
+
+    OMP_NUM_THREADS=2 python bench/classifier_recipe.py --root DIR/cifar10-jpeg/train --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import configure_threads, machine_description, write_result  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.paths import RunPaths  # noqa: E402
+from pipeline.stages import RunNetworks, load_datamodule, run_stage  # noqa: E402
+
+
+@torch.no_grad()
+def _test_accuracy(cfg: PipelineConfig) -> float:
+    paths = RunPaths(cfg.run.dir)
+    model = RunNetworks(cfg, paths).classifier
+    x, y = load_datamodule(cfg, paths).split_tensors("test")
+    right = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(500), y.split(500)))
+    return right / len(y)
+
+
+def _run(cfg: PipelineConfig, label: str, seed: int, root: str, data_root: str) -> dict[str, Any]:
+    cfg = replace(cfg, run=replace(cfg.run, name=f"{label}_seed{seed}", root=root, seed=seed),
+                  data=replace(cfg.data, root=data_root),
+                  trainer={**cfg.trainer, "enable_progress_bar": False})
+    start = time.perf_counter()
+    summary = run_stage(cfg, "classifier")
+    wall = time.perf_counter() - start
+    row = {"recipe": label, "seed": seed, "stage_seconds": wall, "test_acc": _test_accuracy(cfg),
+           "classifier": {k: v for k, v in vars(cfg.classifier).items()}, **summary}
+    print(f"{label} seed {seed}: test {row['test_acc']:.4f}, val {row['val_acc']:.4f}, {wall:.0f} s, "
+          f"{row['images_per_second']:.0f} img/s", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="the CIFAR-10 image folder (DIR/<class>/*.jpg)")
+    parser.add_argument("--config", default="configs/cifar10_cpu.yaml", help="the fast recipe")
+    parser.add_argument("--before", default="bench/recipes/cifar10_cpu_before.yaml", help="the recipe it replaces")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--skip-before", action="store_true", help="time the fast recipe only")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="classifier_recipe")
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        if not args.skip_before:
+            rows.append(_run(load_config(args.before), "before", args.seeds[0], root, args.root))
+        for seed in args.seeds:
+            rows.append(_run(load_config(args.config), "fast", seed, root, args.root))
+    fast = [r for r in rows if r["recipe"] == "fast"]
+    result = {
+        "machine": machine_description(torch.device("cpu")),
+        "threads": threads,
+        "runs": rows,
+        "fast_test_acc_mean": statistics.mean(r["test_acc"] for r in fast),
+        "fast_test_acc_seeds": [r["test_acc"] for r in fast],
+        "fast_stage_seconds_max": max(r["stage_seconds"] for r in fast),
+        "target": {"test_acc_mean": 0.80, "stage_seconds": 25 * 60},
+    }
+    path = write_result(args.name, result)
+    print(f"fast recipe: mean test accuracy {result['fast_test_acc_mean']:.4f} over seeds {args.seeds}, "
+          f"slowest stage {result['fast_stage_seconds_max']:.0f} s -> {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
