@@ -44,8 +44,9 @@ class Detection:
 
     Attributes:
         score: the statistic the routing reports: the batch's MMD^2 against the reference set (``batch``,
-            ``both``) or the mean per-sample score (``sample``).
-        batch_excess: ``(score - threshold) / |threshold|`` of the batch test (None in ``sample`` routing).
+            ``both``), the mean per-sample score (``sample``), 0 under the fixed routings.
+        batch_excess: ``(score - threshold) / |threshold|`` of the batch test (None in ``sample`` routing; a
+            constant -1 or +1 without gradient under ``never`` / ``always``, so objectives see a fixed route).
         sample_excess: the same per image for the per-sample test, shape ``(B,)`` (None in ``batch`` routing).
         flags: the routing decision per image, shape ``(B,)``: True where the image is purified.
     """
@@ -98,7 +99,8 @@ class DADDefense(nn.Module):
         denoiser: maps noisy images to denoised ones.
         noise_std, noise: the noise added before denoising (as in the denoiser's training).
         sample_detector: the per-sample detector (needed by the ``sample`` and ``both`` routings).
-        routing: ``batch`` (the paper's), ``sample`` or ``both``; settable on a built or loaded defense.
+        routing: ``batch`` (the paper's), ``sample`` or ``both``, or the baselines ``never`` (the classifier
+            alone) and ``always`` (every image purified); settable on a built or loaded defense.
     """
 
     def __init__(
@@ -127,14 +129,14 @@ class DADDefense(nn.Module):
 
     @property
     def routing(self) -> Routing:
-        """How images are routed: ``batch``, ``sample`` or ``both`` (see :mod:`dad.routing`)."""
+        """How images are routed: ``batch``, ``sample``, ``both``, ``never`` or ``always`` (see :mod:`dad.routing`)."""
         return self._routing
 
     @routing.setter
     def routing(self, mode: Routing) -> None:
         if mode not in ROUTINGS:
             raise ValueError(f"Expected `routing` in {ROUTINGS}, got {mode!r}")
-        if mode != "batch" and self.sample_detector is None:
+        if mode in ("sample", "both") and self.sample_detector is None:
             raise ValueError(f"`routing: {mode}` needs a per-sample detector; this defense has none (it was saved "
                              "before per-sample routing existed: re-run `train.py defense`)")
         self._routing = mode
@@ -164,6 +166,10 @@ class DADDefense(nn.Module):
     def detect(self, x: Tensor, features: Tensor) -> Detection:
         """The detectors' verdict on the batch ``x`` under the current routing (``features``: ``phi(x)``)."""
         batch_excess = sample_excess = None
+        if self.routing in ("never", "always"):  # a fixed route: no detector runs, the statistic is 0
+            purified = self.routing == "always"
+            fixed = torch.tensor(1.0 if purified else -1.0, device=x.device)
+            return Detection(x.new_zeros(()), fixed, None, torch.full((x.shape[0],), purified, device=x.device))
         if self.routing == "sample":
             scores = self.sample_detector.scores(x, features)  # type: ignore[union-attr]
             sample_excess = relative_excess(scores, self.sample_detector.threshold)  # type: ignore[union-attr]
@@ -188,7 +194,7 @@ class DADDefense(nn.Module):
         The detection does not depend on the noise, so it is computed once, and images judged clean are
         deterministic: only the flagged images are purified, ``draws`` times.
         """
-        check_images(x, self.image_shape, min_batch=1 if self.routing == "sample" else 2)
+        check_images(x, self.image_shape, min_batch=1 if self.routing in ("sample", "never", "always") else 2)
         if draws < 1:
             raise ValueError(f"Expected `draws` >= 1, got {draws}")
         x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision

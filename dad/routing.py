@@ -9,6 +9,9 @@
   Its two thresholds are calibrated jointly (:class:`JointThresholds`) so that the share of clean images
   purified, by either test, is the target FPR: the batch test gets half of it, the per-sample test the
   rest among the images of batches the batch test lets through.
+* ``never``: the classifier alone, every image straight to it; ``always``: every image purified (the purifier
+  alone in front of the classifier). The two baselines of the same harness: the same attacks and the same
+  evaluation rule as the detecting modes, with a routing nobody can move.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from torch import Tensor, nn
 from dad.detector import MMDDetector, pool_threshold, random_batches
 from dad.sample_detector import SampleDetector
 
-__all__ = ["Routing", "ROUTINGS", "JointThresholds", "BATCH_SHARE", "relative_excess"]
+__all__ = ["Routing", "ROUTINGS", "DETECTING", "JointThresholds", "BATCH_SHARE", "relative_excess"]
 
-Routing = Literal["batch", "sample", "both"]
-ROUTINGS: tuple[str, ...] = ("batch", "sample", "both")
+Routing = Literal["batch", "sample", "both", "never", "always"]
+ROUTINGS: tuple[str, ...] = ("batch", "sample", "both", "never", "always")
+DETECTING: tuple[str, ...] = ("batch", "sample", "both")
+"""The routings decided by the detectors (the others are fixed baselines)."""
 BATCH_SHARE = 0.5
 """The share of the target FPR the batch test of the ``both`` mode is calibrated for."""
 

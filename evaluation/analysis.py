@@ -212,6 +212,8 @@ def purified_share(defense: nn.Module, pool: Tensor, batch_size: int, num_batche
     on its batch.
     """
     routing, size = defense.routing, len(pool)
+    if routing in ("never", "always"):
+        return float(routing == "always")
     sample = torch.cat([defense.sample_detector.scores(part) for part in pool.split(256)]) if routing != "batch" \
         else None
     if routing == "sample":

@@ -25,6 +25,8 @@ _ROUTING = {
              "whole batches).",
     "sample": "each image is judged and routed on its own per-sample score.",
     "both": "a batch judged adversarial is purified whole, otherwise the images judged adversarial alone are.",
+    "never": "no image is purified: the classifier alone, a baseline evaluated with the same attacks.",
+    "always": "every image is purified: the purifier alone in front of the classifier, a baseline.",
 }
 
 
@@ -150,11 +152,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     for key, c in report["sanity"].items():
         lines.append(f"| {key} | {'PASS' if c['passed'] else 'FAIL'} | {c['detail']} |")
     fpr = det["fpr_check"]
+    if fpr is not None:
+        lines += ["", f"FPR check: `{fpr['formula']}` with N_test = {det['clean_pool']}, B = {fpr['batch_size']}, "
+                      f"N_cal = {fpr['calibration_pool']}, z = {fpr['z']:g}: tolerance {fpr['tolerance']:.4f} "
+                      f"(binomial {fpr['se_binomial']:.4f}, calibration {fpr['se_calibration']:.4f})."]
     lines += [
-        "",
-        f"FPR check: `{fpr['formula']}` with N_test = {det['clean_pool']}, B = {fpr['batch_size']}, N_cal = "
-        f"{fpr['calibration_pool']}, z = {fpr['z']:g}: tolerance {fpr['tolerance']:.4f} (binomial "
-        f"{fpr['se_binomial']:.4f}, calibration {fpr['se_calibration']:.4f}).",
         "",
         f"Denoised clean accuracy (the cost of a false positive): {_pct(clean['denoised'])}. "
         f"Threshold {det['threshold']:.4g} at batch size {det['batch_size']}; FPR over {det['random_batches']} random "

@@ -45,6 +45,7 @@ from dad.attacks import AttackSpec
 from dad.defense import DADDefense, load_defense
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from dad.metrics import auroc, roc_curve
+from dad.routing import DETECTING
 from dad.models import create_model, freeze, load_classifier_weights
 from dad.stats import paired_difference_interval
 from datamodules import DADDataModule
@@ -341,8 +342,10 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                                        ev.sanity_samples, b, ev.sweep_factors, ev.sanity_z)
     calibration_pool = len(getattr(dm.splits, dm.splits.calibration_split))
     purified = purified_share(defense, fpr_pool.to(ctx.device), b, ev.random_batches, torch.Generator().manual_seed(7))
-    checks["fpr"], fpr_detail = fpr_check(purified, detection["target_fpr"], len(fpr_labels), calibration_pool, b,
-                                          defense.routing, ev.sanity_z)
+    fpr_detail = None  # a fixed route (never / always) has no false positives to check
+    if defense.routing in DETECTING:
+        checks["fpr"], fpr_detail = fpr_check(purified, detection["target_fpr"], len(fpr_labels), calibration_pool,
+                                              b, defense.routing, ev.sanity_z)
     sanity_seconds = time.perf_counter() - sanity_start
     report: dict[str, Any] = {
         "clean_acc": {**_accuracies(states, results, CLEAN), "detection_rate": results[CLEAN]["detection_rate"]},

@@ -69,8 +69,9 @@ class EvalSettings:
 
     Attributes:
         attacks: named attacks on whole batches (each an :class:`~dad.attacks.AttackSpec`).
-        routing: evaluate the defense under this routing (``batch``, ``sample`` or ``both``) instead of the one
-            it was saved with; the reports are then ``report_<routing>.{json,md}``.
+        routing: evaluate the defense under this routing (``batch``, ``sample`` or ``both``, or the baselines
+            ``never``: the classifier alone, ``always``: every image purified) instead of the one it was saved
+            with; the reports are then ``report_<routing>.{json,md}``.
         draws: noise draws per evaluation of a randomised defense: a sample counts as robust only if it is
             classified correctly in every draw (the mean over draws is reported beside it).
         detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
@@ -92,7 +93,7 @@ class EvalSettings:
     """
 
     attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
-    routing: Literal["batch", "sample", "both"] | None = None
+    routing: Literal["batch", "sample", "both", "never", "always"] | None = None
     draws: int = 3
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     random_batches: int = 1000

@@ -3,8 +3,8 @@
 Besides plain training, the fast-training recipe of the CIFAR literature (Page's DAWNBench ResNet, Keller
 Jordan's airbench) is available piece by piece: a one-cycle schedule (torch's ``OneCycleLR``), label
 smoothing, flip-and-crop augmentation on uint8 batches (:mod:`datamodules.augment`), an exponential moving
-average of the weights (Lightning's ``EMAWeightAveraging``, followed by a batch-norm statistics update) and
-channels-last memory format.
+average of the weights from half of the steps on (:class:`callbacks.DelayedEMA`, then a batch-norm statistics
+update) and channels-last memory format.
 
 Adversarial training (``training``) replaces the clean batch by the method's adversarial examples
 (:mod:`dad.robust`: PGD-AT, TRADES, FAT, FAT-TRADES, GAIRAT, GAIR-FAT); the inner maximisation runs with
@@ -71,6 +71,8 @@ class ClassifierSettings:
         crop_padding: the crop's padding (0: flips only).
         ema_decay: keep an exponential moving average of the weights with this decay (None: off); the average
             is validated and kept, and its batch-norm statistics are recomputed on the training images.
+        ema_start: the share of the training steps after which the average starts (before: the live weights;
+            an average from the first step keeps ``decay ** steps`` of the random initial weights).
         channels_last: train in channels-last memory format (faster convolutions on some CPUs and GPUs).
         training: ``standard`` (cross-entropy on clean images) or adversarial training, Linf:
             ``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``fat`` and ``fat_trades``
@@ -101,6 +103,7 @@ class ClassifierSettings:
     augment: bool = False
     crop_padding: int = 4
     ema_decay: float | None = None
+    ema_start: float = 0.5
     channels_last: bool = False
     training: Training = "standard"
     adv_eps: float = 8 / 255
@@ -131,6 +134,8 @@ class ClassifierSettings:
             raise ValueError(f"Expected `classifier.crop_padding` >= 0, got {self.crop_padding}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"Expected `classifier.ema_decay` in (0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.ema_start < 1.0:
+            raise ValueError(f"Expected `classifier.ema_start` in [0, 1), got {self.ema_start}")
         if self.training not in get_args(Training):
             raise ValueError(f"Expected `classifier.training` in {get_args(Training)}, got {self.training!r}")
         if not self.adv_eps > 0:

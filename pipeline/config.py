@@ -72,7 +72,8 @@ class DefenseSettings:
         calibration_batches: random clean batches drawn per calibrated batch size.
         batch_size: the inference (detection) batch; the evaluation attacks batches of this size.
         routing: ``batch`` (the paper's: the batch's MMD score routes the whole batch), ``sample`` (each image
-            by its own score) or ``both`` (see :mod:`dad.routing`); saved with the defense.
+            by its own score) or ``both``, or a baseline: ``never`` / ``always`` purify (see :mod:`dad.routing`);
+            saved with the defense.
         sample_score: the per-sample score, ``witness`` or ``reference`` (see :mod:`dad.sample_detector`).
         witness_size: images of the MMD set (and their training AEs) the witness uses (None: all of them).
     """
@@ -81,7 +82,7 @@ class DefenseSettings:
     target_fpr: float = 0.05
     calibration_batches: int = 1000
     batch_size: int = 100
-    routing: Literal["batch", "sample", "both"] = "batch"
+    routing: Literal["batch", "sample", "both", "never", "always"] = "batch"
     sample_score: Literal["witness", "reference"] = "witness"
     witness_size: int | None = None
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from callbacks import DenoiserImageLogger, ThresholdCalibration
+from callbacks import DelayedEMA, DenoiserImageLogger, ThresholdCalibration
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
@@ -207,7 +207,7 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
                 "weights": c.weights}
     callbacks = _checkpointing(cfg, paths, "classifier", module.monitor)  # robust accuracy for adversarial training
     if c.ema_decay is not None:  # validated and checkpointed with the averaged weights
-        callbacks.append(EMAWeightAveraging(decay=c.ema_decay))
+        callbacks.append(DelayedEMA(c.ema_decay, c.ema_start))
     trainer = _trainer(cfg, paths, "classifier", callbacks, max_epochs=c.epochs)
     train = dm.train_dataloader(augment=FlipCrop(c.crop_padding) if c.augment else None)
     start = time.perf_counter()

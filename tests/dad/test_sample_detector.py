@@ -124,3 +124,26 @@ def test_both_routing_purifies_about_the_target_share_of_fresh_clean_images() ->
     assert isinstance(defense.joint, JointThresholds) and defense.joint.calibrated
     with pytest.raises(ValueError, match="routing"):
         defense.routing = "nope"
+
+
+@pytest.mark.parametrize("routing", ["never", "always"])
+def test_fixed_routings_take_one_route_whatever_the_input(routing: str) -> None:
+    defense, spy = _defense(routing)
+    clean, far = torch.rand(10, 1, 3, 3) * 0.5, torch.full((10, 1, 3, 3), 0.95)
+    for batch in (clean, far, far[:1]):
+        out = defense.forward_with_info(batch)
+        assert out.flags.tolist() == [routing == "always"] * len(batch)
+        expected = defense.classifier(batch) if routing == "never" else defense.classifier(spy(batch))
+        torch.testing.assert_close(out.logits, expected)
+    assert spy.seen == ([] if routing == "never" else [10, 10, 10, 10, 1, 1])  # the defense, then the check
+    detection = defense.detect(far.requires_grad_(), defense.classify_with_features(far)[1])
+    assert detection.batch_excess.item() == (1.0 if routing == "always" else -1.0)
+    assert not detection.batch_excess.requires_grad and detection.sample_excess is None
+
+
+def test_fixed_routings_need_no_per_sample_detector() -> None:
+    defense, _ = _defense("batch")
+    defense.sample_detector = None
+    defense.routing = "never"
+    with pytest.raises(ValueError, match="per-sample detector"):
+        defense.routing = "sample"

@@ -171,3 +171,17 @@ def test_interrupted_attack_resumes_from_its_finished_batches(evaluated: tuple[P
     report = evaluate(cfg)
     assert [_is(c, "adaptive") for c in counter.calls] == [True]  # only the missing second batch
     assert report["robust_acc"] == evaluated[1]["robust_acc"]
+
+
+def test_the_classifier_alone_is_a_routing_of_the_same_harness(evaluated: tuple[Path, dict[str, Any]],
+                                                                tmp_path: Path) -> None:
+    cfg = _copy(evaluated, tmp_path)
+    cfg = replace(cfg, eval=replace(cfg.eval, routing="never", transfer=TransferSettings(), mixed_attacks=[]))
+    report = evaluate(cfg)
+    assert (tmp_path / "tiny" / "report_never.json").is_file() and report["routing"] == "never"
+    for entry in (report["clean_acc"], report["robust_acc"]["pgd_linf"]):
+        assert entry["dad"] == entry["undefended"] and entry["dad"] == entry["dad_mean"]
+    assert report["detection"]["clean_purified"] == 0.0 and report["detection"]["fpr_check"] is None
+    assert "fpr" not in report["sanity"]
+    worst = report["worst_case"]["linf eps=0.2"]
+    assert worst["all_attacks"]["dad"] <= report["robust_acc"]["pgd_linf"]["undefended"]

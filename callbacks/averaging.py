@@ -1,0 +1,59 @@
+"""An exponential moving average of the weights that starts part-way through training.
+
+Lightning's :class:`~pytorch_lightning.callbacks.EMAWeightAveraging` averages from the first step, so a short
+run's average keeps a share ``decay ** steps`` of the random initial weights (7% after 2,660 steps at 0.999),
+and it validates and checkpoints the average even before any update, i.e. the initial weights. Here the
+average starts at a fraction of the training steps (its first update copies the weights then, as
+:class:`torch.optim.swa_utils.AveragedModel` does), and until then the live weights are validated and saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EMAWeightAveraging
+
+__all__ = ["DelayedEMA"]
+
+
+class DelayedEMA(EMAWeightAveraging):
+    """EMA of the weights (and buffers) with ``decay``, updated every step from ``start`` of the training steps on.
+
+    Args:
+        decay: the average's decay per step.
+        start: the share of ``trainer.estimated_stepping_batches`` after which averaging begins, in [0, 1).
+    """
+
+    def __init__(self, decay: float, start: float = 0.5) -> None:
+        if not 0.0 <= start < 1.0:
+            raise ValueError(f"Expected the averaging start in [0, 1), got {start}")
+        super().__init__(decay=decay)
+        self.start = start
+
+    @property
+    def averaging(self) -> bool:
+        """Whether the average holds at least one update (before that it is the initial weights)."""
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.update_starting_at_step = int(self.start * trainer.estimated_stepping_batches)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaging:
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaging:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.averaging:  # otherwise the live weights are the state (and resuming restarts nothing)
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.averaging:
+            super().on_train_end(trainer, pl_module)
