@@ -23,9 +23,12 @@ from dad.sanity import CheckResult
 from dad.stats import accuracy_interval
 
 __all__ = [
-    "fraction", "summary", "threat_label", "threat_groups", "union", "worst_cases", "detection_metrics", "fpr_check",
-    "purified_share", "sample_detection",
+    "fraction", "summary", "pop_samples", "SAMPLES", "threat_label", "threat_groups", "union", "worst_cases",
+    "detection_metrics", "fpr_check", "purified_share", "sample_detection",
 ]
+
+SAMPLES = "samples"
+"""The key of a worst case's per-sample correctness (saved beside the report, not in it)."""
 
 
 def fraction(correct: Tensor) -> float:
@@ -36,6 +39,26 @@ def fraction(correct: Tensor) -> float:
 def summary(correct: Tensor) -> dict[str, Any]:
     """``{"dad", "ci95", "n"}``: the accuracy of DAD's per-sample correctness, its 95% interval and sample count."""
     return {"dad": fraction(correct), "ci95": list(accuracy_interval(correct)), "n": correct.numel()}
+
+
+def _with_samples(correct: Tensor) -> dict[str, Any]:
+    """:func:`summary` plus the per-sample correctness itself (``samples``), for paired comparisons of reports."""
+    return {**summary(correct), SAMPLES: correct.bool().cpu()}
+
+
+def pop_samples(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
+    """``tree`` without its ``samples`` entries, and those entries by their path (``a/b/samples``)."""
+    if not isinstance(tree, dict):
+        return tree, {}
+    kept, found = {}, {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key == SAMPLES and isinstance(value, Tensor):
+            found[path] = value
+            continue
+        kept[key], inner = pop_samples(value, path + "/")
+        found |= inner
+    return kept, found
 
 
 def threat_label(spec: AttackSpec) -> str:
@@ -76,26 +99,28 @@ def worst_cases(specs: Mapping[str, AttackSpec], threats: Mapping[str, str], dad
         Per threat model: ``white_box``, ``classifier_only`` and ``all_attacks`` unions (per-sample worst cases
         over whole-batch attacks; a white-box attacker may submit any of these AEs), each mixed attack's
         AE-part accuracy, the folded subset figure, and ``headline`` (the lowest of them) and
-        ``headline_whole_batch`` (the lowest without the mixed batches).
+        ``headline_whole_batch`` (the lowest without the mixed batches); each with its per-sample correctness
+        under ``samples`` (:func:`pop_samples` takes them out before the report is written).
     """
     out: dict[str, Any] = {}
     for label, members in threat_groups(specs, threats).items():
         first = specs[(members["defense"] or members["classifier"])[0]]
         entry: dict[str, Any] = {"norm": first.norm, "eps": first.eps, "white_box": None, "classifier_only": None}
         if members["defense"]:
-            entry["white_box"] = {**summary(union([dad[n] for n in members["defense"]])), "attacks": members["defense"]}
+            entry["white_box"] = {**_with_samples(union([dad[n] for n in members["defense"]])),
+                                  "attacks": members["defense"]}
         if members["classifier"]:
-            entry["classifier_only"] = {**summary(union([dad[n] for n in members["classifier"]])),
+            entry["classifier_only"] = {**_with_samples(union([dad[n] for n in members["classifier"]])),
                                         "undefended": fraction(union([undefended[n] for n in members["classifier"]])),
                                         "attacks": members["classifier"]}
         everything = [n for n, s in specs.items() if threat_label(s) == label]
-        entry["all_attacks"] = {**summary(union([dad[n] for n in everything])), "attacks": everything}
-        entry["mixed"] = {name: {**summary(dad[name]), "attack": base, "fraction": p}
+        entry["all_attacks"] = {**_with_samples(union([dad[n] for n in everything])), "attacks": everything}
+        entry["mixed"] = {name: {**_with_samples(dad[name]), "attack": base, "fraction": p}
                           for name, (base, p) in mixed.items() if threat_label(specs[base]) == label}
         candidates = {"all_attacks": entry["all_attacks"]}
         if label in folded:
             fold = folded[label]
-            entry["folded"] = {**summary(fold["correct"]), "attacks": fold["attacks"],
+            entry["folded"] = {**_with_samples(fold["correct"]), "attacks": fold["attacks"],
                                "extra_errors": fold["extra_errors"]}
             if fold["extra_errors"] > 0:
                 candidates["folded"] = entry["folded"]

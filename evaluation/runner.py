@@ -52,7 +52,7 @@ from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
 from evaluation import plots
 from evaluation.analysis import (
-    detection_metrics, fpr_check, fraction, purified_share, sample_detection, summary, worst_cases,
+    detection_metrics, fpr_check, fraction, pop_samples, purified_share, sample_detection, summary, worst_cases,
 )
 from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import run_sanity
@@ -94,6 +94,7 @@ class _Context:
     fpr_labels: Tensor
     logger: TensorBoardLogger
     key_parts: dict[str, Any]
+    saved_routing: str
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +103,9 @@ class _Context:
 
     @property
     def state_dir(self) -> Path:
-        return self.paths.root / "eval_state"
+        """``eval_state/`` under the saved routing, ``eval_state_<routing>/`` under another one (both kept)."""
+        routing = self.key_parts["routing"]
+        return self.paths.root / ("eval_state" if routing == self.saved_routing else f"eval_state_{routing}")
 
     def state_path(self, name: str) -> Path:
         return self.state_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', name)}.pt"
@@ -297,7 +300,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="eval", default_hp_metric=False)
     ctx = _Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger,
                    {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "batch_size": b,
-                    "routing": defense.routing, "protocol": PROTOCOL})
+                    "routing": defense.routing, "protocol": PROTOCOL}, saved_routing)
     threats = {name: s.threat for name, s in specs.items()}
 
     sources: dict[str, tuple[nn.Module, str]] = {}
@@ -370,9 +373,11 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                            "eval_attacks": attacks_seconds, "eval_sanity": sanity_seconds,
                            "attacks": {name: states[name].per_batch("seconds").sum().item()
                                        for name in [*specs, *mixed]}}
+    report["worst_case"], samples = pop_samples(report["worst_case"])
     report = strict_json(report)
     name = "report" if defense.routing == saved_routing else f"report_{defense.routing}"
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
+        atomic_torch_save(samples, paths.root / f"{name}_samples.pt")  # per-sample worst cases, for paired intervals
         atomic_write_json(report, paths.root / f"{name}.json")
         atomic_write_text(report_markdown(report), paths.root / f"{name}.md")
     return report

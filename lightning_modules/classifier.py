@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dad.attacks import pgd
@@ -181,6 +182,8 @@ class ClassifierModule(StageModule):
         self.test_acc = MulticlassAccuracy(model.num_classes)
         self.val_robust = MulticlassAccuracy(model.num_classes, average="micro")
         self._robust_seen = 0  # validation images of this rank attacked in the current epoch
+        # backward passes per training sample over this fit (1 for standard training): FAT's point is spending fewer
+        self.backward_passes = MeanMetric()
 
     @property
     def monitor(self) -> str:
@@ -240,6 +243,7 @@ class ClassifierModule(StageModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/adv_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train/backward_passes_per_sample", inner.steps.float().mean() + 1.0)
+        self.backward_passes.update(inner.steps.float() + 1.0)
         if inner.kappa is not None:
             self._log_kappa(inner.kappa)
         return loss
@@ -251,6 +255,7 @@ class ClassifierModule(StageModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if self.settings.adversarial:
             return self._adversarial_step(batch)
+        self.backward_passes.update(torch.ones(len(batch[1]), device=self.device))
         return self._step(batch, self.train_acc, "train")
 
     def on_validation_epoch_start(self) -> None:

@@ -219,7 +219,8 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
     monitored = module.monitor.replace("/", "_")
     summary = {monitored: float(best) if best is not None else None, "epochs": trainer.current_epoch,
                "train_images": len(train.dataset), "fit_seconds": fit_seconds,
-               "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds}
+               "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds,
+               "backward_passes_per_sample": float(module.backward_passes.compute())}
     if c.ema_decay is not None:
         summary |= {f"{monitored}_averaged_statistics": summary[monitored],
                     **_refresh_batch_norm(cfg, paths, dm, module)}

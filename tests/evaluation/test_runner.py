@@ -111,6 +111,11 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
     assert markdown.startswith("DAD with **batch** routing")
     assert "Sanity checks" in markdown and "Mixed batches" in markdown
 
+    samples = torch.load(run / "report_samples.pt", weights_only=True)
+    headline = samples["linf eps=0.2/headline/samples"]
+    assert headline.dtype == torch.bool and headline.float().mean().item() == pytest.approx(worst["headline"]["dad"])
+    assert len(samples["linf eps=0.2/all_attacks/samples"]) == worst["all_attacks"]["n"]
+
     state_file = run / "eval_state" / "adaptive.pt"
     state = AttackState.from_disk(state_file, _key(state_file))
     assert sorted(state.batches) == [0, 1]  # 50 images attacked through the defense, in batches of 25
@@ -178,7 +183,10 @@ def test_the_classifier_alone_is_a_routing_of_the_same_harness(evaluated: tuple[
     cfg = _copy(evaluated, tmp_path)
     cfg = replace(cfg, eval=replace(cfg.eval, routing="never", transfer=TransferSettings(), mixed_attacks=[]))
     report = evaluate(cfg)
-    assert (tmp_path / "tiny" / "report_never.json").is_file() and report["routing"] == "never"
+    run = tmp_path / "tiny"
+    assert (run / "report_never.json").is_file() and (run / "report_never_samples.pt").is_file()
+    assert report["routing"] == "never" and (run / "eval_state_never" / "pgd_linf.pt").is_file()
+    assert _key(run / "eval_state" / "pgd_linf.pt") != _key(run / "eval_state_never" / "pgd_linf.pt")  # both kept
     for entry in (report["clean_acc"], report["robust_acc"]["pgd_linf"]):
         assert entry["dad"] == entry["undefended"] and entry["dad"] == entry["dad_mean"]
     assert report["detection"]["clean_purified"] == 0.0 and report["detection"]["fpr_check"] is None

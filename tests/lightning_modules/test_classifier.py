@@ -61,6 +61,7 @@ def test_the_recipe_keeps_averaged_weights_with_recomputed_batch_norm_statistics
                                                      label_smoothing=0.1, channels_last=True))
     summary = run_stage(cfg, "classifier")
     assert {"val_acc", "val_acc_averaged_statistics", "images_per_second", "train_images"} <= set(summary)
+    assert summary["backward_passes_per_sample"] == 1.0  # standard training: one backward per sample
     ckpt = read_checkpoint(RunPaths(cfg.run.dir).product("classifier"), "classifier")
     assert "current_model_state" in ckpt  # the averaged weights are the checkpoint's state_dict
     averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]

@@ -91,10 +91,11 @@ def test_each_method_trains_and_validates_its_robust_accuracy(method: str, monke
     assert {"val/robust_acc", "val/acc", "train/adv_acc", "train/loss"} <= set(metrics)
     assert attacked == [20, 10, 20, 10]  # the first 30 validation images, each epoch
     passes = float(metrics["train/backward_passes_per_sample"])
+    over_the_fit = float(module.backward_passes.compute())
     if method in ("fat", "fat_trades", "gair_fat"):
-        assert 1.0 <= passes <= 4.0  # early stopped: at most K + 1
+        assert 1.0 <= passes <= 4.0 and 1.0 <= over_the_fit <= 4.0  # early stopped: at most K + 1
     else:
-        assert passes == 4.0  # K inner steps and the outer backward
+        assert passes == 4.0 and over_the_fit == 4.0  # K inner steps and the outer backward
     assert module.model.training and all(m.training for m in module.model.modules())
     assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
 
