@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lightning_modules.evaluator as evaluator_module
+from bench.robust import leaderboard_rows
 from dad.attacks import AttackSpec
 from evaluation.runner import evaluate
 from evaluation.settings import TransferSettings
@@ -178,8 +179,8 @@ def test_interrupted_attack_resumes_from_its_finished_batches(evaluated: tuple[P
     assert report["robust_acc"] == evaluated[1]["robust_acc"]
 
 
-def test_the_classifier_alone_is_a_routing_of_the_same_harness(evaluated: tuple[Path, dict[str, Any]],
-                                                                tmp_path: Path) -> None:
+def test_the_classifier_alone_is_a_routing_of_the_same_harness(
+        evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     cfg = _copy(evaluated, tmp_path)
     cfg = replace(cfg, eval=replace(cfg.eval, routing="never", transfer=TransferSettings(), mixed_attacks=[]))
     report = evaluate(cfg)
@@ -193,3 +194,11 @@ def test_the_classifier_alone_is_a_routing_of_the_same_harness(evaluated: tuple[
     assert "fpr" not in report["sanity"]
     worst = report["worst_case"]["linf eps=0.2"]
     assert worst["all_attacks"]["dad"] <= report["robust_acc"]["pgd_linf"]["undefended"]
+
+    rows, difference = leaderboard_rows(run, "standard", None, "pgd_linf")  # bench/robust.py's reading of both
+    alone, with_dad = rows
+    assert (alone["setting"], with_dad["setting"]) == ("alone", "with DAD")
+    assert alone["worst_case"] == worst["headline"]["dad"] and alone["clean_fpr"] is None
+    assert with_dad["worst_case"] == evaluated[1]["worst_case"]["linf eps=0.2"]["headline"]["dad"]
+    low, high = difference["ci95"]
+    assert low <= difference["dad_minus_alone"] <= high and difference["n"] == worst["headline"]["n"]

@@ -1,0 +1,179 @@
+"""The robust-training leaderboard: each training method alone and with DAD, on one split under one attack suite.
+
+For every method of ``--methods`` the pipeline of ``--config`` runs with ``classifier.training`` set to it (run
+``<run root>/<config's run name>_<method>``; finished stages are kept, so an interrupted leaderboard resumes),
+then the evaluation runs twice with the config's attacks, test images and budgets:
+
+* **with DAD**: the saved defense (``report.json``): the full white box, detector evasion and mixed batches;
+* **alone**: the same defense file under routing ``never`` (``report_never.json``), i.e. the backbone alone
+  under every attack of the suite (an attack through the defense meets the classifier only). Mixed batches
+  are left out there: a classifier in eval mode classifies each image independently of its batch, so a
+  mixed batch is the whole-batch attack again.
+
+Per row: clean accuracy, AutoAttack (standard version, on the classifier; ``--autoattack`` names the attack),
+the worst case (the headline of the report: the lowest of the per-sample union over all attacks, the stronger
+sanity re-runs and, with DAD, the mixed batches), each with its 95% interval; the clean FPR (with DAD); the
+classifier stage's time and backward passes per sample (with DAD: every stage's time). Per method also DAD's
+worst case minus the backbone's with its paired 95% interval (Newcombe) on the images both cover. Writes
+``bench/results/<name>.json`` and ``<name>.md`` (the README table).
+
+    python bench/robust.py --config configs/digits_robust.yaml --methods standard pgd_at trades fat gairat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
+from dad.stats import paired_difference_interval  # noqa: E402
+from evaluation.runner import evaluate  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from pipeline.paths import STAGES, RunPaths  # noqa: E402
+from pipeline.stages import run_pipeline  # noqa: E402
+
+__all__ = ["main", "leaderboard_rows"]
+
+_LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
+           "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
+
+
+def _threat(report: dict[str, Any], requested: str | None) -> str:
+    """The threat model of the table: ``requested``, else the report's first Linf one."""
+    labels = list(report["worst_case"])
+    if requested is not None:
+        if requested not in labels:
+            raise ValueError(f"No threat model {requested!r} in the report; it has {labels}")
+        return requested
+    return next((label for label in labels if label.startswith("linf")), labels[0])
+
+
+def _samples(run: Path, report_name: str, threat: str) -> torch.Tensor:
+    samples = torch.load(run / f"{report_name}_samples.pt", weights_only=True)
+    return samples[f"{threat}/headline/samples"]
+
+
+def _stage_summary(run: Path, stage: str) -> dict[str, Any]:
+    done = RunPaths(run).done(stage)
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def _row(method: str, setting: str, report: dict[str, Any], threat: str, autoattack: str,
+         seconds: float, passes: float | None) -> dict[str, Any]:
+    clean, worst = report["clean_acc"], report["worst_case"][threat]["headline"]
+    aa = report["robust_acc"].get(autoattack)
+    return {
+        "method": method, "setting": setting,
+        "clean_acc": clean["dad"], "clean_ci95": clean["dad_ci95"],
+        "autoattack": aa["dad"] if aa else None, "autoattack_ci95": aa["dad_ci95"] if aa else None,
+        "worst_case": worst["dad"], "worst_case_ci95": worst["ci95"], "worst_case_n": worst["n"],
+        "worst_case_source": worst["source"],
+        "clean_fpr": report["detection"]["clean_purified"] if setting == "with DAD" else None,
+        "training_seconds": seconds, "backward_passes_per_sample": passes,
+    }
+
+
+Rows = list[dict[str, Any]]
+
+
+def leaderboard_rows(run: Path, method: str, threat: str | None, autoattack: str) -> tuple[Rows, dict[str, Any]]:
+    """The two rows of one method's run (alone, with DAD) and DAD's worst case minus the backbone's."""
+    with_dad = json.loads((run / "report.json").read_text())
+    alone = json.loads((run / "report_never.json").read_text())
+    threat = _threat(with_dad, threat)
+    classifier = _stage_summary(run, "classifier")
+    every_stage = sum(_stage_summary(run, s).get("seconds") or 0.0 for s in STAGES)
+    passes = classifier.get("backward_passes_per_sample")
+    rows = [_row(method, "alone", alone, threat, autoattack, classifier.get("seconds") or 0.0, passes),
+            _row(method, "with DAD", with_dad, threat, autoattack, every_stage, passes)]
+    dad, backbone = _samples(run, "report", threat), _samples(run, "report_never", threat)
+    n = min(len(dad), len(backbone))  # a folded headline covers the first sanity images only
+    difference, low, high = paired_difference_interval(dad[:n], backbone[:n])
+    return rows, {"method": method, "threat": threat, "n": n, "dad_minus_alone": difference, "ci95": [low, high]}
+
+
+def _evaluate_both(cfg: PipelineConfig) -> None:
+    run = cfg.run.dir
+    if not (run / "report.json").is_file():
+        evaluate(cfg)
+    if not (run / "report_never.json").is_file():
+        evaluate(replace(cfg, eval=replace(cfg.eval, routing="never", mixed_attacks=[])))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _ci(value: float | None, ci: list[float] | None) -> str:
+    return "-" if value is None or ci is None else f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README table of a leaderboard."""
+    lines = [f"Threat model {result['threat']}; {result['config']}; accuracies in % with 95% intervals.", "",
+             "| method | setting | clean | AutoAttack (classifier) | worst case | clean FPR | training s | "
+             "backward passes / sample |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        passes = "-" if r["backward_passes_per_sample"] is None else f"{r['backward_passes_per_sample']:.2f}"
+        label = _LABELS.get(r["method"], r["method"])
+        lines.append(f"| {label} | {r['setting']} | {_ci(r['clean_acc'], r['clean_ci95'])} | "
+                     f"{_ci(r['autoattack'], r['autoattack_ci95'])} | "
+                     f"{_ci(r['worst_case'], r['worst_case_ci95'])} (n={r['worst_case_n']}) | {_pct(r['clean_fpr'])} "
+                     f"| {r['training_seconds']:.0f} | {passes} |")
+    lines += ["", "DAD's worst case minus the backbone's alone (paired 95% interval):", ""]
+    for d in result["differences"]:
+        lines.append(f"- {_LABELS.get(d['method'], d['method'])}: {100 * d['dad_minus_alone']:+.1f} "
+                     f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] points (n={d['n']})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a robust configuration (configs/*_robust.yaml)")
+    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "fat", "gairat"])
+    parser.add_argument("--data-root", default=None, help="--data.root of the config (image folders)")
+    parser.add_argument("--runs-root", default=None, help="where the runs go (default: the config's run.root)")
+    parser.add_argument("--autoattack", default="autoattack_linf", help="the config's AutoAttack entry")
+    parser.add_argument("--threat", default=None, help="the threat model of the table (default: the first Linf)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default=None, help="result name (default: robust_leaderboard_<config stem>)")
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    base = load_config(args.config)
+    if args.data_root is not None:
+        base = replace(base, data=replace(base.data, root=args.data_root))
+    if args.runs_root is not None:
+        base = replace(base, run=replace(base.run, root=args.runs_root))
+    rows, differences, seconds = [], [], {}
+    for method in args.methods:
+        cfg = replace(base, run=replace(base.run, name=f"{base.run.name}_{method}"),
+                      classifier=replace(base.classifier, training=method))
+        start = time.perf_counter()
+        run_pipeline(cfg)
+        _evaluate_both(cfg)
+        seconds[method] = time.perf_counter() - start
+        method_rows, difference = leaderboard_rows(cfg.run.dir, method, args.threat, args.autoattack)
+        rows += method_rows
+        differences.append(difference)
+        print(f"{method}: " + "; ".join(f"{r['setting']} clean {_pct(r['clean_acc'])}, worst {_pct(r['worst_case'])}"
+                                        for r in method_rows), flush=True)
+    name = args.name or f"robust_leaderboard_{Path(args.config).stem}"
+    result = {"config": args.config, "threat": differences[0]["threat"], "rows": rows, "differences": differences,
+              "wall_seconds_this_invocation": seconds, "machine": machine_description(torch.device("cpu")),
+              "threads": threads, "command": " ".join(["python bench/robust.py", *(argv or sys.argv[1:])])}
+    write_result(name, result)
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
