@@ -27,6 +27,7 @@ from bench.machine import configure_threads, machine_description, write_result  
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import RunPaths  # noqa: E402
 from pipeline.stages import RunNetworks, load_datamodule, run_stage  # noqa: E402
+from pipeline.trainer import quiet_third_party  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="classifier_recipe")
     args = parser.parse_args(argv)
     threads = configure_threads(args.threads)
+    quiet_third_party()
     rows = []
     with tempfile.TemporaryDirectory() as root:
         if not args.skip_before:

@@ -40,6 +40,7 @@ from evaluation.runner import evaluate  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import STAGES, RunPaths  # noqa: E402
 from pipeline.stages import run_pipeline  # noqa: E402
+from pipeline.trainer import quiet_third_party  # noqa: E402
 
 __all__ = ["main", "leaderboard_rows"]
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="result name (default: robust_leaderboard_<config stem>)")
     args = parser.parse_args(argv)
     threads = configure_threads(args.threads)
+    quiet_third_party()
     base = load_config(args.config)
     if args.data_root is not None:
         base = replace(base, data=replace(base.data, root=args.data_root))
