@@ -53,7 +53,17 @@ def _run_guarded(debug: bool, fn: Callable[[], Any]) -> int:
         fn()
     except _user_errors() as err:
         return _fail(err, debug)
+    finally:
+        _release_process_group()
     return 0
+
+
+def _release_process_group() -> None:
+    """Destroy a DDP process group before the interpreter exits: gloo's threads left to exit can abort it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _configure_logging() -> None:
@@ -77,7 +87,7 @@ def _stage_parser(with_default_config: bool) -> ArgumentParser:
 
 
 def main_train(argv: Sequence[str]) -> int:
-    """``train.py {classifier,kernel,denoiser,defense,pipeline} [--config ...] [--section.field ...]``."""
+    """``train.py <stage>|pipeline [--config ...] [--section.field ...]``, a stage of :data:`~pipeline.paths.STAGES`."""
     root = ArgumentParser(prog="train.py", description="Train DAD: one stage or the whole pipeline.",
                           exit_on_error=False)
     commands = root.add_subcommands(dest="stage")
@@ -141,7 +151,7 @@ def main_eval(argv: Sequence[str]) -> int:
             data, dropped = prune_config(yaml.safe_load(saved.read_text()) or {})
             if dropped:
                 log.warning("%s was written by an earlier version: ignoring %s", saved, ", ".join(dropped))
-            base = ["--config", yaml.safe_dump(data)]
+            base = ["--config", yaml.safe_dump(data, sort_keys=False)]
         try:
             cfg = config_from_namespace(parser, parser.parse_args([*base, *rest]))
         except (ArgumentError, ConfigError) as err:

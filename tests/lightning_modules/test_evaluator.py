@@ -24,14 +24,15 @@ class _Stub(nn.Module):
         self.p = p
         self.seen: list[Tensor] = []
 
-    def purify(self, x: Tensor) -> Tensor:
-        return x
+    def purify_runs(self, x: Tensor, count: int) -> list[Tensor]:
+        return [x] * count
 
     def forward_draws(self, x: Tensor, draws: int) -> DefenseOutput:
         self.seen.append(x.detach().clone())
         right = torch.rand(draws, len(x)) < self.p  # label 0 is right
         logits = torch.stack([right.float(), (~right).float()], dim=2)
-        return DefenseOutput(logits=logits, score=torch.tensor(0.0), adversarial=torch.tensor(False))
+        return DefenseOutput(logits=logits, score=torch.tensor(0.0), adversarial=torch.tensor(False),
+                             flags=torch.zeros(len(x), dtype=torch.bool))
 
 
 def _test(defense: nn.Module, x: Tensor, names: list[str], **kwargs: object) -> DefenseEvaluator:

@@ -95,6 +95,8 @@ def main(mode: str, out: str) -> None:
     batch = TensorDataset(x[-GLOBAL_BATCH:], y[-GLOBAL_BATCH:])
     sampler = ResumableSampler(GLOBAL_BATCH, shuffle=False)
     trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=GLOBAL_BATCH // devices, sampler=sampler))
+    if torch.distributed.is_initialized():  # gloo's threads, left to the interpreter's exit, can abort it
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
