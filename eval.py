@@ -2,6 +2,7 @@
 
     python eval.py --run runs/demo
     python eval.py --run runs/demo --eval.max_test 200
+    python eval.py --run runs/digits_ssni --eval.defense defense_ssni_n.pt   # a diffusion purifier's defense
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Images in [0, 1] go in, logits come out. MMD-OPT judges the input against clean reference data, per
 batch or per image (:mod:`dad.routing`); what is judged clean goes straight to the classifier, what is
-judged adversarial is noised, denoised and then classified. The scores and decisions are exposed for
-logging and for attacks that know them.
+judged adversarial is purified and then classified. The purification path is DAD's (noise, then the
+denoiser) or a diffusion purifier (:mod:`dad.diffusion`: fixed-t DiffPure-style or SSNI), so the same
+harness runs the classifier alone (routing ``never``), a purifier alone (``always``) and DAD with either
+path. The scores and decisions are exposed for logging and for attacks that know them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from dad.detector import MMDDetector
-from dad.io import atomic_torch_save
+from dad.diffusion import Purifier, build_purifier, purifier_spec
+from dad.io import IncompatibleFileError, atomic_torch_save
 from dad.networks import build_networks, logits_and_features, network_specs
 from dad.noise import NOISE_MODES, NoiseMode, add_noise
 from dad.routing import ROUTINGS, JointThresholds, Routing, relative_excess
@@ -26,16 +29,12 @@ from dad.sample_detector import SampleDetector
 __all__ = ["DADDefense", "DefenseOutput", "Detection", "load_defense", "InvalidInputError", "IncompatibleFileError"]
 
 _FORMAT = "dad-defense"
-_VERSION = 3
-_READABLE = (1, 2, 3)  # 1: specs without the kernel part; 2: batch routing only
+_VERSION = 4
+_READABLE = (1, 2, 3, 4)  # 1: specs without the kernel part; 2: batch routing only; 3: no diffusion purifier
 
 
 class InvalidInputError(ValueError):
     """Raised for inputs the defense must not silently process (wrong shape, NaN/inf, outside [0, 1])."""
-
-
-class IncompatibleFileError(ValueError):
-    """Raised when a file is not a saved DAD defense or was saved by an incompatible version."""
 
 
 @dataclass
@@ -63,8 +62,8 @@ class DefenseOutput:
 
     logits: Tensor  # (B, K), or (draws, B, K) from DADDefense.forward_draws
     score: Tensor  # the routing's detection statistic (see Detection), differentiable in the input
-    adversarial: Tensor  # True if any image of the batch went through the denoiser
-    flags: Tensor | None = None  # (B,): which images went through the denoiser
+    adversarial: Tensor  # True if any image of the batch was purified
+    flags: Tensor | None = None  # (B,): which images were purified
 
 
 def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:
@@ -90,30 +89,35 @@ def purify(denoiser: nn.Module, x: Tensor, noise_std: float, noise: NoiseMode) -
 
 
 class DADDefense(nn.Module):
-    """Classifier + MMD-OPT detectors + denoiser, routing per batch, per image or both (:mod:`dad.routing`).
+    """Classifier + MMD-OPT detectors + purification, routing per batch, per image or both (:mod:`dad.routing`).
 
     Args:
         classifier: maps images in [0, 1] to logits; if it is also the kernel's feature extractor,
             one forward pass yields both the logits and the detection features.
         detector: the calibrated batch MMD detector.
-        denoiser: maps noisy images to denoised ones.
+        denoiser: maps noisy images to denoised ones (None when ``purifier`` is given).
         noise_std, noise: the noise added before denoising (as in the denoiser's training).
         sample_detector: the per-sample detector (needed by the ``sample`` and ``both`` routings).
         routing: ``batch`` (the paper's), ``sample`` or ``both``, or the baselines ``never`` (the classifier
             alone) and ``always`` (every image purified); settable on a built or loaded defense.
+        purifier: a diffusion purifier (:class:`~dad.diffusion.DiffusionPurifier` or
+            :class:`~dad.diffusion.SSNIPurifier`) that replaces noise + denoiser as the purification path.
     """
 
     def __init__(
         self,
         classifier: nn.Module,
         detector: MMDDetector,
-        denoiser: nn.Module,
+        denoiser: nn.Module | None,
         noise_std: float = 0.25,
         noise: NoiseMode = "one_sided",
         sample_detector: SampleDetector | None = None,
         routing: Routing = "batch",
+        purifier: Purifier | None = None,
     ) -> None:
         super().__init__()
+        if (denoiser is None) == (purifier is None):
+            raise ValueError("Expected exactly one purification path: a `denoiser` or a diffusion `purifier`")
         if noise_std < 0:
             raise ValueError(f"Expected `noise_std` >= 0, got {noise_std}")
         if noise not in NOISE_MODES:
@@ -124,6 +128,7 @@ class DADDefense(nn.Module):
         self.noise_std = noise_std
         self.noise = noise
         self.sample_detector = sample_detector
+        self.purifier = purifier
         self.joint = JointThresholds()
         self.routing = routing
 
@@ -141,6 +146,18 @@ class DADDefense(nn.Module):
                              "before per-sample routing existed: re-run `train.py defense`)")
         self._routing = mode
 
+    def with_purifier(self, purifier: Purifier, routing: Routing | None = None) -> DADDefense:
+        """This defense with ``purifier`` as its purification path, sharing the classifier, detectors and thresholds.
+
+        Args:
+            purifier: the diffusion purifier.
+            routing: the new defense's routing (None: this one's).
+        """
+        other = DADDefense(self.classifier, self.detector, None, self.noise_std, self.noise, self.sample_detector,
+                           routing or self.routing, purifier)
+        other.joint = self.joint
+        return other
+
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.detector.reference.shape[1:])
@@ -156,8 +173,17 @@ class DADDefense(nn.Module):
         return network_specs(self.classifier, self.detector.kernel, self.denoiser)
 
     def purify(self, x: Tensor) -> Tensor:
-        """Noise then denoise, clamped to the valid image range."""
+        """The purification path: the diffusion purifier, or noise then denoiser; images in [0, 1] out."""
+        if self.purifier is not None:
+            return self.purifier(x)
         return purify(self.denoiser, x, self.noise_std, self.noise)
+
+    def purify_runs(self, x: Tensor, count: int) -> list[Tensor]:
+        """``count`` independent purifications of ``x``, as ``count`` calls of :meth:`purify` give them (a purifier
+        may share the work that does not depend on the noise, such as SSNI's timesteps)."""
+        if self.purifier is not None:
+            return self.purifier.runs(x, count)
+        return [self.purify(x) for _ in range(count)]
 
     def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier)."""
@@ -203,9 +229,9 @@ class DADDefense(nn.Module):
         flags = detection.flags
         stacked = logits.expand(draws, *logits.shape)
         if bool(flags.all()):
-            stacked = torch.stack([self.classifier(self.purify(x)) for _ in range(draws)])
+            stacked = torch.stack([self.classifier(p) for p in self.purify_runs(x, draws)])
         elif bool(flags.any()):
-            purified = torch.stack([self.classifier(self.purify(x[flags])) for _ in range(draws)])
+            purified = torch.stack([self.classifier(p) for p in self.purify_runs(x[flags], draws)])
             stacked = stacked.clone()
             stacked[:, flags] = purified
         return DefenseOutput(logits=stacked, score=detection.score, adversarial=flags.any(), flags=flags)
@@ -224,16 +250,25 @@ class DADDefense(nn.Module):
             "target_fpr": self.detector.target_fpr,
             "routing": self.routing,
             "sample_score": self.sample_detector.kind if self.sample_detector is not None else None,
+            "purifier": purifier_spec(self.purifier) if self.purifier is not None else None,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         atomic_torch_save(payload, path)
 
 
-def load_defense(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DADDefense:
+def load_defense(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                 checkpoint: bool = False) -> DADDefense:
     """Rebuild a :class:`DADDefense` from :meth:`DADDefense.save`'s file.
 
     The file is read with ``weights_only=True``: only tensors and plain data are accepted, so a file
-    from elsewhere can never run code. The networks are rebuilt by :func:`~dad.networks.build_networks`.
+    from elsewhere can never run code. The networks are rebuilt by :func:`~dad.networks.build_networks`, a
+    diffusion purifier (format 4) by :func:`~dad.diffusion.build_purifier`; older formats load unchanged.
+
+    Args:
+        path: the file.
+        map_location: where the tensors are loaded.
+        checkpoint: gradient checkpointing of a diffusion purifier's reverse process (a memory setting: full
+            gradients through long reverse processes).
     """
     path = Path(path)
     if not path.is_file():
@@ -256,9 +291,13 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
         sample_detector = SampleDetector(kernel, torch.zeros_like(state["sample_detector.clean"]),
                                          torch.zeros_like(state["sample_detector.adversarial"]),
                                          payload["sample_score"], payload["target_fpr"])
-    defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], sample_detector)
     try:
+        purifier = build_purifier(payload["purifier"], checkpoint) if payload.get("purifier") is not None else None
+        defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], sample_detector,
+                             purifier=purifier)
         defense.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as err:
+        raise IncompatibleFileError(f"{path} does not describe a defense: {str(err).splitlines()[0]}") from None
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise IncompatibleFileError(f"{path} does not match its stored architecture: {first}") from None

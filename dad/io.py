@@ -1,4 +1,5 @@
-"""Atomic file writes and checksums: a crash mid-write never leaves a half-written file behind."""
+"""Atomic file writes and checksums (a crash mid-write never leaves a half-written file behind), and the error of a
+saved file this code cannot read."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "sha256_file"]
+__all__ = ["IncompatibleFileError", "atomic_open", "atomic_torch_save", "atomic_write_json", "atomic_write_text",
+           "sha256_file"]
+
+
+class IncompatibleFileError(ValueError):
+    """Raised when a file is not a saved defense or purifier, or was saved by an incompatible version."""
 
 
 @contextmanager

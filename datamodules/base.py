@@ -239,11 +239,12 @@ class DADDataModule(pl.LightningDataModule):
             return ImageTensorDataset(self.train_images, self.train_labels, train, raw)
         return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name), raw)
 
-    def _loader(self, name: str, shuffle: bool, augment: FlipCrop | None = None) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, augment: FlipCrop | None = None,
+                batch_size: int | None = None) -> DataLoader:
         data = self.dataset(name, raw=augment is not None)
         return DataLoader(
             data,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             sampler=ResumableSampler(len(data), shuffle=shuffle, seed=self.seed, pad=shuffle),
             num_workers=self.settings.num_workers,
             persistent_workers=self.settings.num_workers > 0,
@@ -251,12 +252,13 @@ class DADDataModule(pl.LightningDataModule):
             collate_fn=augment,
         )
 
-    def train_dataloader(self, augment: FlipCrop | None = None) -> DataLoader:
-        """Shuffled training batches; ``augment`` crops and flips each uint8 batch (the classifier's recipe)."""
-        return self._loader("train", shuffle=True, augment=augment)
+    def train_dataloader(self, augment: FlipCrop | None = None, batch_size: int | None = None) -> DataLoader:
+        """Shuffled training batches; ``augment`` crops and flips each uint8 batch (the classifier's recipe);
+        ``batch_size`` overrides ``data.batch_size`` (a stage with its own batch size)."""
+        return self._loader("train", shuffle=True, augment=augment, batch_size=batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        return self._loader("val", shuffle=False, batch_size=batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

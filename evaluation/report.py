@@ -87,12 +87,26 @@ def _headline(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _purification(report: Mapping[str, Any]) -> str:
+    """What the purification path is: the denoiser, or the diffusion purifier's settings."""
+    p = report.get("purifier")
+    where = f"`{report.get('defense_file', 'defense.pt')}`"
+    if not p:
+        return f"noise + denoiser ({where})"
+    steps = f"{p['ddim_steps']} DDIM steps" if p["sampler"] == "ddim" else "DDPM ancestral steps"
+    if p["kind"] == "fixed":
+        return f"diffusion purifier, fixed t* = {p['t_star']}, {steps} ({where})"
+    return (f"SSNI ({p['mapping']} mapping), t* = {p['t_star']}, b = {p['bias']:g}, EPS over K = "
+            f"{p['eps_num_timesteps']} timesteps in (0, {p['eps_max_timestep']:g}], {steps} ({where})")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (what ``make demo`` prints)."""
     det = report["detection"]
     draws = report["draws"]
     clean = report["clean_acc"]
-    lines = [f"DAD with **{report['routing']}** routing: {_ROUTING[report['routing']]}", "",
+    lines = [f"DAD with **{report['routing']}** routing: {_ROUTING[report['routing']]}",
+             f"Purification: {_purification(report)}", "",
              f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
              f"it is right in all {draws} noise draws and every attack of the column left it correct; the headline "
              "is the lowest column):", "", *_headline(report), "",

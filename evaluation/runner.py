@@ -1,6 +1,7 @@
 """Evaluate a saved defense the way a reviewer would: every threat model, converged attacks, sanity checks.
 
-``evaluate(cfg)`` loads ``runs/<name>/defense.pt`` and the test split and
+``evaluate(cfg)`` loads ``runs/<name>/defense.pt`` (or the run's ``eval.defense`` file, e.g. a diffusion
+purifier's ``defense_ssni_n.pt``) and the test split and
 
 1. runs the clean images, every classifier-only attack and the transfer attacks on the first ``max_test``
    test images, and every attack through the defense and every mixed-batch attack (an attacked image among
@@ -10,7 +11,7 @@
    attack's per-batch results are saved in ``eval_state/<attack>.pt`` and reused by a later run when the
    attack, the defense file and the data are unchanged (an interrupted evaluation resumes);
 2. runs the sanity phase (:mod:`evaluation.sanity`): gradients, randomness and EOT, white box vs
-   classifier-only, an eps sweep, more steps / EOT samples / restarts of the strongest attack on
+   classifier-only, an eps sweep, more steps / EOT samples / restarts / draws of the strongest attack on
    ``eval.sanity_samples`` images (folded into the worst case where they find more), and the FPR check
    (:func:`evaluation.analysis.fpr_check`);
 3. reports per threat model the per-sample worst case over the whole-batch attacks, each mixed-batch
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks import AttackStateWriter, DetectionHistogramLogger, ProgressLog, log_figures
 from dad.attacks import AttackSpec
 from dad.defense import DADDefense, load_defense
+from dad.diffusion import purifier_spec
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from dad.metrics import auroc, roc_curve
 from dad.routing import DETECTING
@@ -55,7 +57,7 @@ from evaluation.analysis import (
     detection_metrics, fpr_check, fraction, pop_samples, purified_share, sample_detection, summary, worst_cases,
 )
 from evaluation.report import report_markdown, strict_json
-from evaluation.sanity import run_sanity
+from evaluation.sanity import check_more_draws, run_sanity
 from evaluation.settings import TransferSettings
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -94,18 +96,20 @@ class _Context:
     fpr_labels: Tensor
     logger: TensorBoardLogger
     key_parts: dict[str, Any]
-    saved_routing: str
+    variant: str
 
     @property
     def device(self) -> torch.device:
         """Where the defense is now (the Trainer may have moved it to an accelerator)."""
         return next(self.defense.parameters()).device
 
+    def output(self, name: str) -> Path:
+        """``<run>/<name>`` for ``defense.pt`` under its saved routing, else ``<run>/<name>_<variant>`` (all kept)."""
+        return self.paths.root / (f"{name}_{self.variant}" if self.variant else name)
+
     @property
     def state_dir(self) -> Path:
-        """``eval_state/`` under the saved routing, ``eval_state_<routing>/`` under another one (both kept)."""
-        routing = self.key_parts["routing"]
-        return self.paths.root / ("eval_state" if routing == self.saved_routing else f"eval_state_{routing}")
+        return self.output("eval_state")
 
     def state_path(self, name: str) -> Path:
         return self.state_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]', '_', name)}.pt"
@@ -256,7 +260,7 @@ def _plots(ctx: _Context, states: Mapping[str, AttackState], report: dict[str, A
             f"{shown}: clean / AE / denoised AE")
     written = {}
     for tag, fig in figures.items():
-        path = ctx.paths.root / "plots" / f"{tag}.png"
+        path = ctx.output("plots") / f"{tag}.png"
         plots.save_figure(fig, path)
         written[tag] = str(path.relative_to(ctx.paths.root))
     log_figures(ctx.logger, {f"eval/{tag}": fig for tag, fig in figures.items()})
@@ -286,10 +290,13 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     """Evaluate ``runs/<name>/defense.pt`` under ``cfg.eval`` and write ``report.json`` / ``report.md`` / plots."""
     start = time.perf_counter()
     paths = RunPaths(Path(run_dir) if run_dir is not None else cfg.run.dir)
-    defense = load_defense(paths.defense)
+    defense_file = paths.defense if cfg.eval.defense is None else paths.root / cfg.eval.defense
+    defense = load_defense(defense_file, checkpoint=cfg.eval.purifier_checkpointing)
     saved_routing = defense.routing
     if cfg.eval.routing is not None:
         defense.routing = cfg.eval.routing
+    variant = "_".join([defense_file.stem.removeprefix("defense_")] * (defense_file != paths.defense)
+                       + [defense.routing] * (defense.routing != saved_routing))
     dm = load_datamodule(cfg, paths)
     fpr_pool, fpr_labels = dm.split_tensors("test")  # every clean test image: the FPR pool and the mixed filler
     ev = cfg.eval
@@ -297,10 +304,11 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     n_defense = n if ev.max_test_defense is None else min(ev.max_test_defense, n)
     b = cfg.defense.batch_size
     specs = {name: replace(spec, batch_size=b) for name, spec in ev.attacks.items()}
-    logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="eval", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(paths.root), name="logs", version="_".join(["eval", variant]).strip("_"),
+                               default_hp_metric=False)
     ctx = _Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger,
-                   {"defense": sha256_file(paths.defense), "split": dm.splits.digest(), "batch_size": b,
-                    "routing": defense.routing, "protocol": PROTOCOL}, saved_routing)
+                   {"defense": sha256_file(defense_file), "split": dm.splits.digest(), "batch_size": b,
+                    "routing": defense.routing, "protocol": PROTOCOL}, variant)
     threats = {name: s.threat for name, s in specs.items()}
 
     sources: dict[str, tuple[nn.Module, str]] = {}
@@ -343,6 +351,10 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
               ctx.y[:b].to(ctx.device))
     checks, sweep, folded = run_sanity(defense, probes, specs, threats, dad, num_classes, run, ev.sanity_attack,
                                        ev.sanity_samples, b, ev.sweep_factors, ev.sanity_z)
+    if sweep:  # the strongest attack's AEs on the re-run subset, judged with twice the draws
+        checks["more_draws"] = check_more_draws(defense, sweep["attack"], specs[sweep["attack"]],
+                                                states[sweep["attack"]].batches, fpr_labels, sweep["n"], ev.draws,
+                                                ev.sanity_z)
     calibration_pool = len(getattr(dm.splits, dm.splits.calibration_split))
     purified = purified_share(defense, fpr_pool.to(ctx.device), b, ev.random_batches, torch.Generator().manual_seed(7))
     fpr_detail = None  # a fixed route (never / always) has no false positives to check
@@ -362,10 +374,13 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
         "sweep": sweep,
         "attacks": {name: {**s.as_dict(), "threat": threats[name]} for name, s in specs.items()},
         "routing": defense.routing,
+        "defense_file": defense_file.name,
+        "purifier": _purifier_summary(defense),
         "draws": ev.draws,
         "num_test": n,
         "num_test_defense": n_defense,
         "num_classes": num_classes,
+        "variant": variant,
     }
     if ev.plots and pl.utilities.rank_zero.rank_zero_only.rank == 0:
         report["plots"] = _plots(ctx, states, report, clean_scores, attack_scores, num_classes)
@@ -374,13 +389,21 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                            "attacks": {name: states[name].per_batch("seconds").sum().item()
                                        for name in [*specs, *mixed]}}
     report["worst_case"], samples = pop_samples(report["worst_case"])
+    samples["clean_acc/samples"] = states[CLEAN].gather("dad").bool().cpu()
     report = strict_json(report)
-    name = "report" if defense.routing == saved_routing else f"report_{defense.routing}"
+    name = ctx.output("report").name
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        atomic_torch_save(samples, paths.root / f"{name}_samples.pt")  # per-sample worst cases, for paired intervals
+        atomic_torch_save(samples, paths.root / f"{name}_samples.pt")  # per-sample correctness, for paired intervals
         atomic_write_json(report, paths.root / f"{name}.json")
         atomic_write_text(report_markdown(report), paths.root / f"{name}.md")
     return report
+
+
+def _purifier_summary(defense: DADDefense) -> dict[str, Any] | None:
+    """The diffusion purifier's settings (None for the denoiser path), without the network's architecture."""
+    if defense.purifier is None:
+        return None
+    return {k: v for k, v in purifier_spec(defense.purifier).items() if k not in ("score_net", "schedule")}
 
 
 def _stage_timings(paths: RunPaths) -> dict[str, float]:

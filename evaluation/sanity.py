@@ -6,7 +6,9 @@ twice the EOT samples (when its gradient passes through randomness; else the str
 EOT is), another random restart, and at other ``eps`` (:func:`dad.sanity.attack_checks`). Where a stronger
 variant finds errors that no full-set attack found on those images, its result is *folded* into the
 worst case: the headline of the threat model becomes the lower of the full-set figure and the subset's
-union over every attack and variant (:func:`evaluation.analysis.worst_cases`).
+union over every attack and variant (:func:`evaluation.analysis.worst_cases`). The same attack's AEs on that
+subset are also judged again with twice the draws (:func:`check_more_draws`): more purification runs must not
+find errors beyond noise that the ``R``-draw rule missed.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from dad.attacks import AttackSpec
+from dad.attacks import AttackSpec, chunk_seed
 from dad.attacks._utils import margin
+from dad.attacks.registry import seeded
 from dad.sanity import (
     CheckResult, attack_checks, attack_variants, check_at_least_as_strong, check_gradients, check_randomness,
     check_unchanged, is_randomized,
 )
 from evaluation.analysis import fraction, threat_groups, threat_label, union
 
-__all__ = ["SanityOutcome", "run_sanity"]
+__all__ = ["SanityOutcome", "run_sanity", "check_more_draws"]
 
 Runner = Callable[[Mapping[str, AttackSpec], int], dict[str, dict[str, Tensor]]]
 """``run(attacks, n)`` -> ``{"dad": {name: correct}, "undefended": {name: correct}}`` on the first ``n`` images."""
@@ -133,3 +137,39 @@ def run_sanity(
         "undefended": [fraction(extra["undefended"][sweep_names[f]]) for f in eps],
     }
     return checks, sweep_report, folded
+
+
+@torch.no_grad()
+def check_more_draws(defense: nn.Module, attack: str, spec: AttackSpec, batches: Mapping[int, Mapping[str, Tensor]],
+                     labels: Tensor, n: int, draws: int, z: float) -> CheckResult:
+    """Judge an attack's stored AEs on the first ``n`` test images again with ``2 * draws`` purification runs.
+
+    Each batch is judged with the evaluation's own seed, so its first ``draws`` runs repeat the recorded ones and
+    the others are new: the new verdict is the recorded one and ``draws`` more runs, a paired comparison. Fewer
+    robust samples beyond noise mean ``draws`` runs were too few to see the defense's randomness.
+
+    Args:
+        defense: the evaluated defense (with ``forward_draws``).
+        attack: the attack's name (for the message); ``spec`` its settings (its seed seeds the judging).
+        batches: the attack's records by batch index (``index``, ``x_adv``, ``dad`` per sample).
+        labels: the labels of the test split, indexed by the records' ``index``.
+        n: how many of the first test images to judge again (whole batches).
+        draws: the evaluation's draws per judgement.
+        z: noise level of the comparison.
+    """
+    device = next(defense.parameters()).device
+    recorded, again = [], []
+    for batch_idx in sorted(batches):
+        record = batches[batch_idx]
+        if int(record["index"].max()) >= n:
+            continue
+        x, y = record["x_adv"].to(device), labels[record["index"]].to(device)
+        with seeded(chunk_seed(spec.seed, batch_idx, stream=1), x):
+            predicted = defense.forward_draws(x, 2 * draws).logits.argmax(2)
+        recorded.append(record["dad"].bool().cpu())
+        again.append((predicted == y).all(0).cpu())
+    if not recorded:
+        return CheckResult(False, f"not run: no stored batch of {attack} lies within the first {n} images")
+    result = check_unchanged(f"{2 * draws} instead of {draws} purification runs", torch.cat(recorded),
+                             torch.cat(again), z)
+    return CheckResult(result.passed, f"{attack}: {result.detail}")

@@ -69,9 +69,13 @@ class EvalSettings:
 
     Attributes:
         attacks: named attacks on whole batches (each an :class:`~dad.attacks.AttackSpec`).
+        defense: the defense file to evaluate, relative to the run directory (None: ``defense.pt``), e.g. a
+            diffusion purifier's ``defense_ssni_n.pt``; the reports are then ``report_<name>.{json,md}``.
+        purifier_checkpointing: recompute each step of a diffusion purifier's reverse process in the backward pass
+            instead of storing it (full gradients through long reverse processes in less memory, at more compute).
         routing: evaluate the defense under this routing (``batch``, ``sample`` or ``both``, or the baselines
             ``never``: the classifier alone, ``always``: every image purified) instead of the one it was saved
-            with; the reports are then ``report_<routing>.{json,md}``.
+            with; the reports are then ``report_[<name>_]<routing>.{json,md}``.
         draws: noise draws per evaluation of a randomised defense: a sample counts as robust only if it is
             classified correctly in every draw (the mean over draws is reported beside it).
         detection_batch_sizes: batch sizes of the detection metrics (AUROC, TPR, FPR).
@@ -93,6 +97,8 @@ class EvalSettings:
     """
 
     attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
+    defense: str | None = None
+    purifier_checkpointing: bool = False
     routing: Literal["batch", "sample", "both", "never", "always"] | None = None
     draws: int = 3
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
@@ -128,6 +134,8 @@ class EvalSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.defense is not None and (not self.defense.endswith(".pt") or "/" in self.defense):
+            raise ValueError(f"Expected `eval.defense` to name a .pt file of the run directory, got {self.defense!r}")
         threats = {name: spec.threat for name, spec in self.attacks.items()}
         for setting, names, allowed in (("eval.transfer.attacks", self.transfer.attacks, ("classifier",)),
                                         ("eval.mixed_attacks", self.mixed_attacks, ("classifier", "defense")),

@@ -128,8 +128,8 @@ class DefenseEvaluator(pl.LightningModule):
         out = self.defense.forward_draws(with_filler(x, filler), self.draws)
         predicted = out.logits.argmax(2)
         correct = (predicted[:, :n] == y).long().sum(0)
-        denoised = torch.stack([self.defense.classifier(self.defense.purify(x)).argmax(1) == y
-                                for _ in range(self.draws)]).all(0)
+        denoised = torch.stack([self.defense.classifier(p).argmax(1) == y
+                                for p in self.defense.purify_runs(x, self.draws)]).all(0)
         filler_acc = (predicted[:, n:] == filler_y).float().mean() if filler is not None else torch.tensor(float("nan"))
         return {
             "undefended": self.defense.classifier(x).argmax(1) == y,

@@ -5,7 +5,9 @@ to it with Gaussian noise, and regress the noise, ``|| eps - eps_theta(x_t, t) |
 diffusion weights are reachable from this project's machines, so the network is trained here. Purification
 only ever visits timesteps up to ``t* + b`` (about 100-200 of the 1000), so training may be restricted to
 ``[1, t_max]``: the network's capacity then goes where purification uses it. This restriction is a
-documented departure from DDPM, off by default.
+documented departure from DDPM, off by default. The pipeline's score stage trains on the training split
+only (``mmd`` + ``denoiser`` + ``extra``: never ``val``, ``calibration`` or ``test``) and validates on ``val``
+with fixed timesteps and noise per batch, so the validation loss of two epochs is comparable.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class ScoreSettings:
         t_max: train only on timesteps in ``[1, t_max]``; None: all ``T`` steps.
         net: the :class:`~dad.diffusion.unet.ScoreUNet` options (``in_channels`` comes from the data).
         ema_decay: keep an exponential moving average of the weights with this decay (None: off); like the
-            classifier's, it is applied by the training run (Lightning's ``EMAWeightAveraging`` callback).
+            classifier's, it is applied by the training run (:class:`~callbacks.DelayedEMA`) and the stage's
+            product holds the averaged weights.
+        ema_start: the share of the training steps after which the average starts.
+        flip: random horizontal flips of the training images (DDPM's CIFAR-10 augmentation; not for digits).
     """
 
     epochs: int = 100
@@ -43,6 +48,8 @@ class ScoreSettings:
     t_max: int | None = None
     net: dict[str, Any] = field(default_factory=dict)
     ema_decay: float | None = None
+    ema_start: float = 0.25
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -55,13 +62,15 @@ class ScoreSettings:
             raise ValueError(f"Expected `score.t_max` >= 1 or None, got {self.t_max}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"Expected `score.ema_decay` in (0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.ema_start < 1.0:
+            raise ValueError(f"Expected `score.ema_start` in [0, 1), got {self.ema_start}")
 
 
 class ScoreModule(StageModule):
     """DDPM epsilon-prediction training of an injected :class:`~dad.diffusion.unet.ScoreUNet`.
 
     Batches are ``(x, y)`` with images in [0, 1] (the labels are ignored); the network sees ``2x - 1``.
-    Logs ``train/loss`` and ``val/loss`` (the same loss on fresh timesteps and noise).
+    Logs ``train/loss`` and ``val/loss`` (the same loss, with timesteps and noise seeded by the batch index).
 
     Args:
         net: the network to train.
@@ -90,10 +99,15 @@ class ScoreModule(StageModule):
         high = self.settings.t_max or self.schedule.num_steps
         return torch.randint(1, high + 1, (x.shape[0],), generator=generator, device=x.device)
 
-    def loss(self, x: Tensor) -> Tensor:
-        """``L_simple``: the mean squared error of the predicted noise, for images ``x`` in [0, 1]."""
-        t = self.sample_timesteps(x)
-        noise = torch.randn_like(x)
+    def loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``L_simple``: the mean squared error of the predicted noise, for images ``x`` in [0, 1].
+
+        Args:
+            x: images in [0, 1].
+            generator: the source of the timesteps and the noise (on ``x``'s device); None: the global one.
+        """
+        t = self.sample_timesteps(x, generator)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = self.schedule.diffuse(2.0 * x - 1.0, t, noise)
         return F.mse_loss(self.net(x_t, t), noise)
 
@@ -103,7 +117,8 @@ class ScoreModule(StageModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self.loss(batch[0]), prog_bar=True, sync_dist=True)
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        self.log("val/loss", self.loss(batch[0], generator), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.net.parameters(), lr=self.settings.lr)

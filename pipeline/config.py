@@ -1,7 +1,8 @@
 """The run configuration: one typed section per stage, each defined once beside the code that consumes it.
 
 ``run`` and ``defense`` are defined here; ``data`` is :class:`~datamodules.settings.DataSettings`,
-``classifier``/``kernel``/``denoiser`` the settings of their LightningModules, ``attack`` (the training
+``classifier``/``kernel``/``denoiser``/``score`` the settings of their LightningModules, ``purifier`` the
+diffusion purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`), ``attack`` (the training
 AEs) an :class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~evaluation.settings.EvalSettings`, and
 ``trainer`` any argument of ``pytorch_lightning.Trainer`` (read from its signature, as LightningCLI does).
 Every option has one name, one default and one check (the section's ``__post_init__``). Parsing uses
@@ -24,11 +25,13 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from dad.attacks import AttackSpec
+from dad.diffusion.selection import PurifierSettings
 from datamodules.settings import DataSettings
 from evaluation.settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings
+from lightning_modules.score import ScoreSettings
 
 __all__ = [
     "RunSettings", "DefenseSettings", "PipelineConfig", "ConfigError", "OWNED_TRAINER_ARGS", "build_parser",
@@ -100,8 +103,8 @@ class DefenseSettings:
 
 
 OWNED_TRAINER_ARGS: dict[str, str] = {
-    "max_epochs": "`classifier.epochs` and `denoiser.epochs`",
-    "min_epochs": "`classifier.epochs` and `denoiser.epochs`",
+    "max_epochs": "`classifier.epochs`, `denoiser.epochs` and `score.epochs`",
+    "min_epochs": "`classifier.epochs`, `denoiser.epochs` and `score.epochs`",
     "max_steps": "`kernel.steps`",
     "min_steps": "`kernel.steps`",
     "default_root_dir": "`run.root` and `run.name`",
@@ -126,6 +129,8 @@ class PipelineConfig:
     kernel: KernelSettings = field(default_factory=KernelSettings)
     denoiser: DenoiserSettings = field(default_factory=DenoiserSettings)
     defense: DefenseSettings = field(default_factory=DefenseSettings)
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    purifier: PurifierSettings = field(default_factory=PurifierSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
@@ -137,6 +142,10 @@ class PipelineConfig:
             raise ConfigError(
                 f"The reference set ({self.defense.reference_size}) must be at least as large as the inference "
                 f"batch ({self.defense.batch_size}): raise `defense.reference_size` or lower `defense.batch_size`")
+        top = self.purifier.largest_timestep
+        if self.purifier.kinds and self.score.t_max is not None and top > self.score.t_max:
+            raise ConfigError(f"The purifiers reach timestep {top:g} (`purifier.t_star_grid` + `purifier.bias_grid`) "
+                              f"but the score model trains up to `score.t_max`={self.score.t_max}: raise it")
         for name, spec in self.eval.attacks.items():
             if spec.batch_size not in (None, self.defense.batch_size):
                 raise ConfigError(f"`eval.attacks.{name}.batch_size` is {spec.batch_size}: attacks run on the "

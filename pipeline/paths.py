@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunPaths", "STAGES"]
+__all__ = ["RunPaths", "STAGES", "PURIFICATION_STAGES"]
 
-STAGES = ("classifier", "kernel", "denoiser", "defense")
+STAGES = ("classifier", "kernel", "denoiser", "defense", "score", "purifier")
+PURIFICATION_STAGES = ("score", "purifier")
+"""The stages of diffusion purification: ``train.py pipeline`` runs them only when ``purifier.kinds`` is set."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,8 @@ class RunPaths:
         return self.stage_dir(stage) / "last.ckpt"
 
     def product(self, stage: str) -> Path:
-        """The checkpoint the next stage consumes: the best classifier/denoiser, the final kernel."""
-        return self.stage_dir(stage) / ("last.ckpt" if stage == "kernel" else "best.ckpt")
+        """The checkpoint the next stage consumes: the best classifier/denoiser, the final kernel and score model."""
+        return self.stage_dir(stage) / ("last.ckpt" if stage in ("kernel", "score") else "best.ckpt")
 
     @property
     def config(self) -> Path:
@@ -45,6 +47,10 @@ class RunPaths:
     @property
     def defense(self) -> Path:
         return self.root / "defense.pt"
+
+    def purified_defense(self, kind: str) -> Path:
+        """The defense whose purification path is the diffusion purifier ``kind`` (written by the purifier stage)."""
+        return self.root / f"defense_{kind}.pt"
 
     @property
     def logs(self) -> Path:

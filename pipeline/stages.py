@@ -1,10 +1,11 @@
-"""The pipeline: classifier -> AEs -> kernel -> denoiser -> calibration -> saved defense.
+"""The pipeline: classifier -> AEs -> kernel -> denoiser -> calibration -> saved defense [-> score -> purifiers].
 
 Each stage writes into ``runs/<name>/<stage>/`` (checkpoints, ``done.json`` when finished) and logs to
 ``runs/<name>/logs/<stage>`` (TensorBoard). A stage resumes from its ``last.ckpt`` with
 ``ckpt_path="last"``; :func:`run_pipeline` skips finished stages and resumes the interrupted one. Every
 network is built once per process (:class:`RunNetworks`) and passed to the stages that use it; a stage
-run on its own loads its inputs from the earlier stages' products.
+run on its own loads its inputs from the earlier stages' products. The score model and the diffusion purifiers
+(:mod:`pipeline.purifier`) are part of ``train.py pipeline`` only when ``purifier.kinds`` names some.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from callbacks import DelayedEMA, DenoiserImageLogger, ThresholdCalibration
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
+from dad.diffusion import DiffusionSchedule, ScoreUNet
 from dad.sample_detector import SampleDetector
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from dad.kernels import SemanticKernel
@@ -38,9 +40,11 @@ from lightning_modules.classifier import ClassifierModule
 from lightning_modules.denoiser import DenoiserModule
 from lightning_modules.evaluator import DefenseEvaluator
 from lightning_modules.kernel import KernelModule
+from lightning_modules.score import ScoreModule
 from pipeline.checkpoints import checkpoint_networks, load_into, read_checkpoint, sub_state_dict
 from pipeline.config import ConfigError, PipelineConfig, dump_config
-from pipeline.paths import STAGES, RunPaths
+from pipeline.paths import PURIFICATION_STAGES, STAGES, RunPaths
+from pipeline.purifier import run_purifier
 from pipeline.trainer import build_trainer
 
 __all__ = ["RunNetworks", "run_stage", "run_pipeline", "assemble_defense", "load_datamodule", "calibration_sizes"]
@@ -71,6 +75,7 @@ class RunNetworks:
         self._classifier: ImageClassifier | None = None
         self._kernel: SemanticKernel | None = None
         self._denoiser: UNetDenoiser | None = None
+        self._score: tuple[ScoreUNet, DiffusionSchedule] | None = None
 
     def _product(self, stage: str) -> dict[str, Any]:
         return read_checkpoint(self.paths.product(stage), stage, _hint(stage, self.cfg))
@@ -120,6 +125,22 @@ class RunNetworks:
             load_into(denoiser, sub_state_dict(ckpt["state_dict"], "denoiser"), self.paths.product("denoiser"))
             self._denoiser = denoiser
         return freeze(self._denoiser)
+
+    @property
+    def score(self) -> tuple[ScoreUNet, DiffusionSchedule]:
+        """The trained score network (frozen; the averaged weights when the stage averages them) and its schedule."""
+        if self._score is None:
+            ckpt = self._product("score")
+            specs = checkpoint_networks(ckpt)
+            net = ScoreUNet(**specs["score_net"])
+            load_into(net, sub_state_dict(ckpt["state_dict"], "net"), self.paths.product("score"))
+            self._score = (net, DiffusionSchedule(**specs["schedule"]))
+        net, schedule = self._score
+        return freeze(net), schedule
+
+    @score.setter
+    def score(self, trained: tuple[ScoreUNet, DiffusionSchedule]) -> None:
+        self._score = trained
 
     def keep_best(self, stage: str, network: torch.nn.Module, prefix: str) -> None:
         """Load the weights of ``stage``'s product (its best epoch) into the just-trained ``network`` and keep it."""
@@ -353,7 +374,30 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
             "defense": str(paths.defense)}
 
 
-_RUNNERS = {"classifier": run_classifier, "kernel": run_kernel, "denoiser": run_denoiser, "defense": run_defense}
+def run_score(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
+              resume: str | None) -> dict[str, Any]:
+    """Train the score model on the training split (never val, calibration or test), validated on ``val``."""
+    s = cfg.score
+    net = ScoreUNet(**{"in_channels": dm.image_shape[0], **s.net})
+    module = ScoreModule(net, s)
+    callbacks = _checkpointing(cfg, paths, "score")  # the product is last.ckpt: the final (averaged) weights
+    if s.ema_decay is not None:
+        callbacks.append(DelayedEMA(s.ema_decay, s.ema_start))
+    trainer = _trainer(cfg, paths, "score", callbacks, max_epochs=s.epochs)
+    train = dm.train_dataloader(augment=FlipCrop(padding=0) if s.flip else None, batch_size=s.batch_size)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=dm.val_dataloader(batch_size=s.batch_size),
+                ckpt_path=resume, weights_only=True)
+    fit_seconds = time.perf_counter() - start
+    nets.score = (module.net, module.schedule)
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return {"val_loss": float(val_loss) if val_loss is not None else None, "epochs": trainer.current_epoch,
+            "steps": trainer.global_step, "train_images": len(train.dataset), "fit_seconds": fit_seconds,
+            "t_max": s.t_max, "ema_decay": s.ema_decay}
+
+
+_RUNNERS = {"classifier": run_classifier, "kernel": run_kernel, "denoiser": run_denoiser, "defense": run_defense,
+            "score": run_score, "purifier": run_purifier}
 
 
 def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None, nets: RunNetworks | None = None,
@@ -389,8 +433,10 @@ def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last") -> dict[st
     dm: DADDataModule | None = None
     summaries: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
+        if stage in PURIFICATION_STAGES and not cfg.purifier.kinds:
+            continue
         done = paths.done(stage)
-        if done.is_file() and (stage == "defense" or paths.product(stage).is_file()):
+        if done.is_file() and (stage in ("defense", "purifier") or paths.product(stage).is_file()):
             log.info("%s: finished earlier, skipping (%s)", stage, done)
             summaries[stage] = json.loads(done.read_text())
             continue

@@ -12,6 +12,11 @@ detection statistics, through the relative excess ``(score - threshold) / |thres
 * ``evade_clean``: fool the classifier alone while hinges ``lam * relu(excess + margin)`` drive every test
   in force below its threshold (the batch's, and each attacked image's own), so the denoiser is never used;
 * ``evade_denoised``: fool the denoiser path (EOT over its noise) while keeping the input flagged;
+* ``evade_eps`` (diffusion purification with SSNI): the adaptive attack's loss minus ``lam`` times the
+  standardised EPS norm ``(||EPS(x)|| - mu) / tau`` of the SSNI purifier, the quantity SSNI keys on (the
+  analogue of detector evasion: an AE that looks clean to SSNI gets a small timestep, hence little noise); the
+  gradient also flows through the continuous timestep ``t(x)`` into the reverse process. On a defense without
+  an SSNI purifier the EPS term is absent and the objective is ``adaptive`` without its MMD term;
 * ``evade_soft`` / ``evade_bpda``: cross the hard routing decision, which has no gradient, with a relaxation
   ``p = sigmoid(excess / temperature)`` per test (an image is purified unless every test passes it,
   ``p = 1 - prod(1 - p_test)``) mixing both paths' probabilities (Athalye et al. 2018,
@@ -42,6 +47,7 @@ from torch.nn import functional as F
 from dad.attacks._utils import check_at_least_one, check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
 from dad.defense import Detection
+from dad.diffusion import SSNIPurifier
 
 __all__ = [
     "Loss", "LOSS_KINDS", "PerSample", "Judge", "classification_loss", "defense_objective", "error_rates",
@@ -97,7 +103,8 @@ def defense_objective(
         defense: a calibrated :class:`~dad.defense.DADDefense`.
         y: true labels of the attacked images.
         objective: one of :data:`~dad.attacks.spec.DEFENSE_OBJECTIVES`.
-        lam: weight of the MMD term (``adaptive``) or of the hinge on the detector's score (>= 0).
+        lam: weight of the MMD term (``adaptive``), of the EPS norm (``evade_eps``) or of the hinge on the
+            detector's score (>= 0).
         loss: the classification term, ``ce`` or ``dlr``.
         temperature: width of the sigmoid relaxation, relative to the threshold (> 0).
         margin: how far below (clean path) or above (denoiser path) the threshold the hinge aims.
@@ -115,6 +122,12 @@ def defense_objective(
         if objective == "adaptive":
             out = defense.forward_with_info(batch)
             return classification_loss(out.logits[:n], y, loss) + lam * out.score
+        if objective == "evade_eps":
+            purifier = getattr(defense, "purifier", None)
+            out = defense.forward_with_info(batch)
+            if not isinstance(purifier, SSNIPurifier):
+                return classification_loss(out.logits[:n], y, loss)
+            return classification_loss(out.logits[:n], y, loss) - lam * purifier.standardized_norms(batch)[:n]
         logits_clean, features = defense.classify_with_features(batch)
         excesses = _excesses(defense.detect(batch, features), n)
         if objective == "evade_clean":

@@ -18,7 +18,7 @@ __all__ = ["AttackSpec", "Threat", "THREATS", "DEFENSE_OBJECTIVES", "EVASION_OBJ
 
 Threat = Literal["classifier", "defense"]
 THREATS: tuple[str, ...] = ("classifier", "defense")
-EVASION_OBJECTIVES: tuple[str, ...] = ("evade_clean", "evade_denoised", "evade_soft", "evade_bpda")
+EVASION_OBJECTIVES: tuple[str, ...] = ("evade_clean", "evade_denoised", "evade_soft", "evade_bpda", "evade_eps")
 DEFENSE_OBJECTIVES: tuple[str, ...] = ("adaptive", *EVASION_OBJECTIVES)
 """What an attack through the defense maximises (see :class:`AttackSpec`)."""
 
@@ -43,7 +43,8 @@ class AttackSpec:
         draws: noise draws over which an attack through the defense judges each candidate batch (the batch
             the defense gets most wrong on average is kept).
         k: MMA's number of target classes.
-        mmd_weight: the adaptive objective's weight of the batch MMD score (when ``lambdas`` is empty).
+        mmd_weight: the adaptive objective's weight of the batch MMD score, ``evade_eps``'s of the EPS norm (when
+            ``lambdas`` is empty).
         objective: what an attack through the defense maximises. ``adaptive``: the published attack, the
             cross-entropy of the defended output (hard routing, EOT over the noise) plus ``mmd_weight``
             times the batch's MMD score. ``evade_clean``: the cross-entropy of the classifier alone while a
@@ -51,7 +52,9 @@ class AttackSpec:
             ``evade_denoised``: the cross-entropy through noise, denoiser and classifier (EOT) while a hinge
             keeps the score above the threshold. ``evade_soft``: both paths' probabilities mixed by
             ``sigmoid((score - threshold) / |threshold| / temperature)``. ``evade_bpda``: the hard routing
-            forward and that sigmoid's gradient backward.
+            forward and that sigmoid's gradient backward. ``evade_eps``: the adaptive objective's loss minus
+            the weight times the standardised EPS norm of an SSNI purifier (an input that looks clean to SSNI gets
+            a small timestep, little noise), differentiated through the continuous ``t(x)``.
         lambdas: the schedule of penalty weights (``mmd_weight`` of the adaptive attack, the hinge weight of
             the evasion attacks); each is run and, per batch, the AEs the defense gets most wrong are kept.
             Empty: ``[mmd_weight]``.

@@ -5,14 +5,17 @@ from dad.diffusion.purifiers import (
     SAMPLERS,
     DiffusionPurifier,
     Mapping,
+    Purifier,
     Sampler,
     SSNIPurifier,
+    build_purifier,
     ddim_step,
     ddpm_step,
     eps_timesteps,
     expected_perturbation_score,
     load_purifier,
     map_timesteps,
+    purifier_spec,
     save_purifier,
     score,
 )
@@ -22,5 +25,6 @@ from dad.diffusion.unet import ScoreUNet, timestep_embedding
 __all__ = [
     "DiffusionSchedule", "per_sample", "ScoreUNet", "timestep_embedding", "score", "eps_timesteps",
     "expected_perturbation_score", "ddpm_step", "ddim_step", "map_timesteps", "DiffusionPurifier", "SSNIPurifier",
-    "save_purifier", "load_purifier", "Sampler", "Mapping", "SAMPLERS", "MAPPINGS",
+    "Purifier", "purifier_spec", "build_purifier", "save_purifier", "load_purifier", "Sampler", "Mapping", "SAMPLERS",
+    "MAPPINGS",
 ]

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as checkpointed
 
-from dad.defense import IncompatibleFileError
 from dad.diffusion.schedule import DiffusionSchedule, per_sample
 from dad.diffusion.unet import ScoreUNet
-from dad.io import atomic_torch_save
+from dad.io import IncompatibleFileError, atomic_torch_save
 
 __all__ = [
     "Sampler", "Mapping", "SAMPLERS", "MAPPINGS", "score", "eps_timesteps", "expected_perturbation_score",
-    "ddpm_step", "ddim_step", "map_timesteps", "DiffusionPurifier", "SSNIPurifier", "save_purifier", "load_purifier",
+    "ddpm_step", "ddim_step", "map_timesteps", "DiffusionPurifier", "SSNIPurifier", "Purifier", "purifier_spec",
+    "build_purifier", "save_purifier", "load_purifier",
 ]
 
 Sampler = Literal["ddpm", "ddim"]
@@ -200,6 +200,10 @@ class DiffusionPurifier(nn.Module):
         """Purified images in [0, 1], every sample diffused to ``t_star``."""
         return self.purify(x, x.new_full((x.shape[0],), float(self.t_star)))
 
+    def runs(self, x: Tensor, count: int) -> list[Tensor]:
+        """``count`` independent purifications of ``x`` (what ``count`` calls of the purifier give)."""
+        return [self(x) for _ in range(count)]
+
     def purify(self, x: Tensor, t: Tensor) -> Tensor:
         """Purify each sample from its own timestep; ``t = 0`` leaves a sample unchanged.
 
@@ -319,49 +323,92 @@ class SSNIPurifier(nn.Module):
         self.mu.copy_(norms.mean())
         self.tau.copy_(std)
 
-    def timesteps(self, x: Tensor) -> Tensor:
-        """``t(x)`` per sample, real-valued in ``[0, t* + b]``, shape (B,), differentiable in ``x``."""
+    def standardized_norms(self, x: Tensor) -> Tensor:
+        """``(||EPS(x)|| - mu) / tau`` per sample: how far from the clean norms, in clean standard deviations."""
         if bool(self.mu.isnan()):
             raise RuntimeError("SSNIPurifier is not calibrated: call `calibrate(clean_images)` first")
-        return map_timesteps(self.eps_norms(x), self.mu, self.tau, self.t_max, self.mapping, self.slope)
+        return (self.eps_norms(x) - self.mu) / self.tau
+
+    def timesteps(self, x: Tensor) -> Tensor:
+        """``t(x)`` per sample, real-valued in ``[0, t* + b]``, shape (B,), differentiable in ``x``."""
+        return map_timesteps(self.standardized_norms(x), 0.0, 1.0, self.t_max, self.mapping, self.slope)
 
     def forward(self, x: Tensor) -> Tensor:
         """Purified images in [0, 1]: each sample diffused to its own ``t(x)`` and denoised."""
         return self.purifier.purify(x, self.timesteps(x))
 
+    def runs(self, x: Tensor, count: int) -> list[Tensor]:
+        """``count`` independent purifications of ``x``, the same as ``count`` calls of the purifier (the same random
+        numbers in the same order); ``t(x)`` does not depend on the noise and is computed once."""
+        t = self.timesteps(x)
+        return [self.purifier.purify(x, t) for _ in range(count)]
 
-def save_purifier(purifier: DiffusionPurifier | SSNIPurifier, path: str | os.PathLike[str]) -> None:
-    """Write a purifier to one file, atomically, as plain data and tensors (no pickled objects).
 
-    The file holds a format tag and version, the kind (``fixed`` or ``ssni``), the score network's and the
-    schedule's configs, the purification settings and the state dict (weights, and ``mu``/``tau``).
+Purifier = DiffusionPurifier | SSNIPurifier
+
+
+def purifier_spec(purifier: Purifier) -> dict[str, Any]:
+    """A purifier as plain data (no weights): what :func:`build_purifier` needs to rebuild it.
+
+    Keys: ``kind`` (``fixed`` or ``ssni``), the score network's and the schedule's configs, ``t_star``, ``sampler``,
+    ``ddim_steps``, and for SSNI ``bias``, ``mapping``, ``slope``, ``eps_num_timesteps``, ``eps_max_timestep``.
     """
     base = purifier.purifier if isinstance(purifier, SSNIPurifier) else purifier
     if not isinstance(base.model, ScoreUNet):
         raise ValueError(f"Expected a purifier around a ScoreUNet to save, got {type(base.model).__name__}")
-    payload: dict[str, Any] = {
-        "format": _FORMAT,
-        "version": _VERSION,
+    spec: dict[str, Any] = {
         "kind": "ssni" if isinstance(purifier, SSNIPurifier) else "fixed",
         "score_net": dict(base.model.config),
         "schedule": dict(base.schedule.config),
         "t_star": base.t_star,
         "sampler": base.sampler,
         "ddim_steps": base.ddim_steps,
-        "state_dict": {k: v.detach().cpu() for k, v in purifier.state_dict().items()},
     }
     if isinstance(purifier, SSNIPurifier):
-        payload.update(bias=purifier.bias, mapping=purifier.mapping, slope=purifier.slope,
-                       eps_num_timesteps=purifier.eps_num_timesteps, eps_max_timestep=purifier.eps_max_timestep)
+        spec.update(bias=purifier.bias, mapping=purifier.mapping, slope=purifier.slope,
+                    eps_num_timesteps=purifier.eps_num_timesteps, eps_max_timestep=purifier.eps_max_timestep)
+    return spec
+
+
+def build_purifier(spec: dict[str, Any], checkpoint: bool = False) -> Purifier:
+    """A purifier from :func:`purifier_spec` with an untrained network (load a state dict next).
+
+    Raises ``KeyError``, ``TypeError`` or ``ValueError`` on a spec that does not describe a purifier.
+
+    Args:
+        spec: the plain-data description.
+        checkpoint: gradient checkpointing of the reverse process (a memory setting, not part of the spec).
+    """
+    purifier: Purifier = DiffusionPurifier(ScoreUNet(**spec["score_net"]), DiffusionSchedule(**spec["schedule"]),
+                                           spec["t_star"], spec["sampler"], spec["ddim_steps"], checkpoint)
+    if spec["kind"] == "ssni":
+        return SSNIPurifier(purifier, spec["bias"], spec["mapping"], spec["slope"], spec["eps_num_timesteps"],
+                            spec["eps_max_timestep"])
+    if spec["kind"] != "fixed":
+        raise ValueError(f"unknown kind {spec['kind']!r}")
+    return purifier
+
+
+def save_purifier(purifier: Purifier, path: str | os.PathLike[str]) -> None:
+    """Write a purifier to one file, atomically, as plain data and tensors (no pickled objects).
+
+    The file holds a format tag and version, :func:`purifier_spec` and the state dict (weights, and ``mu``/``tau``).
+    """
+    payload: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        **purifier_spec(purifier),
+        "state_dict": {k: v.detach().cpu() for k, v in purifier.state_dict().items()},
+    }
     atomic_torch_save(payload, path)
 
 
 def load_purifier(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                  checkpoint: bool = False) -> DiffusionPurifier | SSNIPurifier:
+                  checkpoint: bool = False) -> Purifier:
     """Rebuild a purifier from :func:`save_purifier`'s file, in eval mode.
 
     The file is read with ``weights_only=True``: only tensors and plain data are accepted, so a file from
-    elsewhere can never run code. Anything else raises :class:`~dad.defense.IncompatibleFileError`.
+    elsewhere can never run code. Anything else raises :class:`~dad.io.IncompatibleFileError`.
 
     Args:
         path: the file.
@@ -380,14 +427,7 @@ def load_purifier(path: str | os.PathLike[str], map_location: str | torch.device
     if payload.get("version") != _VERSION:
         raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_VERSION}")
     try:
-        purifier: DiffusionPurifier | SSNIPurifier = DiffusionPurifier(
-            ScoreUNet(**payload["score_net"]), DiffusionSchedule(**payload["schedule"]), payload["t_star"],
-            payload["sampler"], payload["ddim_steps"], checkpoint)
-        if payload["kind"] == "ssni":
-            purifier = SSNIPurifier(purifier, payload["bias"], payload["mapping"], payload["slope"],
-                                    payload["eps_num_timesteps"], payload["eps_max_timestep"])
-        elif payload["kind"] != "fixed":
-            raise ValueError(f"unknown kind {payload['kind']!r}")
+        purifier = build_purifier(payload, checkpoint)
         purifier.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

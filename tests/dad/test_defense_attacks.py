@@ -49,6 +49,7 @@ PRESETS = {
     "evade_denoised": {**LINF, "objective": "evade_denoised"},
     "evade_soft": {**LINF, "objective": "evade_soft", "norm": "l2", "eps": 0.5, "step_size": 0.2},
     "evade_bpda": {**LINF, "objective": "evade_bpda", "lambdas": [0.0, 1.0]},
+    "evade_eps": {**LINF, "objective": "evade_eps", "lambdas": [1.0]},  # no SSNI purifier: the adaptive loss
     "autoattack_rand": {"name": "apgd", "threat": "defense", "loss": "ce+dlr", "norm": "linf", "eps": 0.1,
                         "steps": 2, "eot_samples": 2},
     "apgd_evade_clean": {"name": "apgd", "threat": "defense", "objective": "evade_clean", "norm": "l2", "eps": 0.5,

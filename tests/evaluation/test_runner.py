@@ -29,7 +29,7 @@ ATTACKS = {
                         "steps": 2, "eot_samples": 2},
 }
 SANITY = {"gradients", "randomness_eot", "white_box_stronger", "eps_monotone", "large_eps_near_chance", "more_steps",
-          "more_eot", "restarts", "fpr"}
+          "more_eot", "restarts", "more_draws", "fpr"}
 
 
 def _config(root: Path, **attack_changes: dict[str, Any]) -> PipelineConfig:

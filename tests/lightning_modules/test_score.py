@@ -58,6 +58,7 @@ def test_t_max_restricts_the_sampled_timesteps(t_max: int | None, high: int) -> 
     ({"lr": 0.0}, r"`score.lr` > 0"),
     ({"t_max": 0}, r"`score.t_max` >= 1"),
     ({"ema_decay": 1.0}, r"`score.ema_decay` in \(0, 1\)"),
+    ({"ema_start": 1.0}, r"`score.ema_start` in \[0, 1\)"),
 ])
 def test_settings_are_validated(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -45,7 +45,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, expected: str
         (["pipeline", "--no_such_flag", "1"], "no_such_flag"),
         (["pipeline", "--classifier.model_kwargs", '{"in_channels": 3}'], "channel"),
         (["pipeline", "--classifier.weights", "/nonexistent/w.pt"], "not found"),
-        (["pipeline", "--trainer.max_epochs", "3"], "`classifier.epochs` and `denoiser.epochs`"),
+        (["pipeline", "--trainer.max_epochs", "3"], "`classifier.epochs`, `denoiser.epochs` and `score.epochs`"),
         (["kernel", "--trainer.max_steps", "3"], "`kernel.steps`"),
         (["pipeline", "--trainer.accumulate_grad_batches", "two"], "accumulate_grad_batches"),
     ],

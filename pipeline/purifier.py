@@ -1,0 +1,95 @@
+"""The purifier stage: diffusion purifiers from the trained score model, chosen on held-out data, saved as defenses.
+
+For each kind of ``purifier.kinds`` it writes ``defense_<kind>.pt``: the run's calibrated defense (classifier,
+detectors, thresholds) with the diffusion purifier as its purification path and the routing ``always`` (the
+purifier alone in front of the classifier). Evaluated under a detecting routing (``eval.routing batch``) the
+same file is DAD with the diffusion purifier; ``defense.pt`` under ``never`` is the classifier alone.
+
+``t*`` and ``b`` are chosen on the validation split (:mod:`dad.diffusion.selection`) under the evaluation's
+rule (an image counts only if right in all ``eval.draws`` purification runs), with the adversarial examples
+the earlier stages made of it (the training attack against the classifier, from the AE cache);
+SSNI's ``mu`` and ``tau`` come from the clean calibration split (``val`` when none is carved). The test split
+is never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+
+from dad.defense import load_defense
+from dad.diffusion import DiffusionPurifier, Purifier
+from dad.diffusion.selection import MAPPING_OF, select_bias, select_t_star
+from datamodules import DADDataModule, PairedDataModule
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.paths import RunPaths
+
+if TYPE_CHECKING:
+    from pipeline.stages import RunNetworks
+
+__all__ = ["run_purifier", "selection_device"]
+
+log = logging.getLogger(__name__)
+
+
+def selection_device(trainer: dict[str, Any]) -> torch.device:
+    """The device of the selection: this process's GPU when the run trains on GPUs, else the CPU."""
+    if trainer.get("accelerator", "auto") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _subset(images: Tensor, size: int | None, seed: int, *others: Tensor) -> tuple[Tensor, ...]:
+    """``size`` of the rows of ``images`` (and the same rows of ``others``), drawn by ``seed``; all when None."""
+    if size is None or size >= len(images):
+        return (images, *others)
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:size]
+    return (images[keep], *(o[keep] for o in others))
+
+
+def run_purifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
+                 resume: str | None) -> dict[str, Any]:
+    """Choose ``t*`` (and ``b`` per SSNI mapping) on ``val``, calibrate SSNI, write ``defense_<kind>.pt``."""
+    p = cfg.purifier
+    if not p.kinds:
+        raise ConfigError("`purifier.kinds` is empty: name the purifiers to build, e.g. "
+                          "--purifier.kinds '[fixed, ssni_n, ssni_l]'")
+    device = selection_device(cfg.trainer)
+    model, schedule = nets.score
+    base = load_defense(paths.defense).to(device)  # the calibrated defense: classifier, detectors, thresholds
+    classifier = base.classifier
+    model, schedule = model.to(device), schedule.to(device)
+    paired = PairedDataModule(dm, nets.classifier, nets.classifier_hash, cfg.attack, paths.aes, "denoiser", "val")
+    clean, adversarial, labels = paired.triples("val")  # the denoiser stage's cache: made once
+    clean, labels, adversarial = _subset(clean, p.select_size, cfg.run.seed, labels, adversarial)
+    calibration = _subset(dm.split_tensors(dm.splits.calibration_split)[0], p.calibration_size, cfg.run.seed)[0]
+
+    selection = select_t_star(classifier, model, schedule, p, (clean, labels), adversarial, cfg.run.seed,
+                              cfg.eval.draws)
+    t_star = selection["t_star"]
+    if not selection["within_budget"]:
+        log.warning("purifier: no t* of %s keeps clean validation accuracy within %.3f of the classifier's; "
+                    "using the smallest", p.t_star_grid, p.max_clean_drop)
+    fixed = DiffusionPurifier(model, schedule, t_star, p.sampler, p.ddim_steps)
+    log.info("purifier: t* = %d (%s)", t_star, selection["candidates"][t_star])
+    purifiers: dict[str, Purifier] = {"fixed": fixed}
+    summary: dict[str, Any] = {"t_star": t_star, "sampler": p.sampler, "ddim_steps": p.ddim_steps,
+                               "draws": cfg.eval.draws, "selection_images": len(labels),
+                               "calibration_images": len(calibration), "calibration_split": dm.splits.calibration_split,
+                               "fixed": selection}
+    for kind in (k for k in p.kinds if k in MAPPING_OF):
+        purifiers[kind], summary[kind] = select_bias(classifier, fixed, MAPPING_OF[kind], p.bias_grid, p, calibration,
+                                                     (clean, labels), adversarial, cfg.run.seed, cfg.eval.draws)
+        log.info("purifier: %s b = %g (%s)", kind, summary[kind]["bias"],
+                 summary[kind]["candidates"][summary[kind]["bias"]])
+    files = {}
+    for kind in p.kinds:
+        files[kind] = str(paths.purified_defense(kind))
+        if rank_zero_only.rank == 0:
+            base.with_purifier(purifiers[kind], "always").save(files[kind])
+    return {**summary, "files": files}
