@@ -8,17 +8,14 @@ from dad.diffusion.purifiers import (
     Purifier,
     Sampler,
     SSNIPurifier,
-    build_purifier,
     ddim_step,
     ddpm_step,
     eps_timesteps,
     expected_perturbation_score,
-    load_purifier,
     map_timesteps,
-    purifier_spec,
-    save_purifier,
     score,
 )
+from dad.diffusion.storage import build_purifier, load_purifier, purifier_spec, save_purifier
 from dad.diffusion.schedule import DiffusionSchedule, per_sample
 from dad.diffusion.unet import ScoreUNet, timestep_embedding
 
