@@ -11,6 +11,7 @@ import platform
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 
 from dad.io import atomic_write_json
+from pipeline.config import PipelineConfig, load_config
+from pipeline.paths import RunPaths
 
-__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads"]
+__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "load_run"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -146,3 +149,9 @@ class PeakMemory:
             self._thread.join()
             self._peak = max(self._peak, _rss_bytes())
             self.peak_mib = (self._peak - self._base) / 2**20
+
+
+def load_run(run: Path) -> tuple[PipelineConfig, RunPaths]:
+    """A trained run's saved configuration, pointed at ``run`` wherever it now lives, and its paths."""
+    cfg = load_config(run / "config.yaml")
+    return replace(cfg, run=replace(cfg.run, root=str(run.parent), name=run.name)), RunPaths(run)

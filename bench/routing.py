@@ -34,15 +34,13 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, machine_description  # noqa: E402
+from bench.machine import RESULTS, configure_threads, load_run, machine_description  # noqa: E402
 from dad.attacks import run_seeded, target_of  # noqa: E402
 from dad.attacks.objectives import with_filler  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
 from dad.routing import ROUTINGS  # noqa: E402
 from dad.stats import accuracy_interval  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.paths import RunPaths  # noqa: E402
 from pipeline.stages import load_datamodule  # noqa: E402
 from pipeline.trainer import quiet_third_party  # noqa: E402
 
@@ -126,9 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = configure_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party()
-    cfg = load_config(args.run / "config.yaml")
-    cfg = replace(cfg, run=replace(cfg.run, root=str(args.run.parent), name=args.run.name))
-    paths = RunPaths(args.run)
+    cfg, paths = load_run(args.run)
     if args.attack not in cfg.eval.attacks or cfg.eval.attacks[args.attack].threat != "classifier":
         raise SystemExit(f"error: `{args.attack}` is not a classifier-only attack of {args.run}/config.yaml")
     routings = [m.strip() for m in args.routings.split(",") if m.strip()]
