@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dad.detector import MMDDetector
 from dad.diffusion import Purifier, build_purifier, purifier_spec
-from dad.io import IncompatibleFileError, atomic_torch_save
+from dad.io import IncompatibleFileError, atomic_torch_save, read_tagged
 from dad.networks import build_networks, logits_and_features, network_specs
 from dad.noise import NOISE_MODES, NoiseMode, add_noise
 from dad.routing import ROUTINGS, JointThresholds, Routing, relative_excess
@@ -271,16 +271,8 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
             gradients through long reverse processes).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No saved defense at {path}: run `train.py pipeline` first (it writes defense.pt)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle errors differ by cause; all mean "not a loadable defense"
-        raise IncompatibleFileError(f"{path} is not a loadable DAD defense: {str(err).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise IncompatibleFileError(f"{path} is not a saved DAD defense (no '{_FORMAT}' header)")
-    if payload.get("version") not in _READABLE:
-        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_READABLE}")
+    missing = f"No saved defense at {path}: run `train.py pipeline` first (it writes defense.pt)"
+    payload = read_tagged(path, _FORMAT, _READABLE, "DAD defense", missing, map_location)
     state = payload["state_dict"]
     if payload["version"] < 3:  # no joint thresholds before per-sample routing
         state = {**state, **{f"joint.{k}": v for k, v in JointThresholds().state_dict().items()}}

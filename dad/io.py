@@ -14,8 +14,8 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["IncompatibleFileError", "atomic_open", "atomic_torch_save", "atomic_write_json", "atomic_write_text",
-           "sha256_file"]
+__all__ = ["IncompatibleFileError", "read_tagged", "atomic_open", "atomic_torch_save", "atomic_write_json",
+           "atomic_write_text", "sha256_file"]
 
 
 class IncompatibleFileError(ValueError):
@@ -63,3 +63,25 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_tagged(path: Path, tag: str, readable: tuple[int, ...], what: str, missing: str,
+                map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a file written as ``{"format": tag, "version": v, ...}`` with ``weights_only=True``.
+
+    Only tensors and plain data are accepted, so a file from elsewhere can never run code. A missing file
+    raises ``FileNotFoundError(missing)``; anything else that is not a readable ``tag`` payload raises
+    :class:`IncompatibleFileError` naming ``what`` (e.g. "purifier").
+    """
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors differ by cause; all mean "not a loadable file of this kind"
+        raise IncompatibleFileError(f"{path} is not a loadable {what}: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise IncompatibleFileError(f"{path} is not a saved {what} (no '{tag}' header)")
+    if payload.get("version") not in readable:
+        shown = readable[0] if len(readable) == 1 else readable
+        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {shown}")
+    return payload

@@ -11,7 +11,7 @@ import torch
 from dad.diffusion.purifiers import DiffusionPurifier, Purifier, SSNIPurifier
 from dad.diffusion.schedule import DiffusionSchedule
 from dad.diffusion.unet import ScoreUNet
-from dad.io import IncompatibleFileError, atomic_torch_save
+from dad.io import IncompatibleFileError, atomic_torch_save, read_tagged
 
 __all__ = ["purifier_spec", "build_purifier", "save_purifier", "load_purifier"]
 
@@ -88,16 +88,7 @@ def load_purifier(path: str | os.PathLike[str], map_location: str | torch.device
         checkpoint: the rebuilt purifier's gradient checkpointing (a memory setting, not saved).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No saved purifier at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle errors differ by cause; all mean "not a loadable purifier"
-        raise IncompatibleFileError(f"{path} is not a loadable purifier: {str(err).splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise IncompatibleFileError(f"{path} is not a saved purifier (no '{_FORMAT}' header)")
-    if payload.get("version") != _VERSION:
-        raise IncompatibleFileError(f"{path} has format version {payload.get('version')}, this code reads {_VERSION}")
+    payload = read_tagged(path, _FORMAT, (_VERSION,), "purifier", f"No saved purifier at {path}", map_location)
     try:
         purifier = build_purifier(payload, checkpoint)
         purifier.load_state_dict(payload["state_dict"])
