@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dad.mmd import j_statistic, mmd2_biased, mmd2_unbiased, mmd2_unbiased_unpaired, mmd2_variance, pairwise_sq_dists
+from dad.mmd import (FixedRows, j_statistic, mmd2_biased, mmd2_unbiased, mmd2_unbiased_unpaired, mmd2_variance,
+                     pairwise_sq_dists, sq_dists_to_fixed)
 
 __all__ = ["semantic_gram", "SemanticKernel", "Grams", "Estimator", "ESTIMATORS"]
 
@@ -45,9 +46,14 @@ def semantic_gram(
     Returns:
         Tensor of shape ``(n, m)``.
     """
-    d_q = pairwise_sq_dists(x, y) / sigma_q
-    d_phi = pairwise_sq_dists(fx, fy) / sigma_phi
-    return (1.0 - eps) * torch.exp(-d_phi - d_q) + eps * torch.exp(-d_q)
+    return _combine(pairwise_sq_dists(fx, fy), pairwise_sq_dists(x, y), sigma_phi, sigma_q, eps)
+
+
+def _combine(d_phi: Tensor, d_q: Tensor, sigma_phi: float | Tensor, sigma_q: float | Tensor,
+             eps: float | Tensor) -> Tensor:
+    """The kernel from the squared feature and image distances."""
+    d_q = d_q / sigma_q
+    return (1.0 - eps) * torch.exp(-d_phi / sigma_phi - d_q) + eps * torch.exp(-d_q)
 
 
 def _features(module: nn.Module, x: Tensor) -> Tensor:
@@ -136,6 +142,14 @@ class SemanticKernel(nn.Module):
         fx, fy, x, y = (t.float() for t in (fx, fy, x, y))
         with torch.autocast(device_type=x.device.type, enabled=False):  # bf16 would ruin the distances
             return semantic_gram(fx, fy, x, y, self.sigma_phi.float(), self.sigma_q.float(), self.eps.float())
+
+    def gram_to_fixed(self, fx: Tensor, x: Tensor, fixed_features: FixedRows, fixed_images: FixedRows) -> Tensor:
+        """``K[i, j] = k(x_i, y_j)`` to a stored set prepared by :func:`~dad.mmd.fixed_rows`, in float32."""
+        fx, x = fx.float(), x.float()
+        fixed_features, fixed_images = (FixedRows(*(t.float() for t in f)) for f in (fixed_features, fixed_images))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _combine(sq_dists_to_fixed(fx, fixed_features), sq_dists_to_fixed(x, fixed_images),
+                            self.sigma_phi.float(), self.sigma_q.float(), self.eps.float())
 
     def gram_from_features(self, fx: Tensor, fy: Tensor, x: Tensor, y: Tensor) -> Grams:
         """``(Kxx, Kyy, Kxy)`` from precomputed features (used when features are gathered across ranks)."""

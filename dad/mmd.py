@@ -10,12 +10,16 @@ adversarial example), so all three matrices are square of the same size.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "pairwise_sq_dists",
+    "FixedRows",
+    "fixed_rows",
+    "sq_dists_to_fixed",
     "mmd2_unbiased",
     "mmd2_unbiased_unpaired",
     "mmd2_biased",
@@ -55,6 +59,35 @@ def pairwise_sq_dists(x: Tensor, y: Tensor) -> Tensor:
     x_sq = (x * x).sum(1, keepdim=True)
     y_sq = (y * y).sum(1, keepdim=True)
     return (x_sq + y_sq.T - 2.0 * (x @ y.T)).clamp_min(0.0)
+
+
+class FixedRows(NamedTuple):
+    """A set queried again and again (stored images): flattened, centred on its mean, with squared norms."""
+
+    centre: Tensor
+    rows: Tensor
+    sq_norms: Tensor
+
+
+def fixed_rows(y: Tensor) -> FixedRows:
+    """Prepare ``y`` ``(m, ...)`` for :func:`sq_dists_to_fixed` (no gradient: the set is a constant)."""
+    y = y.detach().reshape(y.shape[0], math.prod(y.shape[1:]))
+    centre = y.mean(0, keepdim=True)
+    rows = y - centre
+    return FixedRows(centre, rows, (rows * rows).sum(1))
+
+
+def sq_dists_to_fixed(x: Tensor, fixed: FixedRows) -> Tensor:
+    """:func:`pairwise_sq_dists` of ``x`` to a prepared set: one matrix product per query.
+
+    The set's own centring, norms and copy are paid once in :func:`fixed_rows`; centring on the set's mean
+    serves the precision as well as :func:`pairwise_sq_dists`'s common centre when ``x`` is drawn near the set.
+    """
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    if x.shape[1] != fixed.rows.shape[1]:
+        raise ValueError(f"Expected samples of {fixed.rows.shape[1]} features, got {x.shape[1]}")
+    x = x - fixed.centre
+    return ((x * x).sum(1, keepdim=True) + fixed.sq_norms - 2.0 * (x @ fixed.rows.T)).clamp_min(0.0)
 
 
 def _check_paired(kxx: Tensor, kyy: Tensor, kxy: Tensor) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dad.kernels import SemanticKernel
+from dad.mmd import FixedRows, fixed_rows
 from dad.stats import Z95
 
 __all__ = ["SampleDetector", "SampleScore", "SAMPLE_SCORES", "quantile_interval"]
@@ -73,9 +74,10 @@ class SampleDetector(nn.Module):
         self.target_fpr = target_fpr
         self.register_buffer("clean", clean.detach().clone())
         self.register_buffer("adversarial", adversarial.detach().clone())
-        self.register_buffer("clean_features", torch.empty(0), persistent=False)
-        self.register_buffer("adversarial_features", torch.empty(0), persistent=False)
-        self.register_buffer("clean_term", torch.zeros(()), persistent=False)
+        for name in ("image_centre", "image_rows", "image_sq_norms", "feature_centre", "feature_rows",
+                     "feature_sq_norms", "weights"):  # the stored side of every score, prepared by refresh()
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.register_buffer("offset", torch.zeros(()), persistent=False)
         self.register_buffer("threshold", torch.full((), float("nan")))
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.refresh()
@@ -88,13 +90,29 @@ class SampleDetector(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Cache the stored sets' features (and the reference term); call again if the kernel changes."""
-        self.clean_features = self.kernel.features(self.clean).detach()
-        self.adversarial_features = (self.kernel.features(self.adversarial).detach() if self.adversarial.numel()
-                                     else self.clean_features[:0])
-        gram = self.kernel.cross_gram(self.clean_features, self.clean_features, self.clean, self.clean)
-        m = gram.shape[0]
-        self.clean_term = (gram.sum() - gram.diagonal().sum()) / (m * (m - 1))
+        """Prepare the stored side of the score; call again if the kernel or the stored sets change.
+
+        Both scores are a weighted sum of kernel values to the stored images plus a constant,
+        ``score(x) = sum_j w_j k(x, y_j) + offset``: the witness weighs the AEs ``+1/|A|`` and the clean
+        images ``-1/|C|``; the reference score weighs the clean images ``-2/|C|`` with the offset
+        ``k(x, x) + mean_{c != c'} k(c, c') = 1 + ...``. The stored images and their features are centred and
+        their norms kept, so a batch of B images costs one ``(B, d) x (d, |C| + |A|)`` product per term.
+        """
+        clean_features = self.kernel.features(self.clean)
+        if self.kind == "reference":
+            gram = self.kernel.cross_gram(clean_features, clean_features, self.clean, self.clean)
+            m = gram.shape[0]
+            stored, features = self.clean, clean_features
+            self.weights = torch.full((m,), -2.0 / m, dtype=gram.dtype, device=gram.device)
+            self.offset = 1.0 + (gram.sum() - gram.diagonal().sum()) / (m * (m - 1))  # k(x, x) = 1
+        else:
+            stored = torch.cat([self.clean, self.adversarial])
+            features = torch.cat([clean_features, self.kernel.features(self.adversarial)])
+            c, a = len(self.clean), len(self.adversarial)
+            self.weights = torch.cat([torch.full((c,), -1.0 / c), torch.full((a,), 1.0 / a)]).to(features.device)
+            self.offset = torch.zeros((), device=features.device)
+        self.image_centre, self.image_rows, self.image_sq_norms = (t.float() for t in fixed_rows(stored))
+        self.feature_centre, self.feature_rows, self.feature_sq_norms = (t.float() for t in fixed_rows(features))
 
     @property
     def calibrated(self) -> bool:
@@ -108,10 +126,10 @@ class SampleDetector(nn.Module):
             features: ``phi(x)`` if already computed (the classifier's forward pass can provide it).
         """
         fx = self.kernel.features(x) if features is None else features.reshape(x.shape[0], -1)
-        to_clean = self.kernel.cross_gram(fx, self.clean_features, x, self.clean).mean(1)
-        if self.kind == "reference":
-            return 1.0 - 2.0 * to_clean + self.clean_term  # k(x, x) = 1 for the semantic kernel
-        return self.kernel.cross_gram(fx, self.adversarial_features, x, self.adversarial).mean(1) - to_clean
+        gram = self.kernel.gram_to_fixed(fx, x, FixedRows(self.feature_centre, self.feature_rows,
+                                                          self.feature_sq_norms),
+                                         FixedRows(self.image_centre, self.image_rows, self.image_sq_norms))
+        return gram @ self.weights.to(gram.dtype) + self.offset.to(gram.dtype)
 
     def decide(self, scores: Tensor) -> Tensor:
         """True where an image is judged adversarial (its score above the calibrated threshold)."""

@@ -78,7 +78,10 @@ class DefenseSettings:
             by its own score) or ``both``, or a baseline: ``never`` / ``always`` purify (see :mod:`dad.routing`);
             saved with the defense.
         sample_score: the per-sample score, ``witness`` or ``reference`` (see :mod:`dad.sample_detector`).
-        witness_size: images of the MMD set (and their training AEs) the witness uses (None: all of them).
+        witness_size: images of the MMD set (and their training AEs) the witness keeps (None: all of them). A
+            score costs one product with the ``2 x witness_size`` stored images per batch, and the stored sets
+            are saved in ``defense.pt``; 500 (the CIFAR-10 MMD set) by default so that ImageNet's 50,000-image
+            MMD set is not stored whole. ``bench/witness_size.py`` measures quality and cost against it.
     """
 
     reference_size: int = 100
@@ -87,7 +90,7 @@ class DefenseSettings:
     batch_size: int = 100
     routing: Literal["batch", "sample", "both", "never", "always"] = "batch"
     sample_score: Literal["witness", "reference"] = "witness"
-    witness_size: int | None = None
+    witness_size: int | None = 500
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:

@@ -1,0 +1,134 @@
+"""Per-sample detection quality and cost against the size of the witness's stored sets, on the validation split.
+
+    OMP_NUM_THREADS=2 python bench/witness_size.py --run runs/cifar10_cpu --sizes 50,100,200,500
+
+The per-sample witness (:mod:`dad.sample_detector`) compares each image with the stored clean images and their
+training AEs, so its cost grows linearly with ``defense.witness_size`` (the images kept of each set). This bench
+chooses that size without touching the test split: for each size it keeps the same seeded subset the pipeline
+keeps (``pipeline.stages._witness_sets``) of the saved defense's stored sets, calibrates the per-sample
+threshold on the calibration split (as the pipeline does), and measures on the *validation* split:
+
+* AUROC of the per-sample score, clean images against their classifier-only AEs (the run's
+  ``eval.attacks.pgd_linf``: unseen by the witness, whose AEs come from the training attack);
+* the share of AEs and of clean images flagged at the calibrated threshold (TPR, FPR);
+* under ``sample`` routing with that detector, the accuracy on the AE part of batches that mix 10% AEs into
+  clean validation images (:func:`bench.routing.mixed_batches`);
+* the time of one score of a clean batch of ``defense.batch_size`` (features given: the classifier's pass is
+  shared), median of ``--repeats`` calls, against the bare classifier on that batch.
+
+Writes ``bench/results/witness_size_<run name>.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import RESULTS, configure_threads, load_run, machine_description  # noqa: E402
+from bench.routing import mixed_batches  # noqa: E402
+from dad.attacks import run_seeded, target_of  # noqa: E402
+from dad.defense import DADDefense, load_defense  # noqa: E402
+from dad.io import atomic_write_json  # noqa: E402
+from dad.metrics import auroc  # noqa: E402
+from dad.sample_detector import SampleDetector  # noqa: E402
+from pipeline.stages import load_datamodule  # noqa: E402
+from pipeline.trainer import quiet_third_party  # noqa: E402
+
+log = logging.getLogger("bench.witness_size")
+
+
+def subset(stored: SampleDetector, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The pipeline's seeded choice of ``size`` clean images and their AEs from the stored sets."""
+    clean, adversarial = stored.clean, stored.adversarial
+    if size >= len(clean):
+        return clean, adversarial
+    keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:size]
+    return clean[keep], adversarial[keep]
+
+
+def median_ms(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def measure(defense: DADDefense, detector: SampleDetector, calibration: Tensor, val: tuple[Tensor, Tensor],
+            aes: Tensor, batch_size: int, draws: int, seed: int, repeats: int) -> dict[str, Any]:
+    """Calibrate ``detector``, then its quality on the validation split and its cost per batch."""
+    x, y = val
+    detector.calibrate(calibration, defense.detector.target_fpr)
+    clean_scores, ae_scores = detector.scores(x), detector.scores(aes)
+    defense.sample_detector, defense.routing = detector, "sample"
+    right, purified = mixed_batches(defense, aes, y, (x, y), batch_size, 0.1, draws, seed)
+    batch = x[:batch_size]
+    features = defense.classify_with_features(batch)[1]
+    return {"auroc": auroc(clean_scores, ae_scores), "tpr": detector.decide(ae_scores).double().mean().item(),
+            "fpr": detector.decide(clean_scores).double().mean().item(),
+            "mixed_10pct_ae_acc": right.double().mean().item(), "mixed_10pct_ae_purified": purified.double().mean().item(),
+            "score_ms": median_ms(lambda: detector.scores(batch, features), repeats)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run directory made by `train.py pipeline`")
+    parser.add_argument("--sizes", default="25,50,100,200,500", help="comma-separated witness sizes")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per size")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    threads = configure_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
+    cfg, paths = load_run(args.run)
+    defense = load_defense(paths.defense).eval()
+    stored = defense.sample_detector
+    if stored is None:
+        raise SystemExit(f"error: {paths.defense} has no per-sample detector")
+    dm = load_datamodule(cfg, paths)
+    calibration, _ = dm.split_tensors(dm.splits.calibration_split)
+    x, y = dm.split_tensors("val")
+    b = cfg.defense.batch_size
+    spec = replace(cfg.eval.attacks["pgd_linf"], batch_size=b)
+    log.info("crafting pgd_linf on the classifier for %d validation images", len(x))
+    aes = torch.cat([run_seeded(spec, target_of(spec, defense), xb, yb, chunk=i)
+                     for i, (xb, yb) in enumerate(zip(x.split(b), y.split(b)))])
+    with torch.no_grad():
+        bare_ms = median_ms(lambda: defense.classifier(x[:b]), args.repeats)
+    rows = {}
+    for size in sorted({min(int(s), len(stored.clean)) for s in args.sizes.split(",")}):
+        log.info("witness size %d", size)
+        detector = SampleDetector(stored.kernel, *subset(stored, size, cfg.run.seed), stored.kind)
+        rows[str(size)] = measure(defense, detector, calibration, (x, y), aes, b, cfg.eval.draws, cfg.run.seed,
+                                  args.repeats)
+        rows[str(size)]["score_over_bare"] = rows[str(size)]["score_ms"] / bare_ms
+    result = {"machine": machine_description(torch.device("cpu")),
+              "settings": {"run": str(args.run), "attack": spec.as_dict(), "n_val": len(x), "batch_size": b,
+                           "stored_size": len(stored.clean), "calibration_images": len(calibration),
+                           "threads": threads},
+              "bare_classifier_ms": bare_ms, "sizes": rows}
+    atomic_write_json(result, RESULTS / f"witness_size_{args.run.name}.json")
+    print("| witness size | AUROC | TPR | FPR | mixed 10% AE acc (purified) | score ms (/ bare) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size, r in rows.items():
+        print(f"| {size} | {r['auroc']:.3f} | {r['tpr']:.3f} | {r['fpr']:.3f} | {r['mixed_10pct_ae_acc']:.3f} "
+              f"({r['mixed_10pct_ae_purified']:.3f}) | {r['score_ms']:.2f} ({r['score_over_bare']:.3f}) |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
