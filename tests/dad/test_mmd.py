@@ -9,6 +9,7 @@ from torchmetrics.image.kid import maximum_mean_discrepancy
 
 from dad.kernels import semantic_gram
 from dad.mmd import (
+    fixed_rows,
     j_statistic,
     mmd2_biased,
     mmd2_unbiased,
@@ -16,6 +17,7 @@ from dad.mmd import (
     mmd2_variance,
     pairwise_sq_dists,
     permutation_test,
+    sq_dists_to_fixed,
 )
 
 
@@ -47,6 +49,19 @@ def test_pairwise_sq_dists_matches_loop():
     ref = torch.tensor([[((x[i] - y[j]) ** 2).sum().item() for j in range(6)] for i in range(5)], dtype=torch.float64)
     assert d.shape == (5, 6)
     torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-8)
+
+
+def test_distances_to_a_prepared_set_match_the_loop_and_need_equal_sizes():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) + 100.0
+    y = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) + 100.0
+    ref = torch.tensor([[((x[i] - y[j]) ** 2).sum().item() for j in range(6)] for i in range(5)], dtype=torch.float64)
+    torch.testing.assert_close(sq_dists_to_fixed(x, fixed_rows(y)), ref, rtol=1e-10, atol=1e-8)
+    near = torch.full((3, 64), 1e4) + torch.arange(3.0)[:, None]  # float32 far from the origin, near the set
+    far_ref = ((torch.arange(3.0)[:, None] - torch.arange(3.0)[None]) ** 2) * 64
+    torch.testing.assert_close(sq_dists_to_fixed(near, fixed_rows(near)), far_ref, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="48 features"):
+        sq_dists_to_fixed(torch.zeros(2, 5), fixed_rows(y))
 
 
 def test_pairwise_sq_dists_float32_far_from_origin_is_accurate():

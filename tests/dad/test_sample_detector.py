@@ -52,6 +52,18 @@ def test_scores_equal_their_brute_force_definition(kind: str) -> None:
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["witness", "reference"])
+def test_a_loaded_detector_scores_as_the_saved_one(kind: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    saved = SampleDetector(_kernel(), torch.rand(9, 1, 3, 3, generator=g, dtype=torch.float64),
+                           torch.rand(9, 1, 3, 3, generator=g, dtype=torch.float64), kind)
+    loaded = SampleDetector(_kernel(), torch.rand(4, 1, 3, 3, dtype=torch.float64),
+                            torch.rand(4, 1, 3, 3, dtype=torch.float64), kind)  # other sets, other sizes
+    loaded.load_state_dict(saved.state_dict())
+    x = torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(loaded.scores(x), saved.scores(x))
+
+
 def test_calibration_meets_its_fpr_on_fresh_clean_draws() -> None:
     g = torch.Generator().manual_seed(1)
     clean_set = torch.rand(50, 1, 3, 3, generator=g, dtype=torch.float64) * 0.5
