@@ -26,6 +26,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def subset(stored: SampleDetector, size: int, seed: int) -> tuple[Tensor, Tensor
     return clean[keep], adversarial[keep]
 
 
-def median_ms(fn: Any, repeats: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -80,7 +81,8 @@ def measure(defense: DADDefense, detector: SampleDetector, calibration: Tensor, 
     features = defense.classify_with_features(batch)[1]
     return {"auroc": auroc(clean_scores, ae_scores), "tpr": detector.decide(ae_scores).double().mean().item(),
             "fpr": detector.decide(clean_scores).double().mean().item(),
-            "mixed_10pct_ae_acc": right.double().mean().item(), "mixed_10pct_ae_purified": purified.double().mean().item(),
+            "mixed_10pct_ae_acc": right.double().mean().item(),
+            "mixed_10pct_ae_purified": purified.double().mean().item(),
             "score_ms": median_ms(lambda: detector.scores(batch, features), repeats)}
 
 
