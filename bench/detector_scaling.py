@@ -19,10 +19,8 @@ Writes ``bench/results/detector_scaling.json`` (with a Markdown table) and ``det
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
+from bench.machine import RESULTS, configure_threads, machine_description, median_ms, write_result  # noqa: E402
 from dad.detector import MMDDetector  # noqa: E402
 from dad.kernels import SemanticKernel  # noqa: E402
 from dad.mmd import mmd2_unbiased_unpaired  # noqa: E402
 from dad.models import create_model, freeze  # noqa: E402
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: str) -> list[dict[str, Any]]:
@@ -70,9 +58,9 @@ def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: s
                 rows.append({
                     "reference_size": r,
                     "batch_size": b,
-                    "score_ms": _median_ms(lambda: detector.score(x, fx), repeats),
-                    "score_with_features_ms": _median_ms(lambda: detector.score(x), repeats),
-                    "score_uncached_ms": _median_ms(uncached, repeats),
+                    "score_ms": median_ms(lambda: detector.score(x, fx), repeats),
+                    "score_with_features_ms": median_ms(lambda: detector.score(x), repeats),
+                    "score_uncached_ms": median_ms(uncached, repeats),
                 })
                 print(rows[-1], flush=True)
     return rows

@@ -7,10 +7,13 @@ import ctypes.util
 import gc
 import json
 import os
+import logging
 import platform
 import subprocess
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -21,8 +24,10 @@ import torch
 from dad.io import atomic_write_json
 from pipeline.config import PipelineConfig, load_config
 from pipeline.paths import RunPaths
+from pipeline.trainer import quiet_third_party
 
-__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "load_run"]
+__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "median_ms", "load_run",
+           "start_run_bench"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,6 +59,17 @@ def configure_threads(threads: int | None) -> int:
             raise ValueError(f"Expected `threads` >= 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:
@@ -155,3 +171,11 @@ def load_run(run: Path) -> tuple[PipelineConfig, RunPaths]:
     """A trained run's saved configuration, pointed at ``run`` wherever it now lives, and its paths."""
     cfg = load_config(run / "config.yaml")
     return replace(cfg, run=replace(cfg.run, root=str(run.parent), name=run.name)), RunPaths(run)
+
+
+def start_run_bench(run: Path, threads: int | None) -> tuple[int, PipelineConfig, RunPaths]:
+    """The start of a bench on a trained run: threads set, INFO logging, third-party chatter off, the run loaded."""
+    used = configure_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
+    return (used, *load_run(run))

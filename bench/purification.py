@@ -41,7 +41,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, load_run, machine_description  # noqa: E402
+from bench.machine import RESULTS, machine_description, start_run_bench  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
 from dad.routing import DETECTING  # noqa: E402
@@ -50,7 +50,6 @@ from evaluation.runner import evaluate  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.stages import load_datamodule  # noqa: E402
 from pipeline.paths import RunPaths  # noqa: E402
-from pipeline.trainer import quiet_third_party  # noqa: E402
 
 log = logging.getLogger("bench.purification")
 
@@ -192,10 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "purification.json")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    threads = configure_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party()
-    cfg, paths = load_run(args.run)
+    threads, cfg, paths = start_run_bench(args.run, args.threads)
     table = rows(cfg.defense.routing if cfg.defense.routing in DETECTING else "batch")
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(table))

@@ -34,15 +34,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, load_run, machine_description  # noqa: E402
-from dad.attacks import run_seeded, target_of  # noqa: E402
+from bench.machine import RESULTS, machine_description, start_run_bench  # noqa: E402
+from dad.attacks import AttackSpec, run_seeded, target_of  # noqa: E402
 from dad.attacks.objectives import with_filler  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
 from dad.routing import ROUTINGS  # noqa: E402
 from dad.stats import accuracy_interval  # noqa: E402
 from pipeline.stages import load_datamodule  # noqa: E402
-from pipeline.trainer import quiet_third_party  # noqa: E402
 
 log = logging.getLogger("bench.routing")
 
@@ -57,6 +56,13 @@ def judge(defense: DADDefense, x: Tensor, y: Tensor, draws: int, part: int | Non
     right = (out.logits.argmax(2)[:, :part] == y[:part]).all(0)
     flags = out.flags if out.flags is not None else out.adversarial.expand(len(x))
     return right.cpu(), flags[:part].cpu()
+
+
+def classifier_aes(spec: AttackSpec, defense: DADDefense, x: Tensor, y: Tensor) -> Tensor:
+    """AEs of ``x`` by a classifier-only ``spec``, in batches of ``spec.batch_size`` with the evaluation's seeds."""
+    b = spec.batch_size
+    return torch.cat([run_seeded(spec, target_of(spec, defense), xb, yb, chunk=i)
+                      for i, (xb, yb) in enumerate(zip(x.split(b), y.split(b)))])
 
 
 def whole_batches(defense: DADDefense, x: Tensor, y: Tensor, b: int, draws: int) -> tuple[Tensor, Tensor]:
@@ -121,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="random clean batches of the test split for the share of clean images purified")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    threads = configure_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party()
-    cfg, paths = load_run(args.run)
+    threads, cfg, paths = start_run_bench(args.run, args.threads)
     if args.attack not in cfg.eval.attacks or cfg.eval.attacks[args.attack].threat != "classifier":
         raise SystemExit(f"error: `{args.attack}` is not a classifier-only attack of {args.run}/config.yaml")
     routings = [m.strip() for m in args.routings.split(",") if m.strip()]
@@ -136,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x, y, b, draws = pool_x[:n], pool_y[:n], cfg.defense.batch_size, cfg.eval.draws
     spec = replace(cfg.eval.attacks[args.attack], batch_size=b)
     log.info("crafting %s on the classifier for %d test images", args.attack, n)
-    aes = torch.cat([run_seeded(spec, target_of(spec, defense), xb, yb, chunk=i)
-                     for i, (xb, yb) in enumerate(zip(x.split(b), y.split(b)))])
+    aes = classifier_aes(spec, defense, x, y)
     with torch.no_grad():
         undefended = {"clean": _entry(defense.classifier(x).argmax(1) == y),
                       "adversarial": _entry(defense.classifier(aes).argmax(1) == y)}

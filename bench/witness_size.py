@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,15 +33,13 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, load_run, machine_description  # noqa: E402
-from bench.routing import mixed_batches  # noqa: E402
-from dad.attacks import run_seeded, target_of  # noqa: E402
+from bench.machine import RESULTS, machine_description, median_ms, start_run_bench  # noqa: E402
+from bench.routing import classifier_aes, mixed_batches  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
 from dad.metrics import auroc  # noqa: E402
 from dad.sample_detector import SampleDetector  # noqa: E402
 from pipeline.stages import load_datamodule  # noqa: E402
-from pipeline.trainer import quiet_third_party  # noqa: E402
 
 log = logging.getLogger("bench.witness_size")
 
@@ -56,16 +51,6 @@ def subset(stored: SampleDetector, size: int, seed: int) -> tuple[Tensor, Tensor
         return clean, adversarial
     keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:size]
     return clean[keep], adversarial[keep]
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -93,10 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per size")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    threads = configure_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party()
-    cfg, paths = load_run(args.run)
+    threads, cfg, paths = start_run_bench(args.run, args.threads)
     defense = load_defense(paths.defense).eval()
     stored = defense.sample_detector
     if stored is None:
@@ -107,8 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = cfg.defense.batch_size
     spec = replace(cfg.eval.attacks["pgd_linf"], batch_size=b)
     log.info("crafting pgd_linf on the classifier for %d validation images", len(x))
-    aes = torch.cat([run_seeded(spec, target_of(spec, defense), xb, yb, chunk=i)
-                     for i, (xb, yb) in enumerate(zip(x.split(b), y.split(b)))])
+    aes = classifier_aes(spec, defense, x, y)
     with torch.no_grad():
         bare_ms = median_ms(lambda: defense.classifier(x[:b]), args.repeats)
     rows = {}

@@ -33,6 +33,7 @@ __all__ = ["SampleDetector", "SampleScore", "SAMPLE_SCORES", "quantile_interval"
 
 SampleScore = Literal["witness", "reference"]
 SAMPLE_SCORES: tuple[str, ...] = ("witness", "reference")
+_SIDES = ("image", "feature")  # the stored images and their features, each prepared by dad.mmd.fixed_rows
 
 
 def quantile_interval(scores: Tensor, q: float, z: float = Z95) -> tuple[float, float, float]:
@@ -74,9 +75,10 @@ class SampleDetector(nn.Module):
         self.target_fpr = target_fpr
         self.register_buffer("clean", clean.detach().clone())
         self.register_buffer("adversarial", adversarial.detach().clone())
-        for name in ("image_centre", "image_rows", "image_sq_norms", "feature_centre", "feature_rows",
-                     "feature_sq_norms", "weights"):  # the stored side of every score, prepared by refresh()
-            self.register_buffer(name, torch.empty(0), persistent=False)
+        for side in _SIDES:  # the stored side of every score, prepared by refresh()
+            for field in FixedRows._fields:
+                self.register_buffer(f"{side}_{field}", torch.empty(0), persistent=False)
+        self.register_buffer("weights", torch.empty(0), persistent=False)
         self.register_buffer("offset", torch.zeros(()), persistent=False)
         self.register_buffer("threshold", torch.full((), float("nan")))
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -111,8 +113,12 @@ class SampleDetector(nn.Module):
             c, a = len(self.clean), len(self.adversarial)
             self.weights = torch.cat([torch.full((c,), -1.0 / c), torch.full((a,), 1.0 / a)]).to(features.device)
             self.offset = torch.zeros((), device=features.device)
-        self.image_centre, self.image_rows, self.image_sq_norms = (t.float() for t in fixed_rows(stored))
-        self.feature_centre, self.feature_rows, self.feature_sq_norms = (t.float() for t in fixed_rows(features))
+        for side, rows in zip(_SIDES, (fixed_rows(stored), fixed_rows(features))):
+            for field, value in zip(FixedRows._fields, rows):
+                setattr(self, f"{side}_{field}", value.float())
+
+    def _fixed(self, side: str) -> FixedRows:
+        return FixedRows(*(getattr(self, f"{side}_{field}") for field in FixedRows._fields))
 
     @property
     def calibrated(self) -> bool:
@@ -126,9 +132,7 @@ class SampleDetector(nn.Module):
             features: ``phi(x)`` if already computed (the classifier's forward pass can provide it).
         """
         fx = self.kernel.features(x) if features is None else features.reshape(x.shape[0], -1)
-        gram = self.kernel.gram_to_fixed(fx, x, FixedRows(self.feature_centre, self.feature_rows,
-                                                          self.feature_sq_norms),
-                                         FixedRows(self.image_centre, self.image_rows, self.image_sq_norms))
+        gram = self.kernel.gram_to_fixed(fx, x, self._fixed("feature"), self._fixed("image"))
         return gram @ self.weights.to(gram.dtype) + self.offset.to(gram.dtype)
 
     def decide(self, scores: Tensor) -> Tensor:
