@@ -26,7 +26,8 @@ from dad.noise import NOISE_MODES, NoiseMode, add_noise
 from dad.routing import ROUTINGS, JointThresholds, Routing, relative_excess
 from dad.sample_detector import SampleDetector
 
-__all__ = ["DADDefense", "DefenseOutput", "Detection", "load_defense", "InvalidInputError", "IncompatibleFileError"]
+__all__ = ["DADDefense", "DefenseOutput", "Detection", "PurifiedRoute", "load_defense", "InvalidInputError",
+           "IncompatibleFileError"]
 
 _FORMAT = "dad-defense"
 _VERSION = 4
@@ -86,6 +87,24 @@ def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:
 def purify(denoiser: nn.Module, x: Tensor, noise_std: float, noise: NoiseMode) -> Tensor:
     """Noise, denoise and clamp to [0, 1]: the path of a batch judged adversarial (training validation too)."""
     return denoiser(add_noise(x, noise_std, noise)).clamp(0.0, 1.0)
+
+
+class PurifiedRoute(nn.Module):
+    """The route of a flagged batch as one network: noise, denoise, clamp, classify (logits out).
+
+    What an attacker who gets the batch flagged attacks, and what adversarial training of the denoiser
+    (``denoiser.adv_steps``) attacks during training.
+    """
+
+    def __init__(self, denoiser: nn.Module, classifier: nn.Module, noise_std: float, noise: NoiseMode) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.classifier = classifier
+        self.noise_std = noise_std
+        self.noise = noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(purify(self.denoiser, x, self.noise_std, self.noise))
 
 
 class DADDefense(nn.Module):

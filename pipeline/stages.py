@@ -313,12 +313,15 @@ def run_denoiser(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: 
     paired = _paired(cfg, paths, dm, nets, "denoiser", "val", d.batch_size)
     denoiser = UNetDenoiser(**{"in_channels": nets.classifier.in_channels, **d.net})
     module = DenoiserModule(nets.classifier, kernel, denoiser, d)
-    callbacks = [*_checkpointing(cfg, paths, "denoiser", "val/robust_acc"), DenoiserImageLogger()]
+    monitor = "val/route_robust_acc" if d.adv_steps else "val/robust_acc"
+    callbacks = [*_checkpointing(cfg, paths, "denoiser", monitor), DenoiserImageLogger()]
     trainer = _trainer(cfg, paths, "denoiser", callbacks, max_epochs=d.epochs)
     trainer.fit(module, datamodule=paired, ckpt_path=resume, weights_only=True)
     nets.keep_best("denoiser", denoiser, "denoiser")
-    return {"val_robust_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-            "val_clean_denoised_acc": float(trainer.callback_metrics.get("val/clean_denoised_acc", float("nan")))}
+    metrics = {f"val_{key}": float(trainer.callback_metrics.get(f"val/{key}", float("nan")))
+               for key in ("robust_acc", "clean_denoised_acc")}  # the last epoch's
+    best = float(trainer.checkpoint_callback.best_model_score or float("nan"))
+    return {**metrics, monitor.replace("/", "_"): best}  # the checkpoint kept: the best of the monitored metric
 
 
 def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:
