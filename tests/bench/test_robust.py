@@ -1,0 +1,30 @@
+"""bench/robust.py's configuration: the preset with train.py-style overrides, bad ones refused."""
+
+from __future__ import annotations
+
+from argparse import ArgumentError
+from pathlib import Path
+
+import pytest
+
+from bench.robust import base_config
+from pipeline.config import ConfigError
+
+PRESET = str(Path(__file__).resolve().parents[2] / "configs" / "digits_robust.yaml")
+
+
+def test_overrides_apply_on_top_of_the_preset() -> None:
+    cfg = base_config(PRESET, ["--run.name", "digits_robust_route", "--denoiser.adv_steps", "5",
+                               "--denoiser.adv_eps", "0.2", "--data.root", "/nowhere"])
+    assert (cfg.run.name, cfg.denoiser.adv_steps, cfg.denoiser.adv_eps, cfg.data.root) == (
+        "digits_robust_route", 5, 0.2, "/nowhere")
+    assert cfg.classifier.training == "pgd_at" and cfg.denoiser.epochs == 20  # the rest is the preset's
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    (["--denoiser.adv_stepz", "5"], ArgumentError, "unrecognized arguments: --denoiser.adv_stepz 5"),
+    (["--denoiser.adv_steps", "-1"], ConfigError, "Expected `denoiser.adv_steps` to be an integer >= 0, got -1"),
+])
+def test_bad_overrides_are_refused(overrides: list[str], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        base_config(PRESET, overrides)
