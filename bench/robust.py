@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
 from dad.stats import paired_difference_interval  # noqa: E402
 from evaluation.runner import evaluate  # noqa: E402
-from pipeline.config import PipelineConfig, build_parser, config_from_namespace  # noqa: E402
+from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import STAGES, RunPaths  # noqa: E402
 from pipeline.stages import run_pipeline  # noqa: E402
 from pipeline.trainer import quiet_third_party  # noqa: E402
 
-__all__ = ["base_config", "main", "leaderboard_rows"]
+__all__ = ["main", "leaderboard_rows"]
 
 _LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
            "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
@@ -113,12 +113,6 @@ def _evaluate_both(cfg: PipelineConfig) -> None:
         evaluate(replace(cfg, eval=replace(cfg.eval, routing="never", mixed_attacks=[])))
 
 
-def base_config(path: str, overrides: list[str]) -> PipelineConfig:
-    """The configuration at ``path`` with ``--<section>.<option> VALUE`` overrides, parsed as ``train.py`` does."""
-    parser = build_parser()
-    return config_from_namespace(parser, parser.parse_args(["--config", path, *overrides]))
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -159,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, overrides = parser.parse_known_args(argv)
     threads = configure_threads(args.threads)
     quiet_third_party()
-    base = base_config(args.config, [*overrides, *(["--data.root", args.data_root] if args.data_root else []),
-                                     *(["--run.root", args.runs_root] if args.runs_root else [])])
+    locations = [*(["--data.root", args.data_root] if args.data_root else []),
+                 *(["--run.root", args.runs_root] if args.runs_root else [])]
+    base = load_config(args.config, [*overrides, *locations])
     rows, differences, seconds = [], [], {}
     for method in args.methods:
         cfg = replace(base, run=replace(base.run, name=f"{base.run.name}_{method}"),

@@ -134,6 +134,10 @@ class DenoiserModule(StageModule):
         """Noise, denoise and clamp: the path of a batch judged adversarial at inference."""
         return purify(self.denoiser, x, self.settings.noise_std, self.settings.noise)
 
+    def _denoise_unclamped(self, x: Tensor) -> Tensor:
+        """Noise and denoise without the clamp: the training path (a hard clamp zeroes saturated pixels' gradients)."""
+        return self.denoiser(add_noise(x, self.settings.noise_std, self.settings.noise))
+
     def route_examples(self, clean: Tensor, y: Tensor) -> Tensor:
         """PGD-K examples (``adv_*`` settings) of the purified route around ``clean``; inputs' gradients only."""
         s = self.settings
@@ -142,8 +146,7 @@ class DenoiserModule(StageModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         clean, adv, y = batch
-        # no clamp here: a hard clamp on the training path zeroes gradients of saturated pixels
-        denoised = self.denoiser(add_noise(adv, self.settings.noise_std, self.settings.noise))
+        denoised = self._denoise_unclamped(adv)
         logits, f_den = logits_and_features(self.classifier, self.kernel, denoised)
         with torch.no_grad():
             f_clean = self.kernel.features(clean)
@@ -153,8 +156,7 @@ class DenoiserModule(StageModule):
         ce = F.cross_entropy(logits, y)
         loss = mmd + self.settings.alpha * ce
         if self.settings.adv_steps:
-            route_noisy = add_noise(self.route_examples(clean, y), self.settings.noise_std, self.settings.noise)
-            route_logits = self.classifier(self.denoiser(route_noisy))  # unclamped, as above
+            route_logits = self.classifier(self._denoise_unclamped(self.route_examples(clean, y)))
             route_ce = F.cross_entropy(route_logits, y)
             loss = loss + self.settings.adv_weight * route_ce
             self.train_route_robust(route_logits, y)

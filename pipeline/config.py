@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -291,7 +291,8 @@ def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(_plain(cfg), sort_keys=False)
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML configuration file (a run's saved ``config.yaml`` or a preset)."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a YAML configuration file (a run's saved ``config.yaml`` or a preset), with ``--<section>.<option>
+    VALUE`` ``overrides`` on top, parsed as ``train.py`` parses its command line."""
     parser = build_parser()
-    return config_from_namespace(parser, parser.parse_args(["--config", str(path)]))
+    return config_from_namespace(parser, parser.parse_args(["--config", str(path), *overrides]))

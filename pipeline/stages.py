@@ -318,10 +318,10 @@ def run_denoiser(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: 
     trainer = _trainer(cfg, paths, "denoiser", callbacks, max_epochs=d.epochs)
     trainer.fit(module, datamodule=paired, ckpt_path=resume, weights_only=True)
     nets.keep_best("denoiser", denoiser, "denoiser")
-    metrics = {f"val_{key}": float(trainer.callback_metrics.get(f"val/{key}", float("nan")))
-               for key in ("robust_acc", "clean_denoised_acc")}  # the last epoch's
-    best = float(trainer.checkpoint_callback.best_model_score or float("nan"))
-    return {**metrics, monitor.replace("/", "_"): best}  # the checkpoint kept: the best of the monitored metric
+    summary = {f"val_{key}": float(trainer.callback_metrics.get(f"val/{key}", float("nan")))
+               for key in ("robust_acc", "clean_denoised_acc")}  # the last epoch's values, except:
+    summary[monitor.replace("/", "_")] = float(trainer.checkpoint_callback.best_model_score or float("nan"))
+    return summary  # the monitored metric: its best, the checkpoint kept
 
 
 def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:

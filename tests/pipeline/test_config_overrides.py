@@ -1,4 +1,4 @@
-"""bench/robust.py's configuration: the preset with train.py-style overrides, bad ones refused."""
+"""load_config with train.py-style overrides (as bench/robust.py passes them): applied, bad ones refused."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.robust import base_config
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
 
 PRESET = str(Path(__file__).resolve().parents[2] / "configs" / "digits_robust.yaml")
 
 
 def test_overrides_apply_on_top_of_the_preset() -> None:
-    cfg = base_config(PRESET, ["--run.name", "digits_robust_route", "--denoiser.adv_steps", "5",
+    cfg = load_config(PRESET, ["--run.name", "digits_robust_route", "--denoiser.adv_steps", "5",
                                "--denoiser.adv_eps", "0.2", "--data.root", "/nowhere"])
     assert (cfg.run.name, cfg.denoiser.adv_steps, cfg.denoiser.adv_eps, cfg.data.root) == (
         "digits_robust_route", 5, 0.2, "/nowhere")
@@ -27,4 +26,4 @@ def test_overrides_apply_on_top_of_the_preset() -> None:
 ])
 def test_bad_overrides_are_refused(overrides: list[str], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        base_config(PRESET, overrides)
+        load_config(PRESET, overrides)
