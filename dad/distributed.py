@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_gather
 
-__all__ = ["gather_global", "rank_and_world"]
+__all__ = ["gather_global", "rank_and_world", "release_process_group"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -28,3 +28,10 @@ def gather_global(t: Tensor) -> Tensor:
     if rank_and_world()[1] == 1:
         return t
     return torch.cat(all_gather(t), dim=0)
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits: gloo's threads left to the
+    interpreter's exit can abort it ("terminate called without an active exception") after a finished run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
+from dad.distributed import release_process_group
 from pipeline.config import ConfigError, PipelineConfig, build_parser, config_from_namespace, prune_config
 from pipeline.paths import STAGES
 from pipeline.trainer import quiet_third_party
@@ -54,16 +55,8 @@ def _run_guarded(debug: bool, fn: Callable[[], Any]) -> int:
     except _user_errors() as err:
         return _fail(err, debug)
     finally:
-        _release_process_group()
+        release_process_group()  # a DDP run's process group, destroyed before the interpreter exits
     return 0
-
-
-def _release_process_group() -> None:
-    """Destroy a DDP process group before the interpreter exits: gloo's threads left to exit can abort it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _configure_logging() -> None:

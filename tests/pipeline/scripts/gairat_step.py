@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_modules.classifier as classifier
+from dad.distributed import release_process_group
 from dad.models import ImageClassifier
 from datamodules.sampling import ResumableSampler
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -95,8 +96,7 @@ def main(mode: str, out: str) -> None:
     batch = TensorDataset(x[-GLOBAL_BATCH:], y[-GLOBAL_BATCH:])
     sampler = ResumableSampler(GLOBAL_BATCH, shuffle=False)
     trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=GLOBAL_BATCH // devices, sampler=sampler))
-    if torch.distributed.is_initialized():  # gloo's threads, left to the interpreter's exit, can abort it
-        torch.distributed.destroy_process_group()
+    release_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dad.attacks import AttackSpec
 from dad.denoisers import UNetDenoiser
+from dad.distributed import release_process_group
 from dad.kernels import SemanticKernel
 from datamodules import DataSettings, DigitsDataModule, PairedDataModule
 from lightning_modules.denoiser import DenoiserModule, DenoiserSettings
@@ -79,4 +80,7 @@ def main(stage: str, mode: str, config: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    try:
+        main(*sys.argv[1:5])
+    finally:
+        release_process_group()
