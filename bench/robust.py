@@ -21,6 +21,12 @@ worst case minus the backbone's with its paired 95% interval (Newcombe) on the i
 
 Any other ``--<section>.<option> VALUE`` is a configuration override, as with ``train.py`` (e.g. ``--run.name
 digits_robust_route --denoiser.adv_steps 5``: the leaderboard with the denoiser trained against its route).
+
+Methods run as separate invocations (one per process or per session, each with its own ``--name``) become one
+table with ``--merge``, which reads the saved results and reruns nothing:
+
+    python bench/robust.py --merge robust_leaderboard_cifar10_cpu_robust_standard \
+        robust_leaderboard_cifar10_cpu_robust_pgd_at --name robust_leaderboard_cifar10_cpu_robust
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from pipeline.paths import STAGES, RunPaths  # noqa: E402
 from pipeline.stages import run_pipeline  # noqa: E402
 from pipeline.trainer import quiet_third_party  # noqa: E402
 
-__all__ = ["main", "leaderboard_rows"]
+__all__ = ["main", "leaderboard_rows", "merge"]
 
 _LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
            "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
@@ -140,9 +146,45 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One leaderboard from saved ones (``names`` label them) of the same config and threat model.
+
+    Each source keeps its command, threads and machine, since the training times of rows measured under
+    different thread counts are not comparable. Sources must not repeat a method.
+    """
+    first = results[0]
+    for name, result in zip(names, results):
+        for key in ("config", "threat"):
+            if result[key] != first[key]:
+                raise ValueError(f"Cannot merge {name}: its {key} is {result[key]!r}, {names[0]}'s {first[key]!r}")
+    methods = [d["method"] for result in results for d in result["differences"]]
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"Cannot merge: methods {repeated} appear in more than one of {names}")
+    return {"config": first["config"], "threat": first["threat"],
+            "rows": [row for result in results for row in result["rows"]],
+            "differences": [d for result in results for d in result["differences"]],
+            "wall_seconds_this_invocation": {m: s for result in results
+                                             for m, s in result["wall_seconds_this_invocation"].items()},
+            "sources": [{"name": name, "command": result["command"], "threads": result["threads"],
+                         "machine": result["machine"]} for name, result in zip(names, results)]}
+
+
+def _read_result(name: str) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved leaderboard {path} (--merge takes result names, as --name wrote them)")
+    return json.loads(path.read_text())
+
+
+def _write(name: str, result: dict[str, Any]) -> None:
+    write_result(name, result, RESULTS)
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a robust configuration (configs/*_robust.yaml)")
+    parser.add_argument("--config", help="a robust configuration (configs/*_robust.yaml); required unless --merge")
     parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "fat", "gairat"])
     parser.add_argument("--data-root", default=None, help="--data.root of the config (image folders)")
     parser.add_argument("--runs-root", default=None, help="where the runs go (default: the config's run.root)")
@@ -150,7 +192,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threat", default=None, help="the threat model of the table (default: the first Linf)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default=None, help="result name (default: robust_leaderboard_<config stem>)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
+                        help="merge these saved results (bench/results/NAME.json) into --name; runs nothing")
     args, overrides = parser.parse_known_args(argv)
+    if args.merge is not None:
+        if args.name is None:
+            parser.error("--merge needs --name (the merged result's name)")
+        if overrides:
+            parser.error(f"--merge reruns nothing, so it takes no configuration overrides: {overrides}")
+        result = merge([_read_result(name) for name in args.merge], args.merge)
+        _write(args.name, result)
+        return result
+    if args.config is None:
+        parser.error("--config is required (or --merge)")
     threads = configure_threads(args.threads)
     quiet_third_party()
     locations = [*(["--data.root", args.data_root] if args.data_root else []),
@@ -173,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"config": args.config, "threat": differences[0]["threat"], "rows": rows, "differences": differences,
               "wall_seconds_this_invocation": seconds, "machine": machine_description(torch.device("cpu")),
               "threads": threads, "command": " ".join(["python bench/robust.py", *(argv or sys.argv[1:])])}
-    write_result(name, result)
-    (RESULTS / f"{name}.md").write_text(markdown(result))
+    _write(name, result)
     return result
 
 
