@@ -150,7 +150,8 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """One leaderboard from saved ones (``names`` label them) of the same config and threat model.
 
     Each source keeps its command, threads and machine, since the training times of rows measured under
-    different thread counts are not comparable. Sources must not repeat a method.
+    different thread counts are not comparable; a merged leaderboard merges again (a method added later).
+    Sources must not repeat a method.
     """
     first = results[0]
     for name, result in zip(names, results):
@@ -166,8 +167,14 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             "differences": [d for result in results for d in result["differences"]],
             "wall_seconds_this_invocation": {m: s for result in results
                                              for m, s in result["wall_seconds_this_invocation"].items()},
-            "sources": [{"name": name, "command": result["command"], "threads": result["threads"],
-                         "machine": result["machine"]} for name, result in zip(names, results)]}
+            "sources": [source for name, result in zip(names, results) for source in _sources(name, result)]}
+
+
+def _sources(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where a saved leaderboard's rows came from: itself, or the sources of an earlier merge."""
+    if "sources" in result:
+        return result["sources"]
+    return [{"name": name, "command": result["command"], "threads": result["threads"], "machine": result["machine"]}]
 
 
 def _read_result(name: str) -> dict[str, Any]:

@@ -35,6 +35,9 @@ def test_merge_keeps_every_row_in_order_and_each_source() -> None:
     assert [d["method"] for d in merged["differences"]] == ["standard", "gairat"]
     assert merged["wall_seconds_this_invocation"] == {"standard": 100.0, "gairat": 100.0}
     assert [(s["name"], s["threads"]) for s in merged["sources"]] == [("a", 1), ("b", 2)]
+    again = robust.merge([merged, _result("trades")], ["ab", "c"])  # a method added to a merged leaderboard
+    assert [d["method"] for d in again["differences"]] == ["standard", "gairat", "trades"]
+    assert [s["name"] for s in again["sources"]] == ["a", "b", "c"]
     table = robust.markdown(merged)
     assert "| standard | alone |" in table and "| GAIRAT | with DAD |" in table and "- GAIRAT: -2.0" in table
 
