@@ -151,7 +151,8 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
 
     Each source keeps its command, threads and machine, since the training times of rows measured under
     different thread counts are not comparable; a merged leaderboard merges again (a method added later).
-    Sources must not repeat a method.
+    Sources must not repeat a method. Rows are in the methods' usual order (that of ``--methods``' default),
+    whatever order the sources came in, so a method run later takes its place in the table.
     """
     first = results[0]
     for name, result in zip(names, results):
@@ -162,9 +163,13 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise ValueError(f"Cannot merge: methods {repeated} appear in more than one of {names}")
+
+    def order(entry: dict[str, Any]) -> int:
+        return list(_LABELS).index(entry["method"]) if entry["method"] in _LABELS else len(_LABELS)
+
     return {"config": first["config"], "threat": first["threat"],
-            "rows": [row for result in results for row in result["rows"]],
-            "differences": [d for result in results for d in result["differences"]],
+            "rows": sorted((row for result in results for row in result["rows"]), key=order),
+            "differences": sorted((d for result in results for d in result["differences"]), key=order),
             "wall_seconds_this_invocation": {m: s for result in results
                                              for m, s in result["wall_seconds_this_invocation"].items()},
             "sources": [source for name, result in zip(names, results) for source in _sources(name, result)]}

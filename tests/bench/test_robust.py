@@ -28,7 +28,7 @@ def _result(method: str, threat: str = "linf eps=0.03137", config: str = "config
             "command": f"python bench/robust.py --methods {method}"}
 
 
-def test_merge_keeps_every_row_in_order_and_each_source() -> None:
+def test_merge_keeps_every_row_in_the_methods_order_and_each_source() -> None:
     merged = robust.merge([_result("standard"), _result("gairat", threads=2)], ["a", "b"])
     assert [(r["method"], r["setting"]) for r in merged["rows"]] == [
         ("standard", "alone"), ("standard", "with DAD"), ("gairat", "alone"), ("gairat", "with DAD")]
@@ -36,7 +36,8 @@ def test_merge_keeps_every_row_in_order_and_each_source() -> None:
     assert merged["wall_seconds_this_invocation"] == {"standard": 100.0, "gairat": 100.0}
     assert [(s["name"], s["threads"]) for s in merged["sources"]] == [("a", 1), ("b", 2)]
     again = robust.merge([merged, _result("trades")], ["ab", "c"])  # a method added to a merged leaderboard
-    assert [d["method"] for d in again["differences"]] == ["standard", "gairat", "trades"]
+    assert [d["method"] for d in again["differences"]] == ["standard", "trades", "gairat"]  # the usual order
+    assert [(r["method"], r["setting"]) for r in again["rows"]][2:4] == [("trades", "alone"), ("trades", "with DAD")]
     assert [s["name"] for s in again["sources"]] == ["a", "b", "c"]
     table = robust.markdown(merged)
     assert "| standard | alone |" in table and "| GAIRAT | with DAD |" in table and "- GAIRAT: -2.0" in table
