@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
 from dad.stats import paired_difference_interval  # noqa: E402
+from lightning_modules.classifier import Training  # noqa: E402
 from evaluation.runner import evaluate  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import STAGES, RunPaths  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = ["main", "leaderboard_rows", "merge"]
 
 _LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
            "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
+_ORDER = {method: i for i, method in enumerate(get_args(Training))}  # the table's row order
 
 
 def _threat(report: dict[str, Any], requested: str | None) -> str:
@@ -151,8 +153,8 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
 
     Each source keeps its command, threads and machine, since the training times of rows measured under
     different thread counts are not comparable; a merged leaderboard merges again (a method added later).
-    Sources must not repeat a method. Rows are in the methods' usual order (that of ``--methods``' default),
-    whatever order the sources came in, so a method run later takes its place in the table.
+    Sources must not repeat a method. Rows are in the order ``classifier.training`` lists the methods, whatever
+    order the sources came in, so a method run later takes its place in the table.
     """
     first = results[0]
     for name, result in zip(names, results):
@@ -163,16 +165,17 @@ def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise ValueError(f"Cannot merge: methods {repeated} appear in more than one of {names}")
-
-    def order(entry: dict[str, Any]) -> int:
-        return list(_LABELS).index(entry["method"]) if entry["method"] in _LABELS else len(_LABELS)
-
     return {"config": first["config"], "threat": first["threat"],
-            "rows": sorted((row for result in results for row in result["rows"]), key=order),
-            "differences": sorted((d for result in results for d in result["differences"]), key=order),
+            "rows": sorted((row for result in results for row in result["rows"]), key=_row_order),
+            "differences": sorted((d for result in results for d in result["differences"]), key=_row_order),
             "wall_seconds_this_invocation": {m: s for result in results
                                              for m, s in result["wall_seconds_this_invocation"].items()},
             "sources": [source for name, result in zip(names, results) for source in _sources(name, result)]}
+
+
+def _row_order(entry: dict[str, Any]) -> int:
+    """A row's or difference's place in the table: its method's in ``classifier.training``, unknown ones last."""
+    return _ORDER.get(entry["method"], len(_ORDER))
 
 
 def _sources(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:

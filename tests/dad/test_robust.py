@@ -89,6 +89,7 @@ def test_fat_adds_the_gaussian_term_to_each_step() -> None:
 def test_fat_trades_starts_near_the_clean_image_and_ascends_the_kl() -> None:
     model = _small_cnn()
     x, y = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(8)
+    exact = copy.deepcopy(model).double().eval()  # scores the KL in float64
 
     def kl_after(steps: int) -> Tensor:
         out = fat_examples(model, x, y, eps=0.1, step_size=0.02, steps=steps, tau=3, omega=0.0, loss="kl",
@@ -99,7 +100,6 @@ def test_fat_trades_starts_near_the_clean_image_and_ascends_the_kl() -> None:
                                               exact(x.double()).softmax(1), reduction="sum")
 
     model.eval()
-    exact = copy.deepcopy(model).double()
     start = kl_after(0)
     torch.testing.assert_close(  # the start is TRADES' x + 0.001 N(0, 1)
         fat_examples(model, x, y, 0.1, 0.02, 0, tau=0, loss="kl", generator=torch.Generator().manual_seed(0))[0],

@@ -108,15 +108,14 @@ def test_one_adversarial_image_in_a_clean_batch_is_purified_alone(trained) -> No
         spec = AttackSpec(name="pgd", step_size=0.02, **{**LINF, "steps": 20})
         torch.manual_seed(0)
         aes = run_attack(spec, defense.classifier, x[:20], y[:20])
+        purified = 0
         with torch.no_grad():
             together = defense.forward_with_info(aes).flags  # the 20 AEs in one batch
-        purified = 0
-        for ae, flagged_together in zip(aes, together):
-            with torch.no_grad():
+            for ae, flagged_together in zip(aes, together):
                 flags = defense.forward_with_info(torch.cat([ae[None], neighbours])).flags
-            purified += int(flags[0])
-            assert flags[0] == flagged_together  # its route does not depend on the batch it came in
-            assert not flags[1:].any()  # the neighbours keep their own route
+                purified += int(flags[0])
+                assert flags[0] == flagged_together  # its route does not depend on the batch it came in
+                assert not flags[1:].any()  # the neighbours keep their own route
         # of 20 single AEs, each in a batch of clean images; clean images are flagged at the calibrated 5%, so 8 or
         # more would happen by chance with probability 3e-6 (the tiny detector's rate varies with the CPU's
         # floating point: 16 of 20 measured on an AMD EPYC, 11 on an Intel Xeon)
