@@ -5,16 +5,23 @@ run's average keeps a share ``decay ** steps`` of the random initial weights (7%
 and it validates and checkpoints the average even before any update, i.e. the initial weights. Here the
 average starts at a fraction of the training steps (its first update copies the weights then, as
 :class:`torch.optim.swa_utils.AveragedModel` does), and until then the live weights are validated and saved.
+The average lives on the module's device (Lightning's callback builds it in ``setup``, before the module is
+moved, which would leave it on the CPU and copy every weight across at every step).
+
+Averaged weights are never the weights the running batch-norm statistics were gathered with:
+:class:`BatchNormRefresh` recomputes them on the Trainer's device before a validation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import EMAWeightAveraging
+import torch
+from pytorch_lightning.callbacks import Callback, EMAWeightAveraging
 
-__all__ = ["DelayedEMA"]
+__all__ = ["DelayedEMA", "BatchNormRefresh"]
 
 
 class DelayedEMA(EMAWeightAveraging):
@@ -37,6 +44,7 @@ class DelayedEMA(EMAWeightAveraging):
         return self._average_model is not None and int(self._average_model.n_averaged) > 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._device = trainer.strategy.root_device  # where the strategy is about to move the module
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.update_starting_at_step = int(self.start * trainer.estimated_stepping_batches)
@@ -57,3 +65,21 @@ class DelayedEMA(EMAWeightAveraging):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaging:
             super().on_train_end(trainer, pl_module)
+
+
+class BatchNormRefresh(Callback):
+    """Recompute the module's batch-norm running statistics on ``loader`` when a validation starts.
+
+    One pass in train mode without gradients (:func:`torch.optim.swa_utils.update_bn`), on the module's device:
+    the hook runs after the Trainer has moved the module, so the pass runs on the run's accelerator.
+
+    Args:
+        loader: ``(images, labels)`` batches (the training images, without augmentation).
+    """
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            torch.optim.swa_utils.update_bn(self.loader, pl_module, device=pl_module.device)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class ThresholdCalibration(Callback):
-    """Sets the detector's thresholds when a :class:`~lightning_modules.evaluator.DefenseEvaluator` starts.
+    """Sets the detector's thresholds when a :class:`~lightning_modules.evaluator.DefenseEvaluator`'s validation
+    starts: after the Trainer has moved the defense, so the scores are computed on the run's device.
 
     Scores ``num_batches`` random clean batches of each size drawn from ``clean`` (the calibration split,
     or the validation split where none is carved: never the reference set, never the test set), puts each
@@ -51,7 +52,7 @@ class ThresholdCalibration(Callback):
         self.sample_results: dict[str, float] = {}
         self.joint_results: dict[int, dict[str, float]] = {}
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         defense = pl_module.defense
         detector = defense.detector
         clean = self.clean.to(detector.reference.device)

@@ -56,6 +56,7 @@ class MMDDetector(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.register_buffer("batch_sizes", torch.zeros(0, dtype=torch.long))
         self.register_buffer("thresholds", torch.zeros(0))
+        self._sizes: list[int] = []  # batch_sizes on the host: choosing a threshold reads nothing back from a device
         self._warned_sizes: set[int] = set()
         self.refresh_reference_features()
 
@@ -103,16 +104,16 @@ class MMDDetector(nn.Module):
         """The threshold calibrated for ``batch_size``, or for the nearest calibrated size (with a warning)."""
         if not self.calibrated:
             raise DetectorNotCalibratedError("The detector has no threshold: calibrate it on clean data first")
-        exact = (self.batch_sizes == batch_size).nonzero()
-        if exact.numel():
-            return self.thresholds[exact[0, 0]]
-        nearest = (self.batch_sizes - batch_size).abs().argmin()
+        sizes = self._sizes
+        if batch_size in sizes:
+            return self.thresholds[sizes.index(batch_size)]
+        nearest = min(range(len(sizes)), key=lambda i: abs(sizes[i] - batch_size))
         if batch_size not in self._warned_sizes:
             self._warned_sizes.add(batch_size)
             log.warning(
                 "No threshold calibrated for batch size %d; using the one for %d (the FPR may differ from %.3f)",
                 batch_size,
-                int(self.batch_sizes[nearest]),
+                sizes[nearest],
                 self.target_fpr,
             )
         return self.thresholds[nearest]
@@ -198,34 +199,41 @@ class MMDDetector(nn.Module):
         if num_batches < min_batches:
             log.warning("%d batches estimate a %.3f quantile poorly; use >= %d", num_batches, 1 - self.target_fpr,
                         min_batches)
-        scorer = self.batch_scorer(clean)
-        results: dict[int, dict[str, float]] = {}
-        thresholds = []
-        for b in sizes:
-            scores = scorer(b, num_batches, generator).double()
-            threshold, factor = pool_threshold(scores, pool, b, self.target_fpr)
-            thresholds.append(threshold)
-            results[b] = {
-                "threshold": threshold.item(),
-                "fpr_pool": (scores > threshold).float().mean().item(),
-                "spread_factor": factor,
-                "num_batches": num_batches,
-            }
+        found = self.estimate(clean, sizes, num_batches, generator)
         device = self.reference.device
         self.batch_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
-        self.thresholds = torch.stack(thresholds).to(device)
+        self.thresholds = torch.stack([threshold for threshold, _, _ in found.values()]).to(device)
+        self._sizes = sizes
         self._warned_sizes.clear()
-        return results
+        return {b: {"threshold": threshold.item(), "fpr_pool": fpr_pool.item(), "spread_factor": factor,
+                    "num_batches": num_batches} for b, (threshold, fpr_pool, factor) in found.items()}
+
+    @torch.no_grad()
+    def estimate(self, clean: Tensor, batch_sizes: Sequence[int], num_batches: int,
+                 generator: torch.Generator | None = None) -> dict[int, tuple[Tensor, Tensor, float]]:
+        """What :meth:`calibrate` sets, without storing it and without host synchronisation: per batch size the
+        threshold at the target FPR, the FPR on the pool's own draws and the spread factor."""
+        scorer = self.batch_scorer(clean)
+        found = {}
+        for b in batch_sizes:
+            scores = scorer(b, num_batches, generator).double()
+            threshold, factor = pool_threshold(scores, clean.shape[0], b, self.target_fpr)
+            found[b] = (threshold, (scores > threshold).float().mean(), factor)
+        return found
 
 
 def _refresh_after_load(detector: MMDDetector, incompatible_keys: object) -> None:
-    """Load hook: rebuild the reference gram from the loaded kernel and reference features."""
+    """Load hook: rebuild the reference gram from the loaded kernel and reference features, and read the
+    calibrated batch sizes to the host."""
     detector._refresh_ref_gram()
+    detector._sizes = [int(b) for b in detector.batch_sizes.tolist()]
 
 
 def random_batches(pool: int, batch_size: int, num_batches: int, generator: torch.Generator | None = None) -> Tensor:
     """``(num_batches, batch_size)`` indices into a pool of ``pool`` images, without replacement in a batch."""
-    return torch.rand(num_batches, pool, generator=generator).argsort(1)[:, :batch_size]
+    # drawn by a CPU generator: the same batches (hence thresholds) on every device; callers move them
+    keys = torch.rand(num_batches, pool, generator=generator)  # cpu: reproducible across devices
+    return keys.argsort(1)[:, :batch_size]
 
 
 def pool_threshold(scores: Tensor, pool: int, batch_size: int, fpr: float) -> tuple[Tensor, float]:

@@ -28,9 +28,10 @@ def _scaled(negatives: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
     """
     if negatives.numel() == 0 or positives.numel() == 0:
         raise ValueError("Expected at least one clean and one adversarial score")
-    scores = torch.cat([negatives.flatten().cpu(), positives.flatten().cpu()]).double()
+    scores = torch.cat([negatives.flatten(), positives.flatten().to(negatives.device)]).double()
     span = (scores.max() - scores.min()).clamp_min(torch.finfo(torch.float64).tiny)
-    target = torch.cat([torch.zeros(negatives.numel()), torch.ones(positives.numel())]).long()
+    target = torch.cat([torch.zeros(negatives.numel(), dtype=torch.long, device=scores.device),
+                        torch.ones(positives.numel(), dtype=torch.long, device=scores.device)])
     return (scores - scores.min()) / span, target
 
 
@@ -144,7 +145,7 @@ def mixed_batch_rates(
     flagged = right_clean = right_adv = 0
     with seeded(seed, clean):
         for _ in range(num_batches):
-            draw = torch.randperm(len(y), generator=generator)[:batch_size].to(y.device)
+            draw = torch.randperm(len(y), generator=generator)[:batch_size].to(y.device)  # cpu: reproducible draws
             a, c = draw[:n_adv], draw[n_adv:]
             out = defense.forward_with_info(torch.cat([adv[a], clean[c]]))
             correct = out.logits.argmax(1) == torch.cat([y[a], y[c]])

@@ -196,7 +196,7 @@ def permutation_test(
     Args:
         kxx, kyy, kxy: gram matrices of shapes (n, n), (m, m), (n, m).
         num_permutations: number of random relabellings.
-        generator: optional random generator (on the CPU) for reproducible p-values.
+        generator: optional random generator (on the grams' device) for reproducible p-values.
 
     Returns:
         ``(statistic, p_value)`` where the p-value is ``(1 + #{perm >= stat}) / (1 + num_permutations)``.
@@ -206,7 +206,7 @@ def permutation_test(
     statistic = mmd2_unbiased_unpaired(kxx, kyy, kxy)
     n, m = kxx.shape[0], kyy.shape[0]
     k = torch.cat([torch.cat([kxx, kxy], 1), torch.cat([kxy.T, kyy], 1)], 0).detach()
-    order = torch.rand(num_permutations, n + m, generator=generator).argsort(1)
+    order = torch.rand(num_permutations, n + m, generator=generator, device=k.device).argsort(1)
     masks = (order < n).to(k)
     null = _unpaired_stats_from_masks(k, masks)
     p_value = (1.0 + (null >= statistic.detach()).sum()) / (1.0 + num_permutations)

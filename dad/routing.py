@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dad.detector import MMDDetector, pool_threshold, random_batches
 from dad.sample_detector import SampleDetector
 
-__all__ = ["Routing", "ROUTINGS", "DETECTING", "JointThresholds", "BATCH_SHARE", "relative_excess"]
+__all__ = ["Routing", "ROUTINGS", "DETECTING", "JointThresholds", "BATCH_SHARE", "relative_excess", "joint_thresholds"]
 
 Routing = Literal["batch", "sample", "both", "never", "always"]
 ROUTINGS: tuple[str, ...] = ("batch", "sample", "both", "never", "always")
@@ -69,38 +69,63 @@ class JointThresholds(nn.Module):
         return self.batch_thresholds[i], self.sample_thresholds[i]
 
     @torch.no_grad()
+    def estimate(self, detector: MMDDetector, sample_detector: SampleDetector, clean: Tensor,
+                 batch_sizes: Sequence[int], target_fpr: float, num_batches: int = 1000,
+                 generator: torch.Generator | None = None) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+        """Both thresholds per batch size from random batches of the clean pool ``clean`` (:func:`joint_thresholds`),
+        without storing them and without host synchronisation; the batches are drawn by the CPU ``generator`` (the
+        same batches on every device) and moved to the pool's device."""
+        pool = clean.shape[0]
+        sample_scores = torch.cat([sample_detector.scores(part) for part in clean.split(256)])
+        scorer = detector.batch_scorer(clean)
+        found = {}
+        for b in sorted({int(b) for b in batch_sizes}):
+            order = random_batches(pool, b, num_batches, generator).to(sample_scores.device)
+            found[b] = joint_thresholds(scorer(b, num_batches, order=order), order, sample_scores, pool, target_fpr)
+        return found
+
     def calibrate(self, detector: MMDDetector, sample_detector: SampleDetector, clean: Tensor,
                   batch_sizes: Sequence[int], target_fpr: float, num_batches: int = 1000,
                   generator: torch.Generator | None = None) -> dict[int, dict[str, float]]:
-        """Calibrate both thresholds per batch size on random batches of the clean pool ``clean``.
-
-        The batch threshold takes :data:`BATCH_SHARE` of ``target_fpr`` (with the batch detector's finite-pool
-        widening); among the images of the drawn batches it does not flag, the per-sample threshold is the
-        quantile that flags ``q = (target - share) / (1 - share)`` of them, so that the expected share of clean
-        images purified by either test is ``target_fpr``.
-        """
-        pool = clean.shape[0]
-        batch_fpr = BATCH_SHARE * target_fpr
-        rest = (target_fpr - batch_fpr) / (1.0 - batch_fpr)
-        sample_scores = torch.cat([sample_detector.scores(part) for part in clean.split(256)])
-        scorer = detector.batch_scorer(clean)
-        sizes = sorted({int(b) for b in batch_sizes})
-        results: dict[int, dict[str, float]] = {}
-        batch_thresholds, sample_thresholds = [], []
-        for b in sizes:
-            order = random_batches(pool, b, num_batches, generator)
-            scores = scorer(b, num_batches, order=order).double()
-            batch_threshold, _ = pool_threshold(scores, pool, b, batch_fpr)
-            passed = order[scores.to(order.device) <= batch_threshold.to(scores)]
-            sample_threshold = torch.quantile(sample_scores[passed.flatten()].double(), 1.0 - rest).float()
-            flagged = (scores > batch_threshold).double().mean().item()
-            purified = flagged + (1 - flagged) * (sample_scores[passed.flatten()] > sample_threshold).double().mean()
-            batch_thresholds.append(batch_threshold)
-            sample_thresholds.append(sample_threshold)
-            results[b] = {"batch_threshold": batch_threshold.item(), "sample_threshold": sample_threshold.item(),
-                          "purified_pool": float(purified), "num_batches": num_batches}
+        """Set both thresholds per batch size (:meth:`estimate`); returns them with the share of the pool's images
+        purified, per batch size."""
+        found = self.estimate(detector, sample_detector, clean, batch_sizes, target_fpr, num_batches, generator)
         device = detector.reference.device
-        self.batch_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
-        self.batch_thresholds = torch.stack(batch_thresholds).to(device)
-        self.sample_thresholds = torch.stack(sample_thresholds).to(device)
-        return results
+        self.batch_sizes = torch.tensor(list(found), dtype=torch.long, device=device)
+        self.batch_thresholds = torch.stack([batch for batch, _, _ in found.values()]).to(device)
+        self.sample_thresholds = torch.stack([sample for _, sample, _ in found.values()]).to(device)
+        return {b: {"batch_threshold": batch.item(), "sample_threshold": sample.item(),
+                    "purified_pool": purified.item(), "num_batches": num_batches}
+                for b, (batch, sample, purified) in found.items()}
+
+
+def joint_thresholds(scores: Tensor, order: Tensor, sample_scores: Tensor, pool: int,
+                     target_fpr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``both`` mode's thresholds at one batch size, from random clean batches; no host synchronisation.
+
+    The batch threshold takes :data:`BATCH_SHARE` of ``target_fpr`` (with the batch detector's finite-pool
+    widening); among the images of the drawn batches it does not flag, the per-sample threshold is the
+    quantile that flags ``q = (target - share) / (1 - share)`` of them, so that the expected share of clean
+    images purified by either test is ``target_fpr``.
+
+    Args:
+        scores: the batch scores of the drawn batches, ``(n,)``.
+        order: the drawn batches as rows of indices into the pool, ``(n, B)``, on the scores' device.
+        sample_scores: the per-sample score of every pool image, ``(pool,)``.
+        pool: the pool's size.
+        target_fpr: the share of clean images to purify.
+
+    Returns:
+        ``(batch threshold, per-sample threshold, share of the pool's images purified)``: 0-dim tensors.
+    """
+    batch_fpr = BATCH_SHARE * target_fpr
+    rest = (target_fpr - batch_fpr) / (1.0 - batch_fpr)
+    scores = scores.double()
+    batch_threshold, _ = pool_threshold(scores, pool, order.shape[1], batch_fpr)
+    passed = scores <= batch_threshold.double()
+    # the passed batches' images by masking, not by boolean indexing: shapes stay independent of the data
+    candidates = torch.where(passed[:, None], sample_scores[order].double(), torch.nan).flatten()
+    sample_threshold = torch.nanquantile(candidates, 1.0 - rest).float()
+    flagged = (~passed).double().mean()
+    caught = (candidates > sample_threshold).double().sum() / (passed.double().sum() * order.shape[1])
+    return batch_threshold, sample_threshold, flagged + (1.0 - flagged) * caught

@@ -111,7 +111,8 @@ class SampleDetector(nn.Module):
             stored = torch.cat([self.clean, self.adversarial])
             features = torch.cat([clean_features, self.kernel.features(self.adversarial)])
             c, a = len(self.clean), len(self.adversarial)
-            self.weights = torch.cat([torch.full((c,), -1.0 / c), torch.full((a,), 1.0 / a)]).to(features.device)
+            self.weights = torch.cat([torch.full((c,), -1.0 / c, device=features.device),
+                                      torch.full((a,), 1.0 / a, device=features.device)])
             self.offset = torch.zeros((), device=features.device)
         for side, rows in zip(_SIDES, (fixed_rows(stored), fixed_rows(features))):
             for field, value in zip(FixedRows._fields, rows):

@@ -7,13 +7,17 @@ configuration, another classifier, another split or a truncated/corrupted file r
 Generation is sharded over the ranks of a distributed run: the samples are cut into fixed chunks in
 global index order, rank ``r`` attacks chunks ``r, r + W, ...``, each chunk seeded by its own index
 (:func:`~dad.attacks.run_seeded`, exactly as the evaluation seeds its batches), so the result does not
-depend on the number of processes. Rank 0 merges the shards and writes the cache.
+depend on the number of processes. Rank 0 merges the shards and writes the cache. The attack runs on the
+``device`` it is given (the Trainer's, from :class:`~datamodules.paired.PairedDataModule`'s ``setup``), where
+the classifier is moved for the generation and from where it is moved back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +76,21 @@ def cache_is_valid(path: Path, expected: dict[str, Any]) -> bool:
     return True
 
 
+@contextmanager
+def _placed(module: nn.Module, device: torch.device | None) -> Iterator[torch.device]:
+    """Run the block with ``module`` on ``device`` (its own device when None), moved back after."""
+    home = next(module.parameters()).device
+    module.to(device or home)
+    try:
+        yield device or home
+    finally:
+        module.to(home)
+
+
 def _generate_chunks(
-    classifier: nn.Module, images: Tensor, labels: Tensor, attack: AttackSpec, chunks: list[int], desc: str
+    classifier: nn.Module, images: Tensor, labels: Tensor, attack: AttackSpec, chunks: list[int], desc: str,
+    device: torch.device,
 ) -> dict[int, Tensor]:
-    device = next(classifier.parameters()).device
     out: dict[int, Tensor] = {}
     size = attack.batch_size or DEFAULT_CHUNK
     for c in tqdm(chunks, desc=desc, leave=False, disable=not chunks):
@@ -94,10 +109,12 @@ def load_or_generate(
     classifier_hash: str,
     split_digest: str,
     split: str,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Adversarial examples of ``images`` under ``attack`` on ``classifier``, from ``path`` if valid.
 
-    Every rank of a distributed run must call this together (it synchronises with barriers).
+    Every rank of a distributed run must call this together (it synchronises with barriers), within a Trainer's
+    life. ``device``: where the attack runs (None: the classifier's device); the AEs are returned on the CPU.
     """
     path = Path(path)
     expected = manifest_for(attack, classifier_hash, split_digest, split, len(labels))
@@ -105,7 +122,8 @@ def load_or_generate(
     if not cache_is_valid(path, expected):
         num_chunks = -(-len(labels) // (attack.batch_size or DEFAULT_CHUNK))
         mine = list(range(rank, num_chunks, world))
-        shard = _generate_chunks(classifier, images, labels, attack, mine, f"AEs {split} ({attack.name})")
+        with _placed(classifier, device) as where:
+            shard = _generate_chunks(classifier, images, labels, attack, mine, f"AEs {split} ({attack.name})", where)
         if rank > 0:
             atomic_torch_save(shard, path.with_name(f"{path.stem}.shard{rank}.pt"))
         _barrier()

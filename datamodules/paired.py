@@ -21,7 +21,8 @@ class PairedDataModule(pl.LightningDataModule):
     """Yields ``(clean, adversarial, label)`` batches of one training split and one validation split.
 
     The adversarial examples are made once by ``attack`` on ``classifier`` (frozen) and cached under
-    ``cache_dir`` (see :mod:`datamodules.ae_cache`).
+    ``cache_dir`` (see :mod:`datamodules.ae_cache`): when the module is a Trainer's data module, in its ``setup``
+    on the Trainer's device; otherwise where the classifier is.
 
     Args:
         base: the image data module with the DAD splits.
@@ -74,6 +75,7 @@ class PairedDataModule(pl.LightningDataModule):
                 self.classifier_hash,
                 self.base.splits.digest(),
                 split,
+                self.trainer.strategy.root_device if self.trainer is not None else None,
             )
             self.pairs[split] = TensorDataset(clean, adv, labels)
         return self.pairs[split].tensors  # type: ignore[return-value]

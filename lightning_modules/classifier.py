@@ -184,6 +184,7 @@ class ClassifierModule(StageModule):
         self._robust_seen = 0  # validation images of this rank attacked in the current epoch
         # backward passes per training sample over this fit (1 for standard training): FAT's point is spending fewer
         self.backward_passes = MeanMetric()
+        self.backward_passes_per_sample: float | None = None  # its value, read while the Trainer is live
 
     @property
     def monitor(self) -> str:
@@ -257,6 +258,11 @@ class ClassifierModule(StageModule):
             return self._adversarial_step(batch)
         self.backward_passes.update(torch.ones(len(batch[1]), device=self.device))
         return self._step(batch, self.train_acc, "train")
+
+    def on_train_end(self) -> None:
+        """Read the fit's backward passes per sample now: the metric syncs across ranks, which must happen on the
+        module's device while the process group's Trainer is live (after ``fit`` the module is back on the CPU)."""
+        self.backward_passes_per_sample = float(self.backward_passes.compute())
 
     def on_validation_epoch_start(self) -> None:
         self._robust_seen = 0

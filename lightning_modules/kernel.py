@@ -61,9 +61,10 @@ class KernelSettings:
 class KernelModule(StageModule):
     """Maximises ``J = MMD^2_u / sqrt(var + reg)`` of an injected semantic kernel over the global batch.
 
-    The bandwidths are initialised as in the paper on the first (global) batch; ``J`` at the first and
-    at the last step are logged (``kernel/j_start``, ``kernel/j_end``) so a run that did not raise the
-    test power is visible at once.
+    The bandwidths are initialised as in the paper on the first (global) batch; ``J`` at the first step is
+    logged (``kernel/j_start``) and a validation pass gives ``J`` of the trained kernel on its batch
+    (:attr:`j_end`, the whole MMD set in the pipeline), so a run that did not raise the test power is visible
+    at once. A training step reads nothing back to the host but on the first step of a fit.
 
     Args:
         kernel: the :class:`~dad.kernels.SemanticKernel` (its ``phi`` frozen unless ``train_features``).
@@ -81,6 +82,11 @@ class KernelModule(StageModule):
         self.kernel = kernel
         self._classifier = [classifier if classifier is not None else kernel.phi]  # not a submodule: no copy saved
         self.register_buffer("j_start", torch.tensor(math.nan))
+        self.j_end: float | None = None  # J of the trained kernel on the validation batch
+        self._initialized = False  # the kernel's bandwidths are known to be initialised (read once per fit)
+
+    def on_train_start(self) -> None:
+        self._initialized = bool(self.kernel.initialized)  # restored from a checkpoint when resuming
 
     def network_specs(self) -> dict[str, Any]:
         return network_specs(self._classifier[0], self.kernel)
@@ -90,13 +96,13 @@ class KernelModule(StageModule):
         fx = gather_global(self.kernel.features(clean))
         fy = gather_global(self.kernel.features(adv))
         x, y = gather_global(clean), gather_global(adv)
-        if not bool(self.kernel.initialized):
+        if not self._initialized:
             # the paper's initialisation, on the global batch so that every rank starts identically
             self.kernel.init_bandwidths(x, y, eps=self.settings.init_eps)
+            self._initialized = True
         grams = self.kernel.gram_from_features(fx, fy, x, y)
         j = j_statistic(*grams, reg=self.settings.reg)
-        if torch.isnan(self.j_start):
-            self.j_start.fill_(j.detach())
+        self.j_start.copy_(torch.where(self.j_start.isnan(), j.detach(), self.j_start))  # the first step's J
         self.log_dict(
             {
                 "kernel/j": j,
@@ -109,13 +115,11 @@ class KernelModule(StageModule):
             },
             prog_bar=False,
         )
-        self.log("j", j, prog_bar=True, logger=False)
         return -j
 
-    @torch.no_grad()
-    def j_on(self, clean: Tensor, adv: Tensor) -> float:
-        """J of the current kernel on a (clean, adversarial) batch, for reports."""
-        return j_statistic(*self.kernel.gram(clean, adv), reg=self.settings.reg).item()
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        """``J`` of the current kernel on a (clean, adversarial) batch (every rank's whole batch), into :attr:`j_end`."""
+        self.j_end = j_statistic(*self.kernel.gram(batch[0], batch[1]), reg=self.settings.reg).item()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.kernel.parameters(), lr=self.settings.lr)

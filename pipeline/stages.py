@@ -21,9 +21,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import DelayedEMA, DenoiserImageLogger, ThresholdCalibration
+from callbacks import BatchNormRefresh, DelayedEMA, DenoiserImageLogger, StepProgressBar, ThresholdCalibration
+from callbacks.resume import FinalCheckpoint
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
@@ -45,7 +46,7 @@ from pipeline.checkpoints import checkpoint_networks, load_into, read_checkpoint
 from pipeline.config import ConfigError, PipelineConfig, dump_config
 from pipeline.paths import PURIFICATION_STAGES, STAGES, RunPaths
 from pipeline.purifier import run_purifier
-from pipeline.trainer import build_trainer
+from pipeline.trainer import FP32, build_trainer, run_device
 
 __all__ = ["RunNetworks", "run_stage", "run_pipeline", "assemble_defense", "load_datamodule", "calibration_sizes"]
 
@@ -166,6 +167,11 @@ def _trainer(cfg: PipelineConfig, paths: RunPaths, stage: str, callbacks: list[C
     return build_trainer(cfg.trainer, str(paths.root), stage, callbacks, **kwargs)
 
 
+def _step_bar(cfg: PipelineConfig) -> list[Callback]:
+    """A progress bar over the steps of a stage trained for a number of steps, where progress bars are on."""
+    return [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+
+
 def _resume_path(ckpt_path: str | None, paths: RunPaths, stage: str) -> str | None:
     if ckpt_path is None:
         return None
@@ -241,7 +247,7 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
     summary = {monitored: float(best) if best is not None else None, "epochs": trainer.current_epoch,
                "train_images": len(train.dataset), "fit_seconds": fit_seconds,
                "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds,
-               "backward_passes_per_sample": float(module.backward_passes.compute())}
+               "backward_passes_per_sample": module.backward_passes_per_sample}
     if c.ema_decay is not None:
         summary |= {f"{monitored}_averaged_statistics": summary[monitored],
                     **_refresh_batch_norm(cfg, paths, dm, module)}
@@ -253,14 +259,13 @@ def _refresh_batch_norm(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
     """Recompute the batch-norm statistics of the averaged weights on the training images, and keep them.
 
     Averaged weights are never the weights the running statistics were gathered with; one pass over the
-    training images (no augmentation) in train mode gives statistics that match them.
+    training images (no augmentation) in train mode gives statistics that match them, on the run's device
+    (:class:`~callbacks.averaging.BatchNormRefresh`, as the validation starts).
     """
-    train = DataLoader(dm.dataset("train"), batch_size=dm.batch_size)
-    model = module.model
-    torch.optim.swa_utils.update_bn(((x.to(module.device), y) for x, y in train), model, device=module.device)
-    freeze(model)
-    trainer = _trainer(cfg, paths, "classifier", [], max_epochs=1)
+    refresh = BatchNormRefresh(DataLoader(dm.dataset("train"), batch_size=dm.batch_size))
+    trainer = _trainer(cfg, paths, "classifier", [refresh], max_epochs=1)
     val = trainer.validate(module, dataloaders=dm.val_dataloader(), verbose=False)[0]
+    model = freeze(module.model)
     if _is_rank_zero():
         ckpt = read_checkpoint(paths.product("classifier"), "classifier")
         ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v for k, v in model.state_dict().items()}}
@@ -288,19 +293,18 @@ def _build_kernel(cfg: PipelineConfig, classifier: ImageClassifier) -> SemanticK
 def run_kernel(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
                resume: str | None) -> dict[str, Any]:
     k = cfg.kernel
-    paired = _paired(cfg, paths, dm, nets, "mmd", None, k.batch_size)
+    paired = _paired(cfg, paths, dm, nets, "mmd", None, k.batch_size)  # AEs made in the Trainer's setup
     module = KernelModule(_build_kernel(cfg, nets.classifier), k, classifier=nets.classifier)
-    callbacks = _checkpointing(cfg, paths, "kernel", every_n_steps=max(1, k.steps // 10))
+    callbacks = [*_checkpointing(cfg, paths, "kernel", every_n_steps=max(1, k.steps // 10)),
+                 FinalCheckpoint(paths.last("kernel")), *_step_bar(cfg)]
     trainer = _trainer(cfg, paths, "kernel", callbacks, max_steps=k.steps, max_epochs=-1, limit_val_batches=0,
                        num_sanity_val_steps=0)
-    paired.setup()
-    trainer.fit(module, train_dataloaders=paired.train_dataloader(), ckpt_path=resume, weights_only=True)
-    trainer.save_checkpoint(paths.last("kernel"), weights_only=False)
+    trainer.fit(module, datamodule=paired, ckpt_path=resume, weights_only=True)
     nets.kernel = module.kernel
-    clean, adv, _ = paired.triples("mmd")
-    module.eval()
-    j_end = module.j_on(clean.to(module.device), adv.to(module.device))
-    j_start = float(module.j_start)
+    clean, adv, _ = paired.triples("mmd")  # J of the trained kernel on the whole MMD set, on the run's device
+    final = _trainer(cfg, paths, "kernel", [], **FP32)
+    final.validate(module, dataloaders=DataLoader(TensorDataset(clean, adv), batch_size=len(clean)), verbose=False)
+    j_start, j_end = float(module.j_start), module.j_end
     log.info("kernel: J %.3f -> %.3f over %d steps", j_start, j_end, k.steps)
     return {"j_start": j_start, "j_end": j_end, "eps": module.kernel.eps.item(),
             "sigma_phi": module.kernel.sigma_phi.item(), "sigma_q": module.kernel.sigma_q.item()}

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
@@ -20,7 +21,10 @@ from callbacks.resume import ResumeState
 from pipeline.checkpoints import AtomicCheckpointIO
 from pipeline.config import trainer_parser
 
-__all__ = ["trainer_arguments", "build_trainer", "quiet_third_party"]
+__all__ = ["trainer_arguments", "build_trainer", "quiet_third_party", "run_device", "FP32"]
+
+FP32 = {"precision": "32-true"}
+"""Trainer arguments of the work done in float32 whatever precision the run trains in: calibration, evaluation."""
 
 
 def trainer_arguments(trainer: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,18 +65,34 @@ def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callback
                       enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in every), **options)
 
 
+def run_device(trainer: Mapping[str, Any]) -> torch.device:
+    """This process's device under the run's ``trainer`` section (``cuda:<local rank>`` on GPUs), as a Trainer
+    built from it would place the module: the device of work a stage does outside a Trainer's life."""
+    placed = pl.Trainer(**{**trainer_arguments(trainer), "logger": False, "callbacks": [], "enable_progress_bar": False,
+                           "enable_checkpointing": False, "enable_model_summary": False})
+    return placed.strategy.root_device
+
+
+DROPPED_PREFIXES = ("💡 Tip", "GPU available", "TPU available", "HPU available", "`Trainer.fit` stopped",
+                    "LOCAL_RANK:", "You are using a CUDA device")
+"""Lightning's lines that :func:`quiet_third_party` drops: tips about its cloud products, accelerator and rank
+banners, stop notices, and the tip to trade float32 matmul precision for speed (the statistics need float32)."""
+QUIETED_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                   "lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                   "pytorch_lightning.accelerators.cuda", "lightning.pytorch.accelerators.cuda")
+"""The loggers those lines come from (the rank banner is logged per process by the CUDA accelerator)."""
+
+
 class _DropAdvertisements(logging.Filter):
-    """Lightning's tips about its cloud products, accelerator banners and stop notices: not ours to print."""
+    """Drops the records that start with one of :data:`DROPPED_PREFIXES`: not ours to print."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not message.startswith(("💡 Tip", "GPU available", "TPU available", "HPU available",
-                                       "`Trainer.fit` stopped"))
+        return not record.getMessage().startswith(DROPPED_PREFIXES)
 
 
 def quiet_third_party() -> None:
     """Silence third-party advertisements and warnings about choices the pipeline makes on purpose."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    for name in QUIETED_LOGGERS:
         logging.getLogger(name).addFilter(_DropAdvertisements())
     logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     for pattern in (

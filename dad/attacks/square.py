@@ -80,7 +80,7 @@ def square(
         return torch.stack([margin_of(z) for _ in range(eot_samples)]).mean(0)
 
     def signs(*shape: int) -> Tensor:
-        return torch.randint(0, 2, shape, generator=generator).to(x) * 2.0 - 1.0
+        return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x) * 2.0 - 1.0
 
     current = (x + eps * signs(b, c, 1, w)).clamp(0.0, 1.0)
     current_margin = margins(current)
@@ -90,13 +90,12 @@ def square(
         if not active.any():
             break
         side = min(max(round(math.sqrt(square_fraction(query, queries) * h * w)), 1), h - 1, w - 1)
-        rows = torch.randint(0, h - side + 1, (b,), generator=generator)
-        cols = torch.randint(0, w - side + 1, (b,), generator=generator)
+        rows = torch.randint(0, h - side + 1, (b, 1, 1, 1), generator=generator, device=x.device)
+        cols = torch.randint(0, w - side + 1, (b, 1, 1, 1), generator=generator, device=x.device)
         delta = current - x
-        window = torch.zeros(b, 1, h, w, dtype=torch.bool)
-        for i in range(b):
-            window[i, :, rows[i]:rows[i] + side, cols[i]:cols[i] + side] = True
-        window = window.to(x.device) & active.view(-1, 1, 1, 1)
+        i = torch.arange(h, device=x.device).view(1, 1, h, 1)
+        j = torch.arange(w, device=x.device).view(1, 1, 1, w)
+        window = (i >= rows) & (i < rows + side) & (j >= cols) & (j < cols + side) & active.view(-1, 1, 1, 1)
         delta = torch.where(window, eps * signs(b, c, 1, 1), delta)
         proposal = (x + delta).clamp(0.0, 1.0)
         proposal_margin = margins(proposal)

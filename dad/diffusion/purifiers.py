@@ -53,7 +53,7 @@ def eps_timesteps(num_timesteps: int = 10, max_timestep: float = 20.0) -> Tensor
         raise ValueError(f"Expected `num_timesteps` to be a positive int, got {num_timesteps!r}")
     if not max_timestep > 0:
         raise ValueError(f"Expected `max_timestep` > 0, got {max_timestep}")
-    return torch.arange(1, num_timesteps + 1, dtype=torch.float64) * (max_timestep / num_timesteps)
+    return torch.arange(1, num_timesteps + 1, dtype=torch.float64) * (max_timestep / num_timesteps)  # cpu: a buffer
 
 
 def expected_perturbation_score(model: nn.Module, schedule: DiffusionSchedule, x: Tensor,

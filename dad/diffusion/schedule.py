@@ -54,14 +54,14 @@ class DiffusionSchedule(nn.Module):
             raise ValueError(f"Expected 0 < `beta_start` <= `beta_end` < 1, got {beta_start} and {beta_end}")
         self.num_steps = num_steps
         self.config: dict[str, Any] = {"num_steps": num_steps, "beta_start": beta_start, "beta_end": beta_end}
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)  # cpu: buffers' source
         alpha_bars = torch.cumprod(1.0 - betas, dim=0)
         dtype = torch.get_default_dtype()
         self.register_buffer("betas", betas.to(dtype), persistent=False)
         self.register_buffer("alphas", (1.0 - betas).to(dtype), persistent=False)
         self.register_buffer("alpha_bars", alpha_bars.to(dtype), persistent=False)
         # log alpha_bar at t = 0, 1, ..., T: the table the interpolation reads
-        log_table = torch.cat([torch.zeros(1, dtype=torch.float64), alpha_bars.log()])
+        log_table = torch.cat([torch.zeros(1, dtype=torch.float64), alpha_bars.log()])  # cpu: a buffer's source
         self.register_buffer("log_alpha_bars", log_table.to(dtype), persistent=False)
 
     def alpha_bar(self, t: Tensor) -> Tensor:

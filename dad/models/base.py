@@ -35,7 +35,7 @@ def _channel_stats(name: str, values: Sequence[float], in_channels: int) -> Tens
         stats = stats * in_channels
     if len(stats) != in_channels:
         raise ValueError(f"Expected `{name}` with 1 or {in_channels} values, got {len(stats)}")
-    return torch.tensor(stats, dtype=torch.float32).view(1, in_channels, 1, 1)
+    return torch.tensor(stats, dtype=torch.float32).view(1, in_channels, 1, 1)  # cpu: registered as a buffer
 
 
 class ImageClassifier(nn.Module, ABC):
