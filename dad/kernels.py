@@ -122,7 +122,7 @@ class SemanticKernel(nn.Module):
         """``phi(x)``, flattened to ``(n, d)``, in float32 even under mixed precision: the statistics are computed
         from float32 features (the denoiser's shared forward, :func:`~dad.networks.logits_and_features`, aside)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _features(self.phi, x.float())
+            return _features(self.phi, x)
 
     @torch.no_grad()
     def init_bandwidths(self, x: Tensor, y: Tensor, eps: float = 1e-10) -> None:

@@ -48,12 +48,14 @@ class JointThresholds(nn.Module):
         self.register_buffer("batch_sizes", torch.zeros(0, dtype=torch.long))
         self.register_buffer("batch_thresholds", torch.zeros(0))
         self.register_buffer("sample_thresholds", torch.zeros(0))
+        self._sizes: list[int] = []  # batch_sizes on the host: choosing thresholds reads nothing back from a device
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         for name in ("batch_sizes", "batch_thresholds", "sample_thresholds"):  # sizes vary with the calibration
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sizes = [int(b) for b in self.batch_sizes.tolist()]
 
     @property
     def calibrated(self) -> bool:
@@ -65,7 +67,7 @@ class JointThresholds(nn.Module):
             from dad.detector import DetectorNotCalibratedError
 
             raise DetectorNotCalibratedError("The `both` routing has no thresholds: calibrate it on clean data first")
-        i = (self.batch_sizes - batch_size).abs().argmin()
+        i = min(range(len(self._sizes)), key=lambda k: abs(self._sizes[k] - batch_size))
         return self.batch_thresholds[i], self.sample_thresholds[i]
 
     @torch.no_grad()
@@ -92,6 +94,7 @@ class JointThresholds(nn.Module):
         found = self.estimate(detector, sample_detector, clean, batch_sizes, target_fpr, num_batches, generator)
         device = detector.reference.device
         self.batch_sizes = torch.tensor(list(found), dtype=torch.long, device=device)
+        self._sizes = list(found)
         self.batch_thresholds = torch.stack([batch for batch, _, _ in found.values()]).to(device)
         self.sample_thresholds = torch.stack([sample for _, sample, _ in found.values()]).to(device)
         return {b: {"batch_threshold": batch.item(), "sample_threshold": sample.item(),

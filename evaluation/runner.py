@@ -65,7 +65,7 @@ from lightning_modules.evaluator import CLEAN, DefenseEvaluator
 from pipeline.config import PipelineConfig
 from pipeline.paths import STAGES, RunPaths
 from pipeline.stages import load_datamodule
-from pipeline.trainer import trainer_arguments
+from pipeline.trainer import FP32, run_device, trainer_arguments
 
 __all__ = ["evaluate", "mixed_name"]
 
@@ -97,11 +97,7 @@ class _Context:
     logger: TensorBoardLogger
     key_parts: dict[str, Any]
     variant: str
-
-    @property
-    def device(self) -> torch.device:
-        """Where the defense is now (the Trainer may have moved it to an accelerator)."""
-        return next(self.defense.parameters()).device
+    device: torch.device  # the run's device: the Trainers attack there, the analysis between them runs there
 
     def output(self, name: str) -> Path:
         """``<run>/<name>`` for ``defense.pt`` under its saved routing, else ``<run>/<name>_<variant>`` (all kept)."""
@@ -116,9 +112,10 @@ class _Context:
 
 
 def _trainer_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
-    """The run's Trainer settings, without the batch limits of training."""
-    return {k: v for k, v in trainer_arguments(cfg.trainer).items()
-            if not k.startswith("limit_") and k not in ("logger", "callbacks")}
+    """The run's Trainer settings, without the batch limits of training, in float32 whatever precision the run
+    trained in (attacks and judgements are reported in float32)."""
+    return {**{k: v for k, v in trainer_arguments(cfg.trainer).items()
+               if not k.startswith("limit_") and k not in ("logger", "callbacks")}, **FP32}
 
 
 def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackSpec], n: int,
@@ -155,6 +152,7 @@ def _run_attacks(ctx: _Context, attacks: Mapping[str, AttackSpec], n: int,
     loader = DataLoader(data, batch_sampler=ShardedBatchSampler(n, ctx.batch_size))
     log.info("evaluating %s on %d test images", ", ".join(names), n)
     trainer.test(module, dataloaders=loader, verbose=False)
+    ctx.defense.to(ctx.device)  # the teardown moved it back to the CPU: the analysis runs on the run's device
     return module
 
 
@@ -308,7 +306,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                                default_hp_metric=False)
     ctx = _Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger,
                    {"defense": sha256_file(defense_file), "split": dm.splits.digest(), "batch_size": b,
-                    "routing": defense.routing, "protocol": PROTOCOL}, variant)
+                    "routing": defense.routing, "protocol": PROTOCOL}, variant, run_device(cfg.trainer))
+    defense.to(ctx.device)
     threats = {name: s.threat for name, s in specs.items()}
 
     sources: dict[str, tuple[nn.Module, str]] = {}
@@ -316,7 +315,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     if ev.transfer.attacks:
         source, source_key = _transfer_source(ctx, dm, ev.transfer)
         with torch.no_grad():
-            source_acc = fraction(source(ctx.x).argmax(1) == ctx.y)
+            source_acc = fraction(source.to(ctx.device)(ctx.x.to(ctx.device)).argmax(1) == ctx.y.to(ctx.device))
         for name in ev.transfer.attacks:
             specs[TRANSFER_PREFIX + name] = specs[name]
             threats[TRANSFER_PREFIX + name] = "transfer"

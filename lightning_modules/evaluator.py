@@ -109,10 +109,11 @@ class DefenseEvaluator(pl.LightningModule):
         if unknown:
             raise ValueError(f"Sources given for unknown attacks {sorted(unknown)}")
         self.sources = nn.ModuleDict({self._slot[name]: model for name, model in (sources or {}).items()})
-        self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric() for slot in self._slot.values()
-                                           for key in _COUNTS})
+        self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric(nan_strategy="disable")
+                                           for slot in self._slot.values() for key in _COUNTS})
         self.states = dict(states or {})
         self.dirty: set[str] = set()
+        self._totals: dict[str, dict[str, float]] | None = None  # the counts read at the end of the last epoch
 
     def train(self, mode: bool = True) -> DefenseEvaluator:
         super().train(mode)
@@ -197,8 +198,12 @@ class DefenseEvaluator(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)
-        self._count(CLEAN, self._record(x, y, index, self._judge(x, y)))
-        self.log("val/dad_clean_acc", self.results([CLEAN])[CLEAN]["dad"], batch_size=len(y))
+        record = self._record(x, y, index, self._judge(x, y))
+        self._count(CLEAN, record)
+        self.log("val/dad_clean_acc", record["dad"].float().mean(), batch_size=len(y), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._totals = self._read_counts()
 
     def _run(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """The record of one batch under ``name`` (clean, an attack or a mixed-batch attack)."""
@@ -227,8 +232,7 @@ class DefenseEvaluator(pl.LightningModule):
                 self.dirty.add(name)
             self._count(name, record)
 
-    def on_test_epoch_end(self) -> None:
-        """Under DDP, give every rank the records of all ranks (each evaluated a share of the batches)."""
+    def _merge_ranks(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         shares: list[Any] = [None] * dist.get_world_size()
@@ -237,19 +241,31 @@ class DefenseEvaluator(pl.LightningModule):
             for name, (key, batches) in share.items():
                 self.states[name].merge_batches(key, batches)
 
+    def on_test_epoch_end(self) -> None:
+        """Under DDP, give every rank the records of all ranks (each evaluated a share of the batches); then read
+        the totals, while the Trainer is live (the counts sync across ranks on the module's device)."""
+        self._merge_ranks()
+        self._totals = self._read_counts()
+
     @property
     def scores(self) -> dict[str, Tensor]:
         """The detector's score of every evaluated batch, per name (the mean over a record's mixed batches)."""
         return {name: state.per_batch("score") for name, state in self.states.items() if state.batches}
 
+    def _read_counts(self) -> dict[str, dict[str, float]]:
+        return {name: {key: self.counts[f"{slot}__{key}"].compute().item() for key in _COUNTS}
+                for name, slot in self._slot.items()}
+
     def results(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
-        """Accuracies and the detection rate per name (``clean`` and each attack), as fractions.
+        """Accuracies and the detection rate per name (``clean`` and each attack), as fractions, from the counts
+        read at the end of the last test or validation epoch (read now if none has ended: a sync across ranks).
 
         ``dad`` counts a sample only if it was right in every draw; ``dad_mean`` is the mean over draws.
         """
+        totals = self._totals if self._totals is not None else self._read_counts()
         out: dict[str, dict[str, float]] = {}
         for name in names or self.names:
-            total = {key: self.counts[f"{self._slot[name]}__{key}"].compute().item() for key in _COUNTS}
+            total = totals[name]
             n = max(total["n"], 1.0)
             out[name] = {
                 "n": int(total["n"]),

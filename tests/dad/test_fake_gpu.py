@@ -1,0 +1,96 @@
+"""Calibration, scoring and routing on a fake ``cuda`` device: device mixing fails here as it would on a GPU.
+
+:class:`torch._subclasses.fake_tensor.FakeTensorMode` runs on a CPU-only machine: tensors carry a device and a
+shape but no data, and an operation on tensors of two devices raises ``FakeTensorDeviceMismatchError`` as CUDA
+would. It refuses ``.item()``, boolean masks and ``nonzero`` (their results depend on the data), so what is
+checked here is the sync-free tensor work; the parts that read values back are covered by the single-process
+DDP run (``tests/pipeline/test_gpu_rules.py``) and the factory-call rule (``tests/dad/test_device_rules.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+from dad.defense import DADDefense
+from dad.denoisers import UNetDenoiser
+from dad.detector import MMDDetector
+from dad.kernels import SemanticKernel
+from dad.models import create_model
+from dad.routing import ROUTINGS
+from dad.sample_detector import SampleDetector
+
+B = 10
+CUDA = torch.device("cuda", 0)
+
+
+def _defense() -> DADDefense:
+    """A tiny calibrated defense on the CPU (real tensors), every routing available."""
+    torch.manual_seed(0)
+    classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
+    kernel = SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0)
+    detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
+    sample_detector = SampleDetector(kernel, torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
+    denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
+    defense = DADDefense(classifier, detector, denoiser.eval(), noise_std=0.1, sample_detector=sample_detector)
+    clean = torch.rand(60, 1, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    detector.calibrate(clean, [B], num_batches=100, generator=generator)
+    sample_detector.calibrate(clean, 0.05)
+    defense.joint.calibrate(detector, sample_detector, clean, [B], 0.05, 100, generator)
+    return defense.eval()
+
+
+def to_fake_cuda(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """Replace every parameter and buffer of ``module`` by a fake tensor of its shape on ``cuda:0``."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                with mode:
+                    sub._parameters[name] = nn.Parameter(param.detach().to(CUDA), requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None:
+                with mode:
+                    sub._buffers[name] = buffer.to(CUDA)
+    return module
+
+
+@pytest.fixture
+def fake() -> tuple[FakeTensorMode, DADDefense]:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # real CPU tensors may enter: mixing them must then fail
+    return mode, to_fake_cuda(_defense(), mode)
+
+
+def test_the_harness_catches_a_cpu_tensor_meeting_a_gpu_one(fake: tuple[FakeTensorMode, DADDefense]) -> None:
+    mode, defense = fake
+    with mode, pytest.raises(FakeTensorDeviceMismatchError):
+        defense.detector.score(torch.rand(B, 1, 8, 8))  # a real CPU batch against the reference on cuda
+
+
+def test_batch_scores_and_both_calibrations_run_on_the_gpu(fake: tuple[FakeTensorMode, DADDefense]) -> None:
+    mode, defense = fake
+    with mode, torch.no_grad():
+        pool = torch.rand(60, 1, 8, 8, device=CUDA)
+        generator = torch.Generator().manual_seed(0)  # CPU draws: the same batches on every device
+        scores = defense.detector.batch_scorer(pool)(B, 50, generator)
+        batch = defense.detector.estimate(pool, [B], 50, generator)[B]
+        joint = defense.joint.estimate(defense.detector, defense.sample_detector, pool, [B], 0.05, 50, generator)[B]
+    assert scores.device == CUDA and scores.shape == (50,)
+    assert all(t.device == CUDA for t in (batch[0], batch[1], *joint))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_every_routing_decides_on_the_gpu(fake: tuple[FakeTensorMode, DADDefense], routing: str) -> None:
+    mode, defense = fake
+    defense.routing = routing
+    with mode, torch.no_grad():
+        x = torch.rand(B, 1, 8, 8, device=CUDA)
+        logits, features = defense.classify_with_features(x)
+        detection = defense.detect(x, features)
+        purified = defense.purify(x)
+    tensors: list[Tensor] = [logits, detection.score, detection.flags, purified]
+    tensors += [t for t in (detection.batch_excess, detection.sample_excess) if t is not None]
+    assert all(t.device == CUDA for t in tensors)
+    assert detection.flags.shape == (B,)
