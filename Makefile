@@ -1,11 +1,12 @@
-# Two entry points: `make demo` (the pipeline on the embedded digits data) and `make test`.
+# Entry points: `make demo` (the pipeline on the embedded digits data), `make test`, and `make gpu-check` (on a
+# CUDA machine: every stage and the evaluation on GPUs, DDP and bf16, with the speed figures; bench/gpu_check.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 DEMO_STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test gpu-check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# GPU_PYTHON=python3 runs the check with a Python that already has the dependencies (a machine's own CUDA torch)
+gpu-check:
+	@if [ -n "$(GPU_PYTHON)" ]; then $(GPU_PYTHON) -m bench.gpu_check; else $(MAKE) -s install && $(PY) -m bench.gpu_check; fi
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

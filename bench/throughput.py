@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import PeakMemory, configure_threads, machine_description, write_result  # noqa: E402
+from bench.machine import RESULTS, PeakMemory, configure_threads, machine_description, write_result  # noqa: E402
 from dad.attacks import AttackSpec, run_attack  # noqa: E402
 from dad.defense import DADDefense  # noqa: E402
 from dad.denoisers import UNetDenoiser  # noqa: E402
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="throughput", help="result file: bench/results/<name>.json")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result file")
     parser.add_argument("--inference-only", action="store_true", help="time the inference variants only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "detector_reuses_classifier_features": inference["shares_features"],
         "wall_seconds": time.perf_counter() - start,
     }
-    path = write_result(args.name, result)
+    path = write_result(args.name, result, args.results)
     width = max(map(len, result["stages"]))
     for name, stage in result["stages"].items():
         print(f"{name:<{width}}  {stage['images_per_s']:9.1f} img/s  peak +{stage['peak_memory_mib']:.0f} MiB")

@@ -3,11 +3,12 @@
 from callbacks.attack_state import AttackStateWriter
 from callbacks.averaging import BatchNormRefresh, DelayedEMA
 from callbacks.calibration import ThresholdCalibration
+from callbacks.device_data import BatchesOnDevice
 from callbacks.progress import ProgressLog, StepProgressBar
 from callbacks.resume import ResumeState
 from callbacks.tensorboard import DenoiserImageLogger, DetectionHistogramLogger, log_figures
 
 __all__ = [
-    "AttackStateWriter", "BatchNormRefresh", "DelayedEMA", "DenoiserImageLogger", "DetectionHistogramLogger",
-    "ProgressLog", "ResumeState", "StepProgressBar", "ThresholdCalibration", "log_figures",
+    "AttackStateWriter", "BatchesOnDevice", "BatchNormRefresh", "DelayedEMA", "DenoiserImageLogger",
+    "DetectionHistogramLogger", "ProgressLog", "ResumeState", "StepProgressBar", "ThresholdCalibration", "log_figures",
 ]

@@ -6,7 +6,9 @@ and it validates and checkpoints the average even before any update, i.e. the in
 average starts at a fraction of the training steps (its first update copies the weights then, as
 :class:`torch.optim.swa_utils.AveragedModel` does), and until then the live weights are validated and saved.
 The average lives on the module's device (Lightning's callback builds it in ``setup``, before the module is
-moved, which would leave it on the CPU and copy every weight across at every step).
+moved, which would leave it on the CPU and copy every weight across at every step), and its update reads
+nothing back to the host (:class:`torch.optim.swa_utils.AveragedModel` compares its update count, a tensor,
+at every step).
 
 Averaged weights are never the weights the running batch-norm statistics were gathered with:
 :class:`BatchNormRefresh` recomputes them on the Trainer's device before a validation.
@@ -14,6 +16,7 @@ Averaged weights are never the weights the running batch-norm statistics were ga
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +39,9 @@ class DelayedEMA(EMAWeightAveraging):
         if not 0.0 <= start < 1.0:
             raise ValueError(f"Expected the averaging start in [0, 1), got {start}")
         super().__init__(decay=decay)
+        self.decay = decay
         self.start = start
+        self._updates: int | None = None  # the average's update count on the host, read at the first update
 
     @property
     def averaging(self) -> bool:
@@ -48,6 +53,28 @@ class DelayedEMA(EMAWeightAveraging):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.update_starting_at_step = int(self.start * trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Update the average as :class:`~torch.optim.swa_utils.AveragedModel` does (a copy first, then
+        ``decay * average + (1 - decay) * weights``), with its update count kept on the host."""
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def _update(self, pl_module: pl.LightningModule) -> None:
+        average = self._average_model
+        assert average is not None
+        if self._updates is None:
+            self._updates = int(average.n_averaged)  # restored from a checkpoint when resuming
+        pairs = zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                    itertools.chain(pl_module.parameters(), pl_module.buffers()))
+        for averaged, current in pairs:
+            current = current.detach().to(averaged.device)
+            averaged.copy_(current if self._updates == 0 else self.decay * averaged + (1 - self.decay) * current)
+        average.n_averaged += 1
+        self._updates += 1
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.averaging:

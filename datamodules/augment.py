@@ -2,7 +2,8 @@
 
 The standard CIFAR augmentation (pad 4, random 32x32 crop, flip with probability 1/2) done for a whole
 batch with one gather, on the uint8 tensors the data modules hold: no per-image PIL work, no float copy
-of the padded batch. A :class:`FlipCrop` is the ``collate_fn`` of the classifier's training loader.
+of the padded batch, and on the device that holds the batch (its offsets and flips drawn there). A
+:class:`FlipCrop` holds the settings; it is also a ``collate_fn`` of ``(image, label)`` samples.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["flip_crop", "FlipCrop"]
+__all__ = ["flip_crop", "FlipCrop", "to_float"]
+
+
+def to_float(images: Tensor) -> Tensor:
+    """Images as float32 in [0, 1] (uint8 is divided by 255, floats are passed through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def flip_crop(images: Tensor, padding: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -23,7 +29,7 @@ def flip_crop(images: Tensor, padding: int = 4, flip: bool = True, generator: to
         images: a batch ``(B, C, H, W)`` of any dtype (uint8 in the training loader).
         padding: pixels of zeros added on every side before cropping back to ``H x W`` (0: no crop).
         flip: flip half of the images (chosen at random) left to right.
-        generator: random generator of the offsets and flips (CPU).
+        generator: random generator of the offsets and flips, on the images' device (None: that device's default).
 
     Returns:
         A batch of the shape and dtype of ``images``: ``out[i] = flip_i(padded[i, :, dy_i:dy_i+H, dx_i:dx_i+W])``
@@ -34,15 +40,17 @@ def flip_crop(images: Tensor, padding: int = 4, flip: bool = True, generator: to
     if padding < 0:
         raise ValueError(f"Expected `padding` >= 0, got {padding}")
     b, c, h, w = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
-    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    rows = offsets[0, :, None] + torch.arange(h)
-    columns = torch.where(flips[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + offsets[1, :, None]
     device = images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=device)
+    flips = (torch.rand(b, generator=generator, device=device) < 0.5 if flip
+             else torch.zeros(b, dtype=torch.bool, device=device))
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    rows = offsets[0, :, None] + torch.arange(h, device=device)
+    columns = torch.where(flips[:, None], torch.arange(w - 1, -1, -1, device=device),
+                          torch.arange(w, device=device)) + offsets[1, :, None]
     images_index = torch.arange(b, device=device)[:, None, None, None]
     channels = torch.arange(c, device=device)[None, :, None, None]
-    return padded[images_index, channels, rows.to(device)[:, None, :, None], columns.to(device)[:, None, None, :]]
+    return padded[images_index, channels, rows[:, None, :, None], columns[:, None, None, :]]
 
 
 class FlipCrop:
@@ -57,8 +65,11 @@ class FlipCrop:
         self.padding = padding
         self.flip = flip
 
+    def batch(self, images: Tensor) -> Tensor:
+        """A batch augmented and scaled to float32 in [0, 1] (uint8 is divided by 255), on its own device."""
+        return to_float(flip_crop(images, self.padding, self.flip))
+
     def __call__(self, samples: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         images = torch.stack([image for image, _ in samples])
         labels = torch.stack([torch.as_tensor(label) for _, label in samples])
-        augmented = flip_crop(images, self.padding, self.flip)
-        return (augmented.float().div_(255.0) if augmented.dtype == torch.uint8 else augmented.float()), labels
+        return self.batch(images), labels

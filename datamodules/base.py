@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dad.io import atomic_write_json
-from datamodules.augment import FlipCrop
+from datamodules.augment import FlipCrop, to_float
+from datamodules.device_batches import DeviceBatches
 from datamodules.sampling import ResumableSampler
 from datamodules.settings import DataSettings
 
@@ -96,11 +97,6 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         j = self.indices[i]
         return (self.images[j] if self.raw else to_float(self.images[j])), self.labels[j]
-
-
-def to_float(images: Tensor) -> Tensor:
-    """Images as float32 in [0, 1] (uint8 is divided by 255, floats are passed through)."""
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def carve_splits(
@@ -239,29 +235,30 @@ class DADDataModule(pl.LightningDataModule):
             return ImageTensorDataset(self.train_images, self.train_labels, train, raw)
         return ImageTensorDataset(self.train_images, self.train_labels, getattr(self.splits, name), raw)
 
-    def _loader(self, name: str, shuffle: bool, augment: FlipCrop | None = None,
-                batch_size: int | None = None) -> DataLoader:
-        data = self.dataset(name, raw=augment is not None)
+    def _loader(self, name: str, batch_size: int | None = None) -> DataLoader:
+        data = self.dataset(name)
         return DataLoader(
             data,
             batch_size=batch_size or self.batch_size,
-            sampler=ResumableSampler(len(data), shuffle=shuffle, seed=self.seed, pad=shuffle),
+            sampler=ResumableSampler(len(data), shuffle=False, seed=self.seed, pad=False),
             num_workers=self.settings.num_workers,
             persistent_workers=self.settings.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=augment,
+            generator=torch.Generator().manual_seed(self.seed),  # its iterators' seeds: the global stream untouched
         )
 
-    def train_dataloader(self, augment: FlipCrop | None = None, batch_size: int | None = None) -> DataLoader:
-        """Shuffled training batches; ``augment`` crops and flips each uint8 batch (the classifier's recipe);
-        ``batch_size`` overrides ``data.batch_size`` (a stage with its own batch size)."""
-        return self._loader("train", shuffle=True, augment=augment, batch_size=batch_size)
+    def train_dataloader(self, augment: FlipCrop | None = None, batch_size: int | None = None) -> DeviceBatches:
+        """Shuffled training batches, made on the device the model trains on (:mod:`datamodules.device_batches`);
+        ``augment`` crops and flips each batch (the classifier's recipe); ``batch_size`` overrides
+        ``data.batch_size`` (a stage with its own batch size)."""
+        data = self.dataset("train", raw=True)
+        rows = torch.tensor(data.indices, dtype=torch.long)
+        return DeviceBatches(data.images[rows], data.labels[rows], batch_size or self.batch_size, self.seed, augment)
 
     def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        return self._loader("val", shuffle=False, batch_size=batch_size)
+        return self._loader("val", batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 def check_labels(labels: Tensor, num_classes: int) -> None:

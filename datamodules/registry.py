@@ -9,6 +9,7 @@ from datamodules.digits import DigitsDataModule
 from datamodules.imagefolder import ImageFolderDataModule
 from datamodules.settings import DataSettings
 from datamodules.svhn import SVHNDataModule
+from datamodules.synthetic import SyntheticDataModule
 
 __all__ = ["DATAMODULES", "build_datamodule"]
 
@@ -18,6 +19,7 @@ DATAMODULES: dict[str, type[DADDataModule]] = {
     "cifar100": CIFAR100DataModule,
     "svhn": SVHNDataModule,
     "imagefolder": ImageFolderDataModule,
+    "synthetic": SyntheticDataModule,
 }
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 __all__ = ["DataSettings", "DatasetName"]
 
-DatasetName = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder"]
+DatasetName = Literal["digits", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"]
 
 
 @dataclass(frozen=True)

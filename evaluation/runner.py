@@ -41,7 +41,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import AttackStateWriter, DetectionHistogramLogger, ProgressLog, log_figures
+from callbacks import AttackStateWriter, BatchesOnDevice, DetectionHistogramLogger, ProgressLog, log_figures
 from dad.attacks import AttackSpec
 from dad.defense import DADDefense, load_defense
 from dad.diffusion import purifier_spec
@@ -183,7 +183,8 @@ def _transfer_source(ctx: _Context, dm: DADDataModule, spec: TransferSettings) -
         pl.seed_everything(spec.seed, verbose=False)
         quiet = {"enable_progress_bar": False, "enable_model_summary": False}
         trainer = pl.Trainer(max_epochs=spec.epochs, logger=False, enable_checkpointing=False,
-                             use_distributed_sampler=False, **{**_trainer_kwargs(ctx.cfg), **quiet})
+                             use_distributed_sampler=False, callbacks=[BatchesOnDevice()],
+                             **{**_trainer_kwargs(ctx.cfg), **quiet})
         trainer.fit(module, train_dataloaders=dm.train_dataloader())
         if trainer.is_global_zero:
             atomic_torch_save({"key": key, "state_dict": module.model.state_dict()}, path)

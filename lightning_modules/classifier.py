@@ -14,6 +14,7 @@ measures PGD-10 robust accuracy on the first validation images, by which the bes
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -42,7 +43,7 @@ from dad.robust import (
 )
 from lightning_modules.stage import StageModule
 
-__all__ = ["ClassifierModule", "ClassifierSettings", "Training"]
+__all__ = ["ClassifierModule", "ClassifierSettings", "Training", "classifier_optimizer"]
 
 Training = Literal["standard", "pgd_at", "trades", "fat", "fat_trades", "gairat", "gair_fat"]
 """Standard training, or an adversarial training method of :mod:`dad.robust`."""
@@ -177,13 +178,13 @@ class ClassifierModule(StageModule):
         self.save_hyperparameters({"settings": asdict(settings)})
         self.settings = settings
         self.model = model.to(memory_format=torch.channels_last) if settings.channels_last else model
-        self.train_acc = MulticlassAccuracy(model.num_classes)
+        self.train_acc = MulticlassAccuracy(model.num_classes, validate_args=False)  # no host reads per step
         self.val_acc = MulticlassAccuracy(model.num_classes)
         self.test_acc = MulticlassAccuracy(model.num_classes)
         self.val_robust = MulticlassAccuracy(model.num_classes, average="micro")
         self._robust_seen = 0  # validation images of this rank attacked in the current epoch
         # backward passes per training sample over this fit (1 for standard training): FAT's point is spending fewer
-        self.backward_passes = MeanMetric()
+        self.backward_passes = MeanMetric(nan_strategy="disable")
         self.backward_passes_per_sample: float | None = None  # its value, read while the Trainer is live
 
     @property
@@ -205,7 +206,7 @@ class ClassifierModule(StageModule):
         smoothing = self.settings.label_smoothing if prefix == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         metric(logits, y)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "train", sync_dist=prefix != "train")
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix != "train", sync_dist=prefix != "train")
         self.log(f"{prefix}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
@@ -241,7 +242,7 @@ class ClassifierModule(StageModule):
         else:
             loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # not on the progress bar: it would read the loss back at every step
         self.log("train/adv_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train/backward_passes_per_sample", inner.steps.float().mean() + 1.0)
         self.backward_passes.update(inner.steps.float() + 1.0)
@@ -295,18 +296,28 @@ class ClassifierModule(StageModule):
         self._step(batch, self.test_acc, "test")
 
     def configure_optimizers(self) -> Any:
-        s = self.settings
-        if s.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(self.model.parameters(), lr=s.lr, momentum=s.momentum,
-                                                         nesterov=True, weight_decay=s.weight_decay)
-        else:
-            opt = torch.optim.Adam(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        if s.scheduler == "none":
+        opt, sched, interval = classifier_optimizer(self.settings, self.model.parameters(),
+                                                    int(self.trainer.estimated_stepping_batches),
+                                                    self.trainer.max_epochs or 1)
+        if sched is None:
             return opt
-        if s.scheduler == "onecycle":
-            steps = max(1, int(self.trainer.estimated_stepping_batches))
-            cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=steps, pct_start=s.warmup,
-                                                        div_factor=25.0, final_div_factor=400.0)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+
+def classifier_optimizer(settings: ClassifierSettings, parameters: Iterable[torch.nn.Parameter], steps: int,
+                         epochs: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None, str]:
+    """The stage's optimiser, its schedule (None: constant) and the schedule's interval (``step`` or ``epoch``),
+    for a fit of ``steps`` optimiser steps over ``epochs`` epochs."""
+    s = settings
+    if s.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(parameters, lr=s.lr, momentum=s.momentum, nesterov=True,
+                                                     weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.Adam(parameters, lr=s.lr, weight_decay=s.weight_decay)
+    if s.scheduler == "none":
+        return opt, None, "epoch"
+    if s.scheduler == "onecycle":
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=max(1, steps),
+                                                        pct_start=s.warmup, div_factor=25.0,
+                                                        final_div_factor=400.0), "step"
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)), "epoch"

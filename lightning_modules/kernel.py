@@ -118,7 +118,7 @@ class KernelModule(StageModule):
         return -j
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        """``J`` of the current kernel on a (clean, adversarial) batch (every rank's whole batch), into :attr:`j_end`."""
+        """``J`` of the current kernel on a (clean, adversarial) batch (each rank's whole batch), into :attr:`j_end`."""
         self.j_end = j_statistic(*self.kernel.gram(batch[0], batch[1]), reg=self.settings.reg).item()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -113,7 +113,7 @@ class ScoreModule(StageModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch[0])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # not on the progress bar: it would read the loss back at every step
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -245,8 +245,8 @@ def run_classifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets
     best = trainer.checkpoint_callback.best_model_score
     monitored = module.monitor.replace("/", "_")
     summary = {monitored: float(best) if best is not None else None, "epochs": trainer.current_epoch,
-               "train_images": len(train.dataset), "fit_seconds": fit_seconds,
-               "images_per_second": trainer.current_epoch * len(train.dataset) / fit_seconds,
+               "train_images": train.num_samples, "fit_seconds": fit_seconds,
+               "images_per_second": trainer.current_epoch * train.num_samples / fit_seconds,
                "backward_passes_per_sample": module.backward_passes_per_sample}
     if c.ema_decay is not None:
         summary |= {f"{monitored}_averaged_statistics": summary[monitored],
@@ -347,13 +347,18 @@ def _witness_sets(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
     return clean, adversarial
 
 
-def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm: DADDataModule) -> DADDefense:
-    """The (uncalibrated) defense from the trained networks, the reference set and the witness sets."""
+def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm: DADDataModule,
+                     device: torch.device | None = None) -> DADDefense:
+    """The (uncalibrated) defense from the trained networks, the reference set and the witness sets, built on
+    ``device`` (the detectors compute the stored sets' features as they are built)."""
     d = cfg.defense
-    detector = MMDDetector(nets.kernel, _reference(dm, d.reference_size, cfg.run.seed), d.target_fpr)
-    sample_detector = SampleDetector(nets.kernel, *_witness_sets(cfg, paths, dm, nets), d.sample_score, d.target_fpr)
-    return DADDefense(nets.classifier, detector, nets.denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise,
-                      sample_detector, d.routing).eval()
+    device = device or torch.device("cpu")
+    kernel = nets.kernel.to(device)
+    detector = MMDDetector(kernel, _reference(dm, d.reference_size, cfg.run.seed).to(device), d.target_fpr)
+    witness = (t.to(device) for t in _witness_sets(cfg, paths, dm, nets))
+    sample_detector = SampleDetector(kernel, *witness, d.sample_score, d.target_fpr)
+    return DADDefense(nets.classifier.to(device), detector, nets.denoiser.to(device), cfg.denoiser.noise_std,
+                      cfg.denoiser.noise, sample_detector, d.routing).eval()
 
 
 def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
@@ -367,11 +372,11 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
                 resume: str | None) -> dict[str, Any]:
-    defense = assemble_defense(cfg, paths, nets, dm)
+    defense = assemble_defense(cfg, paths, nets, dm, run_device(cfg.trainer))
     clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)
-    trainer = _trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False)
+    trainer = _trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False, **FP32)
     loader = DataLoader(dm.dataset("val"), batch_size=cfg.defense.batch_size)
     trainer.validate(DefenseEvaluator(defense, keep_images=False), dataloaders=loader, verbose=False)
     if _is_rank_zero():
@@ -399,7 +404,7 @@ def run_score(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: Run
     nets.score = (module.net, module.schedule)
     val_loss = trainer.callback_metrics.get("val/loss")
     return {"val_loss": float(val_loss) if val_loss is not None else None, "epochs": trainer.current_epoch,
-            "steps": trainer.global_step, "train_images": len(train.dataset), "fit_seconds": fit_seconds,
+            "steps": trainer.global_step, "train_images": train.num_samples, "fit_seconds": fit_seconds,
             "t_max": s.t_max, "ema_decay": s.ema_decay}
 
 

@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
+from callbacks.device_data import BatchesOnDevice
 from callbacks.resume import ResumeState
 from pipeline.checkpoints import AtomicCheckpointIO
 from pipeline.config import trainer_parser
@@ -56,7 +57,7 @@ def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callback
     user = trainer_arguments(trainer)
     loggers: list[Logger] = [TensorBoardLogger(save_dir=root, name="logs", version=log_name, default_hp_metric=False),
                              *_as_list(user.pop("logger", None))]
-    own = [*callbacks, ResumeState()]
+    own = [*callbacks, ResumeState(), BatchesOnDevice()]
     every = [*own, *_as_list(user.pop("callbacks", None))]
     plugins = [AtomicCheckpointIO(), *_as_list(user.pop("plugins", None))]
     options = {"enable_model_summary": False, **user, **stage}
@@ -68,13 +69,18 @@ def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callback
 def run_device(trainer: Mapping[str, Any]) -> torch.device:
     """This process's device under the run's ``trainer`` section (``cuda:<local rank>`` on GPUs), as a Trainer
     built from it would place the module: the device of work a stage does outside a Trainer's life."""
-    placed = pl.Trainer(**{**trainer_arguments(trainer), "logger": False, "callbacks": [], "enable_progress_bar": False,
-                           "enable_checkpointing": False, "enable_model_summary": False})
+    placement = {name: value for name, value in trainer.items() if name in _PLACEMENT}
+    placed = pl.Trainer(**trainer_arguments(placement), logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
     return placed.strategy.root_device
 
 
+_PLACEMENT = ("accelerator", "devices", "strategy", "num_nodes")
+"""The Trainer arguments that decide where a process's module goes."""
+
+
 DROPPED_PREFIXES = ("💡 Tip", "GPU available", "TPU available", "HPU available", "`Trainer.fit` stopped",
-                    "LOCAL_RANK:", "You are using a CUDA device")
+                    "LOCAL_RANK:", "You are using a CUDA device", "Loading `train_dataloader` to estimate")
 """Lightning's lines that :func:`quiet_third_party` drops: tips about its cloud products, accelerator and rank
 banners, stop notices, and the tip to trade float32 matmul precision for speed (the statistics need float32)."""
 QUIETED_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",

@@ -58,3 +58,23 @@ def test_the_average_starts_at_its_share_of_the_steps_and_validation_sees_the_li
 def test_the_start_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="start"):
         DelayedEMA(0.9, start=1.0)
+
+
+def test_the_host_counted_update_equals_averaged_models_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    live = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))  # parameters and buffers (an int counter too)
+    ema = DelayedEMA(0.9)
+    ema._average_model = torch.optim.swa_utils.AveragedModel(live, use_buffers=True,
+                                                             avg_fn=torch.optim.swa_utils.get_ema_avg_fn(0.9))
+    reference = torch.optim.swa_utils.AveragedModel(live, use_buffers=True,
+                                                    avg_fn=torch.optim.swa_utils.get_ema_avg_fn(0.9))
+    for _ in range(4):
+        live.train()(torch.randn(4, 2, 5, 5))  # moves the batch-norm statistics
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        ema._update(live)
+        reference.update_parameters(live)
+    assert int(ema._average_model.n_averaged) == int(reference.n_averaged) == 4
+    for ours, theirs in zip(ema._average_model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs)

@@ -64,3 +64,38 @@ def test_threshold_calibration_state_round_trips() -> None:
     again = ThresholdCalibration(torch.rand(30, 1, 2, 2), [5], target_fpr=0.2)
     again.load_state_dict(calibration.state_dict())
     assert again.results == {5: {"threshold": 0.5}} and again.target_fpr == 0.1
+
+
+def _fake_trainer(world_size: int = 1, rank: int = 0):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(current=SimpleNamespace(ready=3))
+    return SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=1, train_dataloader=None,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_resume_state_restores_each_ranks_random_state_and_reads_the_old_format() -> None:
+    from types import SimpleNamespace
+
+    from callbacks import ResumeState
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    torch.manual_seed(5)
+    checkpoint: dict = {}
+    ResumeState().on_save_checkpoint(_fake_trainer(), module, checkpoint)  # type: ignore[arg-type]
+    state = checkpoint["dad_resume"]
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) == {"cpu"} and state["batches_done"] == 3
+    expected = torch.rand(3)
+    for saved in (state, {**state, "rng": None, "torch_rng": state["rng"][0]["cpu"]}):  # before per-rank states
+        torch.manual_seed(123)
+        resume = ResumeState()
+        resume.on_load_checkpoint(_fake_trainer(), module, {"dad_resume": saved})  # type: ignore[arg-type]
+        resume.on_train_start(_fake_trainer(), module)  # type: ignore[arg-type]
+        assert torch.equal(torch.rand(3), expected)
+    rank_one = torch.manual_seed(9).get_state()
+    rank_one_draws = torch.rand(3)
+    two_ranks = {**state, "rng": [state["rng"][0], {"cpu": rank_one}]}
+    resume = ResumeState()
+    resume.on_load_checkpoint(_fake_trainer(2, 1), module, {"dad_resume": two_ranks})  # type: ignore[arg-type]
+    resume.on_train_start(_fake_trainer(2, 1), module)  # type: ignore[arg-type]
+    assert torch.equal(torch.rand(3), rank_one_draws)  # rank 1 restored rank 1's state
