@@ -3,9 +3,12 @@
 Trains the classifier stage of ``--config`` (the fast recipe, once per seed) and of ``--before`` (the recipe
 it replaces) on the same machine, one after the other, and records per run the stage's wall time, the
 epochs, the training images, images/s (epochs x training images / fit time), the validation accuracy and
-the accuracy on the whole test split (never seen by the stage). Writes ``bench/results/<name>.json``.
+the accuracy on the whole test split (never seen by the stage). Any other ``--<section>.<option> VALUE`` overrides
+both recipes, as with ``train.py``: the trainer flags (``--trainer.accelerator gpu --trainer.devices 1
+--trainer.precision bf16-mixed`` ...) choose the machine they train on. Writes ``bench/results/<name>.json``.
 
     OMP_NUM_THREADS=2 python bench/classifier_recipe.py --root DIR/cifar10-jpeg/train --seeds 0 1 2
+    python bench/classifier_recipe.py --root DIR/cifar10-jpeg/train --trainer.accelerator gpu --trainer.devices 1
 """
 
 from __future__ import annotations
@@ -23,18 +26,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import configure_threads, machine_description, write_result  # noqa: E402
+from bench.machine import configure_threads, machine_description, parse_with_overrides, write_result  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import RunPaths  # noqa: E402
 from pipeline.stages import RunNetworks, load_datamodule, run_stage  # noqa: E402
-from pipeline.trainer import quiet_third_party  # noqa: E402
+from pipeline.trainer import quiet_third_party, run_device  # noqa: E402
 
 
 @torch.no_grad()
 def _test_accuracy(cfg: PipelineConfig) -> float:
-    paths = RunPaths(cfg.run.dir)
-    model = RunNetworks(cfg, paths).classifier
-    x, y = load_datamodule(cfg, paths).split_tensors("test")
+    """The trained classifier's accuracy on the test split, on the run's device."""
+    paths, device = RunPaths(cfg.run.dir), run_device(cfg.trainer)
+    model = RunNetworks(cfg, paths).classifier.to(device)
+    x, y = (t.to(device) for t in load_datamodule(cfg, paths).split_tensors("test"))
     right = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(500), y.split(500)))
     return right / len(y)
 
@@ -53,10 +57,10 @@ def _run(cfg: PipelineConfig, label: str, seed: int, root: str, data_root: str) 
     return row
 
 
-def _result(rows: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+def _result(rows: list[dict[str, Any]], threads: int, device: torch.device) -> dict[str, Any]:
     fast = [r for r in rows if r["recipe"] == "fast"] or [{"test_acc": float("nan"), "stage_seconds": float("nan")}]
     return {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "threads": threads,
         "runs": rows,
         "fast_test_acc_mean": statistics.mean(r["test_acc"] for r in fast),
@@ -75,16 +79,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-before", action="store_true", help="time the fast recipe only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default="classifier_recipe")
-    args = parser.parse_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     threads = configure_threads(args.threads)
     quiet_third_party()
+    device = run_device(load_config(args.config, overrides).trainer)  # the fast recipe's: the machine recorded
     rows: list[dict[str, Any]] = []
     runs = [("before", args.before, args.seeds[0])] * (not args.skip_before) + [
         ("fast", args.config, seed) for seed in args.seeds]
     with tempfile.TemporaryDirectory() as root:
         for label, config, seed in runs:
-            rows.append(_run(load_config(config), label, seed, root, args.root))
-            result = _result(rows, threads)
+            rows.append(_run(load_config(config, overrides), label, seed, root, args.root))
+            result = _result(rows, threads, device)
             path = write_result(args.name, result)  # after every run: an interrupted benchmark keeps what it measured
     print(f"fast recipe: mean test accuracy {result['fast_test_acc_mean']:.4f} over seeds {args.seeds}, "
           f"slowest stage {result['fast_stage_seconds_max']:.0f} s -> {path}")

@@ -11,9 +11,11 @@ flattened images (3,072-d at 32x32) and the features. Three figures per (R, B), 
 - ``score_uncached_ms``: the same score with all three grams computed per call (the R^2 part included),
   for comparison.
 
-Writes ``bench/results/detector_scaling.json`` (with a Markdown table) and ``detector_scaling.png``.
+Each call's work on ``--device`` is finished before its time is read. Writes ``bench/results/detector_scaling.json``
+(with a Markdown table) and ``detector_scaling.png``.
 
     OMP_NUM_THREADS=1 python bench/detector_scaling.py --threads 1
+    python bench/detector_scaling.py --device cuda
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from dad.mmd import mmd2_unbiased_unpaired  # noqa: E402
 from dad.models import create_model, freeze  # noqa: E402
 
 
-def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: str) -> list[dict[str, Any]]:
-    """One row per (R, B) with the three timings of the module docstring."""
-    gen = torch.Generator().manual_seed(0)
-    phi = freeze(create_model(model).eval())
-    pool = torch.rand(max(ref_sizes) + max(batch_sizes), 3, 32, 32, generator=gen)
-    kernel = SemanticKernel(phi)
+def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: str,
+            device: torch.device) -> list[dict[str, Any]]:
+    """One row per (R, B) with the three timings of the module docstring, on ``device``."""
+    gen = torch.Generator().manual_seed(0)  # on the CPU: the same images on every device
+    phi = freeze(create_model(model).eval()).to(device)
+    pool = torch.rand(max(ref_sizes) + max(batch_sizes), 3, 32, 32, generator=gen).to(device)
+    kernel = SemanticKernel(phi).to(device)
     kernel.init_bandwidths(pool[:200], pool[200:400])
     rows = []
     with torch.inference_mode():
@@ -58,9 +61,9 @@ def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: s
                 rows.append({
                     "reference_size": r,
                     "batch_size": b,
-                    "score_ms": median_ms(lambda: detector.score(x, fx), repeats),
-                    "score_with_features_ms": median_ms(lambda: detector.score(x), repeats),
-                    "score_uncached_ms": median_ms(uncached, repeats),
+                    "score_ms": median_ms(lambda: detector.score(x, fx), repeats, device),
+                    "score_with_features_ms": median_ms(lambda: detector.score(x), repeats, device),
+                    "score_uncached_ms": median_ms(uncached, repeats, device),
                 })
                 print(rows[-1], flush=True)
     return rows
@@ -112,12 +115,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="cifar_resnet18_small", help="phi (random weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the networks and images live (cpu, cuda ...)")
     args = parser.parse_args(argv)
     threads = configure_threads(args.threads)
+    device = torch.device(args.device)
     start = time.perf_counter()
-    rows = measure(args.reference_sizes, args.batch_sizes, args.repeats, args.model)
+    rows = measure(args.reference_sizes, args.batch_sizes, args.repeats, args.model, device)
     result = {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "settings": {"image_shape": [3, 32, 32], "phi": args.model, "threads": threads, "repeats": args.repeats},
         "rows": rows,
         "table_score_ms_markdown": markdown_table(rows, "score_ms"),

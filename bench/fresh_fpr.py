@@ -6,8 +6,12 @@ those files against the saved detector's threshold: an estimate of the deployed 
 own test split (and of its calibration pool).
 
     OMP_NUM_THREADS=2 python bench/fresh_fpr.py --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800
+    python bench/fresh_fpr.py --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800 \
+        --trainer.accelerator gpu --trainer.devices 1
 
-Writes ``bench/results/<name>.json`` (default ``fresh_fpr``).
+Any other ``--<section>.<option> VALUE`` overrides the run's saved ``config.yaml``, as with ``train.py``: the trainer
+flags (``--trainer.accelerator gpu`` ...) choose the device the images are scored on. Writes
+``bench/results/<name>.json`` (default ``fresh_fpr``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import configure_threads, machine_description, write_result  # noqa: E402
+from bench.machine import machine_description, parse_with_overrides, start_run_bench, write_result  # noqa: E402
 from dad.defense import load_defense  # noqa: E402
 from datamodules.base import to_float  # noqa: E402
 from datamodules.imagefolder import decode_images, index_folders  # noqa: E402
@@ -44,7 +48,7 @@ def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="run directory holding defense.pt")
+    parser.add_argument("--run", type=Path, required=True, help="a run directory made by `train.py pipeline`")
     parser.add_argument("--root", type=Path, required=True, help="ImageFolder directory (<class>/<image>)")
     parser.add_argument("--skip", type=int, required=True, help="files per class the run read (max_per_class)")
     parser.add_argument("--size", type=int, default=10000, help="fresh images in the pool")
@@ -52,18 +56,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="fresh_fpr")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    threads = configure_threads(args.threads)
-    defense = load_defense(args.run / "defense.pt")
-    detector = defense.detector
-    pool = fresh_images(args.root, args.skip, args.size, args.seed)
+    args, overrides = parse_with_overrides(parser, argv)
+    threads, _, paths, device = start_run_bench(args.run, args.threads, overrides)
+    detector = load_defense(paths.defense).to(device).detector
+    pool = fresh_images(args.root, args.skip, args.size, args.seed).to(device)
     scorer = detector.batch_scorer(pool)
     rates = {}
     for b in detector.batch_sizes.tolist():
         scores = scorer(b, args.batches, torch.Generator().manual_seed(b))
         rates[str(b)] = (scores > detector.threshold_for(b)).float().mean().item()
     result = {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "settings": {"run": str(args.run), "skip_per_class": args.skip, "pool": args.size, "batches": args.batches,
                      "seed": args.seed, "threads": threads},
         "target_fpr": detector.target_fpr,

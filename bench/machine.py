@@ -1,7 +1,9 @@
-"""What every benchmark records beside its numbers: the machine, the software, the threads, and peak memory."""
+"""What every benchmark records beside its numbers (the machine, the software, the threads, and peak memory), and
+the start every bench on a trained run shares (its command line, configuration and device)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import gc
@@ -9,11 +11,12 @@ import json
 import os
 import logging
 import platform
+import re
 import subprocess
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -24,12 +27,16 @@ import torch
 from dad.io import atomic_write_json
 from pipeline.config import PipelineConfig, load_config
 from pipeline.paths import RunPaths
-from pipeline.trainer import quiet_third_party
+from pipeline.trainer import quiet_third_party, run_device
 
-__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "median_ms", "load_run",
-           "start_run_bench"]
+__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "synchronize", "median_ms",
+           "parse_with_overrides", "load_run", "start_run_bench"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+_OVERRIDE = re.compile(r"--\w+(\.[\w-]+)+(=.*)?", re.DOTALL)
+"""A configuration override's option: ``--<section>.<option>`` (nested options allowed), its value after ``=`` or
+in the next argument."""
 
 
 def _cpu_model() -> str:
@@ -61,15 +68,40 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls of ``fn`` after one untimed call."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs it asynchronously), so that a timer reads the work's time,
+    not its launch's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one untimed call, each call's work on ``device``
+    finished before its time is read."""
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """``parser``'s arguments in ``argv`` (None: the command line) and the others, configuration overrides
+    ``--<section>.<option> VALUE`` as ``train.py`` takes them (the trainer flags ``--trainer.accelerator gpu
+    --trainer.devices 1`` ...); anything else is ``parser``'s error, so that a mistyped option of the bench is
+    reported as such instead of reaching the configuration."""
+    args, overrides = parser.parse_known_args(argv)
+    wrong = [arg for i, arg in enumerate(overrides)
+             if (i == 0 or arg.startswith("--")) and not _OVERRIDE.fullmatch(arg)]
+    if wrong:
+        parser.error(f"unrecognized arguments: {' '.join(wrong)} (configuration overrides take the form "
+                     "--<section>.<option> VALUE, e.g. --trainer.accelerator gpu)")
+    return args, overrides
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:
@@ -167,15 +199,21 @@ class PeakMemory:
             self.peak_mib = (self._peak - self._base) / 2**20
 
 
-def load_run(run: Path) -> tuple[PipelineConfig, RunPaths]:
-    """A trained run's saved configuration, pointed at ``run`` wherever it now lives, and its paths."""
-    cfg = load_config(run / "config.yaml")
+def load_run(run: Path, overrides: Sequence[str] = ()) -> tuple[PipelineConfig, RunPaths]:
+    """A trained run's saved configuration with ``overrides`` on top (``--<section>.<option> VALUE``, as ``train.py``
+    takes them: the trainer flags of the machine benched on ...), pointed at ``run`` wherever it now lives, and its
+    paths."""
+    cfg = load_config(run / "config.yaml", overrides)
     return replace(cfg, run=replace(cfg.run, root=str(run.parent), name=run.name)), RunPaths(run)
 
 
-def start_run_bench(run: Path, threads: int | None) -> tuple[int, PipelineConfig, RunPaths]:
-    """The start of a bench on a trained run: threads set, INFO logging, third-party chatter off, the run loaded."""
+def start_run_bench(run: Path, threads: int | None,
+                    overrides: Sequence[str] = ()) -> tuple[int, PipelineConfig, RunPaths, torch.device]:
+    """The start of a bench on a trained run: threads set, INFO logging, third-party chatter off, the run loaded
+    with ``overrides`` (see :func:`load_run`), and its device (the one a Trainer of its ``trainer`` section would
+    place the defense on, :func:`~pipeline.trainer.run_device`), where the bench does its tensor work."""
     used = configure_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party()
-    return (used, *load_run(run))
+    cfg, paths = load_run(run, overrides)
+    return used, cfg, paths, run_device(cfg.trainer)

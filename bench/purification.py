@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python train.py pipeline --config configs/digits_ssni.yaml
     OMP_NUM_THREADS=2 python bench/purification.py --run runs/digits_ssni
+    python bench/purification.py --run runs/digits_ssni --trainer.accelerator gpu --trainer.devices 1
 
 Each row is an evaluation (``evaluation.runner.evaluate``, as ``eval.py`` runs it: R-draw rule, attacks judged on
 whole batches of the deployed defense, sanity re-runs folded in) of one defense file of the run under one routing,
@@ -21,8 +22,10 @@ The common attacks are ``pgd_linf`` (classifier only) and the full-white-box ``a
 per-sample worst over every whole-batch attack and the sanity re-runs), each with its 95% Wilson interval, and the
 seconds per 100 clean test images of one pass of the defense at its inference batch size (this process's
 threads). Paired 95% intervals (Newcombe) of SSNI minus fixed-t on the same images answer the SSNI claim. Rows
-already evaluated are reused from the run's ``eval_state*`` (an interrupted comparison resumes). Adds the run's
-entry (``--key``) to ``bench/results/purification.json`` and prints the table.
+already evaluated are reused from the run's ``eval_state*`` (an interrupted comparison resumes). Any other
+``--<section>.<option> VALUE`` overrides the run's saved ``config.yaml``, as with ``train.py``: the trainer flags
+(``--trainer.accelerator gpu`` ...) choose the device of the evaluations and of the timing. Adds the run's entry
+(``--key``) to ``bench/results/purification.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, start_run_bench  # noqa: E402
+from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench, synchronize  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
 from dad.routing import DETECTING  # noqa: E402
@@ -95,14 +98,17 @@ def row_config(cfg: PipelineConfig, row: Row) -> PipelineConfig:
 
 @torch.no_grad()
 def seconds_per_100(defense: DADDefense, images: Tensor, batch_size: int, repeats: int = 3) -> float:
-    """Seconds one pass of ``defense`` takes per 100 images, in batches of ``batch_size`` (best of ``repeats``)."""
+    """Seconds one pass of ``defense`` takes per 100 images, in batches of ``batch_size`` (best of ``repeats``), on
+    the device of ``images``."""
     batches = list(images.split(batch_size))
     defense.forward_draws(batches[0], 1)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize(images.device)
         start = time.perf_counter()
         for batch in batches:
             defense.forward_draws(batch, 1)
+        synchronize(images.device)
         best = min(best, time.perf_counter() - start)
     return 100.0 * best / len(images)
 
@@ -121,14 +127,15 @@ def _entry(correct: Tensor) -> dict[str, Any]:
 
 
 def evaluate_row(cfg: PipelineConfig, paths: RunPaths, row: Row, timing_images: Tensor) -> dict[str, Any]:
-    """Evaluate one row and collect its columns (and the per-sample vectors the paired intervals need)."""
+    """Evaluate one row and collect its columns (and the per-sample vectors the paired intervals need); the row's
+    defense is timed on the device of ``timing_images``."""
     row_cfg = row_config(cfg, row)
     start = time.perf_counter()
     report = evaluate(row_cfg)
     name = "report" + (f"_{report['variant']}" if report["variant"] else "")
     samples = torch.load(paths.root / f"{name}_samples.pt", weights_only=True)
     label = next(iter(report["worst_case"]))
-    defense = load_defense(paths.root / row.defense)
+    defense = load_defense(paths.root / row.defense).to(timing_images.device)
     if row.routing is not None:
         defense.routing = row.routing
     worst = worst_case_samples(samples, label)
@@ -190,20 +197,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--key", default=None, help="this run's key in the results file (default: the run's name)")
     parser.add_argument("--out", type=Path, default=RESULTS / "purification.json")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    threads, cfg, paths = start_run_bench(args.run, args.threads)
+    args, overrides = parse_with_overrides(parser, argv)
+    threads, cfg, paths, device = start_run_bench(args.run, args.threads, overrides)
     table = rows(cfg.defense.routing if cfg.defense.routing in DETECTING else "batch")
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; expected some of {sorted(table)}")
     test_images, _ = load_datamodule(cfg, paths).split_tensors("test")
-    timing_images = test_images[: 4 * cfg.defense.batch_size]
+    timing_images = test_images[: 4 * cfg.defense.batch_size].to(device)
     results = {key: evaluate_row(cfg, paths, table[key], timing_images) for key in chosen}
     comparisons = {f"{k}_minus_fixed": paired(results[k], results["fixed"])
                    for k in ("ssni_n", "ssni_l") if k in results and "fixed" in results}
     result = {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "settings": {"run": str(args.run), "threads": threads, "draws": cfg.eval.draws,
                      "defense_batch_size": cfg.defense.batch_size},
         "selection": json.loads(paths.done("purifier").read_text()) if paths.done("purifier").is_file() else None,

@@ -43,14 +43,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, machine_description, write_result  # noqa: E402
+from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides,  # noqa: E402
+                           write_result)
 from dad.stats import paired_difference_interval  # noqa: E402
 from lightning_modules.classifier import Training  # noqa: E402
 from evaluation.runner import evaluate  # noqa: E402
 from pipeline.config import PipelineConfig, load_config  # noqa: E402
 from pipeline.paths import STAGES, RunPaths  # noqa: E402
 from pipeline.stages import run_pipeline  # noqa: E402
-from pipeline.trainer import quiet_third_party  # noqa: E402
+from pipeline.trainer import quiet_third_party, run_device  # noqa: E402
 
 __all__ = ["main", "leaderboard_rows", "merge"]
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="result name (default: robust_leaderboard_<config stem>)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                         help="merge these saved results (bench/results/NAME.json) into --name; runs nothing")
-    args, overrides = parser.parse_known_args(argv)
+    args, overrides = parse_with_overrides(parser, argv)
     if args.merge is not None:
         if args.name is None:
             parser.error("--merge needs --name (the merged result's name)")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         for r in method_rows), flush=True)
     name = args.name or f"robust_leaderboard_{Path(args.config).stem}"
     result = {"config": args.config, "threat": differences[0]["threat"], "rows": rows, "differences": differences,
-              "wall_seconds_this_invocation": seconds, "machine": machine_description(torch.device("cpu")),
+              "wall_seconds_this_invocation": seconds, "machine": machine_description(run_device(base.trainer)),
               "threads": threads, "command": " ".join(["python bench/robust.py", *(argv or sys.argv[1:])])}
     _write(name, result)
     return result

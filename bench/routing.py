@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/routing.py --run runs/demo
     OMP_NUM_THREADS=2 python bench/routing.py --run runs/cifar10_cpu --max-test 1000
+    python bench/routing.py --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
 
 Classifier-only AEs (the run's ``eval.attacks.pgd_linf``, crafted once on the classifier with the evaluation's
 seeds: they do not depend on the routing) of the first ``--max-test`` test images are then classified by the
@@ -16,8 +17,9 @@ draw):
   appears once per fraction); the accuracy on the AE part and the share of AEs purified.
 
 This is the issue's routing table; the attacks that know the routing (detector evasion, per-sample evasion, soft
-routing) are the evaluation's (``eval.py --run RUN --eval.routing MODE``). Writes
-``bench/results/routing_<run name>.json`` and prints the table.
+routing) are the evaluation's (``eval.py --run RUN --eval.routing MODE``). Any other ``--<section>.<option> VALUE``
+overrides the run's saved ``config.yaml``, as with ``train.py``: the trainer flags (``--trainer.accelerator gpu``
+...) choose the device everything runs on. Writes ``bench/results/routing_<run name>.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, start_run_bench  # noqa: E402
+from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench  # noqa: E402
 from dad.attacks import AttackSpec, run_seeded, target_of  # noqa: E402
 from dad.attacks.objectives import with_filler  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
@@ -73,7 +75,10 @@ def whole_batches(defense: DADDefense, x: Tensor, y: Tensor, b: int, draws: int)
 
 def mixed_batches(defense: DADDefense, aes: Tensor, y: Tensor, pool: tuple[Tensor, Tensor], b: int, fraction: float,
                   draws: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Every AE once, ``round(fraction * b)`` per batch beside clean filler from test images other than its own."""
+    """Every AE once, ``round(fraction * b)`` per batch beside clean filler from test images other than its own.
+
+    The filler is drawn on the CPU (the same batches on every device), then moved to the images' device.
+    """
     k = max(1, round(fraction * b))
     pool_x, pool_y = pool
     generator = torch.Generator().manual_seed(seed)
@@ -82,6 +87,7 @@ def mixed_batches(defense: DADDefense, aes: Tensor, y: Tensor, pool: tuple[Tenso
         idx = torch.arange(start, min(start + k, len(aes)))
         others = torch.randperm(len(pool_x), generator=generator)
         others = others[~torch.isin(others, idx)][: b - len(idx)]
+        idx, others = idx.to(aes.device), others.to(pool_x.device)
         batch = with_filler(aes[idx], pool_x[others])
         r, f = judge(defense, batch, torch.cat([y[idx], pool_y[others]]), draws, part=len(idx))
         right.append(r)
@@ -91,12 +97,14 @@ def mixed_batches(defense: DADDefense, aes: Tensor, y: Tensor, pool: tuple[Tenso
 
 @torch.no_grad()
 def purified_share(defense: DADDefense, pool: Tensor, b: int, batches: int, seed: int) -> float:
-    """The share of clean images purified, over ``batches`` random batches of ``b`` distinct pool images."""
+    """The share of clean images purified, over ``batches`` random batches of ``b`` distinct pool images (drawn on
+    the CPU: the same batches on every device)."""
     generator = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(b, dtype=torch.long, device=pool.device)  # placeholders: only the flags are kept
     flagged = 0.0
     for _ in range(batches):
-        batch = pool[torch.randperm(len(pool), generator=generator)[:b]]
-        flagged += judge(defense, batch, torch.zeros(b, dtype=torch.long), 1)[1].double().mean().item()
+        batch = pool[torch.randperm(len(pool), generator=generator)[:b].to(pool.device)]
+        flagged += judge(defense, batch, labels, 1)[1].double().mean().item()
     return flagged / batches
 
 
@@ -126,15 +134,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--random-batches", type=int, default=1000,
                         help="random clean batches of the test split for the share of clean images purified")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    threads, cfg, paths = start_run_bench(args.run, args.threads)
+    args, overrides = parse_with_overrides(parser, argv)
+    threads, cfg, paths, device = start_run_bench(args.run, args.threads, overrides)
     if args.attack not in cfg.eval.attacks or cfg.eval.attacks[args.attack].threat != "classifier":
         raise SystemExit(f"error: `{args.attack}` is not a classifier-only attack of {args.run}/config.yaml")
     routings = [m.strip() for m in args.routings.split(",") if m.strip()]
     if set(routings) - set(ROUTINGS):
         raise SystemExit(f"error: unknown routings {sorted(set(routings) - set(ROUTINGS))}; expected {ROUTINGS}")
-    defense = load_defense(paths.defense).eval()
-    pool_x, pool_y = load_datamodule(cfg, paths).split_tensors("test")
+    defense = load_defense(paths.defense).to(device).eval()
+    saved_routing = defense.routing
+    pool_x, pool_y = (t.to(device) for t in load_datamodule(cfg, paths).split_tensors("test"))
     n = len(pool_y) if args.max_test is None else min(args.max_test, len(pool_y))
     x, y, b, draws = pool_x[:n], pool_y[:n], cfg.defense.batch_size, cfg.eval.draws
     spec = replace(cfg.eval.attacks[args.attack], batch_size=b)
@@ -158,10 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "adversarial": _entry(adversarial),
                       "adversarial_purified": adversarial_flags.double().mean().item(), "mixed": mixed}
     result = {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "settings": {"run": str(args.run), "attack": spec.as_dict(), "n": n, "batch_size": b, "draws": draws,
                      "fractions": list(FRACTIONS), "random_batches": args.random_batches,
-                     "saved_routing": load_defense(paths.defense).routing, "threads": threads},
+                     "saved_routing": saved_routing, "threads": threads},
         "undefended": undefended,
         "routings": rows,
     }

@@ -1,6 +1,7 @@
 """Per-sample detection quality and cost against the size of the witness's stored sets, on the validation split.
 
     OMP_NUM_THREADS=2 python bench/witness_size.py --run runs/cifar10_cpu --sizes 50,100,200,500
+    python bench/witness_size.py --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
 
 The per-sample witness (:mod:`dad.sample_detector`) compares each image with the stored clean images and their
 training AEs, so its cost grows linearly with ``defense.witness_size`` (the images kept of each set). This bench
@@ -16,7 +17,9 @@ threshold on the calibration split (as the pipeline does), and measures on the *
 * the time of one score of a clean batch of ``defense.batch_size`` (features given: the classifier's pass is
   shared), median of ``--repeats`` calls, against the bare classifier on that batch.
 
-Writes ``bench/results/witness_size_<run name>.json`` and prints the table.
+Any other ``--<section>.<option> VALUE`` overrides the run's saved ``config.yaml``, as with ``train.py``: the trainer
+flags (``--trainer.accelerator gpu`` ...) choose the device everything runs on. Writes
+``bench/results/witness_size_<run name>.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, median_ms, start_run_bench  # noqa: E402
+from bench.machine import RESULTS, machine_description, median_ms, parse_with_overrides, start_run_bench  # noqa: E402
 from bench.routing import classifier_aes, mixed_batches  # noqa: E402
 from dad.defense import DADDefense, load_defense  # noqa: E402
 from dad.io import atomic_write_json  # noqa: E402
@@ -45,18 +48,20 @@ log = logging.getLogger("bench.witness_size")
 
 
 def subset(stored: SampleDetector, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The pipeline's seeded choice of ``size`` clean images and their AEs from the stored sets."""
+    """The pipeline's seeded choice of ``size`` clean images and their AEs from the stored sets (drawn on the CPU, as
+    the pipeline draws it, whatever the sets' device)."""
     clean, adversarial = stored.clean, stored.adversarial
     if size >= len(clean):
         return clean, adversarial
-    keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:size]
+    keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:size].to(clean.device)
     return clean[keep], adversarial[keep]
 
 
 @torch.no_grad()
 def measure(defense: DADDefense, detector: SampleDetector, calibration: Tensor, val: tuple[Tensor, Tensor],
             aes: Tensor, batch_size: int, draws: int, seed: int, repeats: int) -> dict[str, Any]:
-    """Calibrate ``detector``, then its quality on the validation split and its cost per batch."""
+    """Calibrate ``detector``, then its quality on the validation split and its cost per batch (timed on the
+    device of ``x``)."""
     x, y = val
     detector.calibrate(calibration, defense.detector.target_fpr)
     clean_scores, ae_scores = detector.scores(x), detector.scores(aes)
@@ -68,7 +73,7 @@ def measure(defense: DADDefense, detector: SampleDetector, calibration: Tensor, 
             "fpr": detector.decide(clean_scores).double().mean().item(),
             "mixed_10pct_ae_acc": right.double().mean().item(),
             "mixed_10pct_ae_purified": purified.double().mean().item(),
-            "score_ms": median_ms(lambda: detector.scores(batch, features), repeats)}
+            "score_ms": median_ms(lambda: detector.scores(batch, features), repeats, x.device)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -77,29 +82,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default="25,50,100,200,500", help="comma-separated witness sizes")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per size")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    threads, cfg, paths = start_run_bench(args.run, args.threads)
-    defense = load_defense(paths.defense).eval()
+    args, overrides = parse_with_overrides(parser, argv)
+    threads, cfg, paths, device = start_run_bench(args.run, args.threads, overrides)
+    defense = load_defense(paths.defense).to(device).eval()
     stored = defense.sample_detector
     if stored is None:
         raise SystemExit(f"error: {paths.defense} has no per-sample detector")
     dm = load_datamodule(cfg, paths)
-    calibration, _ = dm.split_tensors(dm.splits.calibration_split)
-    x, y = dm.split_tensors("val")
+    calibration = dm.split_tensors(dm.splits.calibration_split)[0].to(device)
+    x, y = (t.to(device) for t in dm.split_tensors("val"))
     b = cfg.defense.batch_size
     spec = replace(cfg.eval.attacks["pgd_linf"], batch_size=b)
     log.info("crafting pgd_linf on the classifier for %d validation images", len(x))
     aes = classifier_aes(spec, defense, x, y)
     with torch.no_grad():
-        bare_ms = median_ms(lambda: defense.classifier(x[:b]), args.repeats)
+        bare_ms = median_ms(lambda: defense.classifier(x[:b]), args.repeats, device)
     rows = {}
     for size in sorted({min(int(s), len(stored.clean)) for s in args.sizes.split(",")}):
         log.info("witness size %d", size)
-        detector = SampleDetector(stored.kernel, *subset(stored, size, cfg.run.seed), stored.kind)
+        detector = SampleDetector(stored.kernel, *subset(stored, size, cfg.run.seed), stored.kind).to(device)
         rows[str(size)] = measure(defense, detector, calibration, (x, y), aes, b, cfg.eval.draws, cfg.run.seed,
                                   args.repeats)
         rows[str(size)]["score_over_bare"] = rows[str(size)]["score_ms"] / bare_ms
-    result = {"machine": machine_description(torch.device("cpu")),
+    result = {"machine": machine_description(device),
               "settings": {"run": str(args.run), "attack": spec.as_dict(), "n_val": len(x), "batch_size": b,
                            "stored_size": len(stored.clean), "calibration_images": len(calibration),
                            "threads": threads},

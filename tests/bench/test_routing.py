@@ -1,17 +1,22 @@
-"""bench/routing.py: the judging rule and the mixed batches it builds."""
+"""bench/routing.py: the judging rule, the mixed batches it builds, and its command line."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from dad.defense import DefenseOutput
+from pipeline.config import PipelineConfig
+from pipeline.stages import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import bench.routing as routing  # noqa: E402
 from bench.routing import judge, mixed_batches, purified_share  # noqa: E402
 
 
@@ -71,3 +76,23 @@ def test_purified_share_is_the_flagged_fraction_of_random_batches() -> None:
     pool = torch.cat([_images(torch.arange(50), True), _images(torch.arange(150), False)])
     share = purified_share(_Recorder(), pool, b=20, batches=400, seed=0)
     assert abs(share - 0.25) < 0.02
+
+
+def test_the_bench_takes_trainer_flags_as_overrides_of_the_saved_config(tiny: PipelineConfig,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_pipeline(tiny)
+    monkeypatch.setattr(routing, "RESULTS", tiny.run.dir.parent)
+    routing.main(["--run", str(tiny.run.dir), "--trainer.accelerator", "cpu", "--eval.draws", "2", "--max-test", "20",
+                  "--routings", "never,batch", "--random-batches", "5"])
+    result = json.loads((tiny.run.dir.parent / f"routing_{tiny.run.name}.json").read_text())
+    assert result["machine"]["device"] == "cpu" and result["settings"]["draws"] == 2  # the overrides were applied
+    assert list(result["routings"]) == ["never", "batch"] and result["routings"]["batch"]["clean"]["n"] == 20
+
+
+@pytest.mark.parametrize("extra", [["--max_test", "10"], ["stray"]])
+def test_the_bench_rejects_what_is_no_configuration_override(extra: list[str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        routing.main(["--run", "runs/none", *extra])
+    error = capsys.readouterr().err
+    assert f"unrecognized arguments: {extra[0]} " in error and "--<section>.<option> VALUE" in error
