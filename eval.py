@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import main_eval
+from evaluation.cli import main_eval
 
 if __name__ == "__main__":
     sys.exit(main_eval(sys.argv[1:]))

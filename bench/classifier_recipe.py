@@ -7,30 +7,28 @@ the accuracy on the whole test split (never seen by the stage). Any other ``--<s
 both recipes, as with ``train.py``: the trainer flags (``--trainer.accelerator gpu --trainer.devices 1
 --trainer.precision bf16-mixed`` ...) choose the machine they train on. Writes ``bench/results/<name>.json``.
 
-    OMP_NUM_THREADS=2 python bench/classifier_recipe.py --root DIR/cifar10-jpeg/train --seeds 0 1 2
-    python bench/classifier_recipe.py --root DIR/cifar10-jpeg/train --trainer.accelerator gpu --trainer.devices 1
+    OMP_NUM_THREADS=2 python -m bench.classifier_recipe --root DIR/cifar10-jpeg/train --seeds 0 1 2
+    python -m bench.classifier_recipe --root DIR/cifar10-jpeg/train --trainer.accelerator gpu --trainer.devices 1
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import configure_threads, machine_description, parse_with_overrides, write_result  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from pipeline.paths import RunPaths  # noqa: E402
-from pipeline.stages import RunNetworks, load_datamodule, run_stage  # noqa: E402
-from pipeline.trainer import quiet_third_party, run_device  # noqa: E402
+from bench.machine import configure_threads, machine_description, parse_with_overrides, write_result
+from pipeline.config import PipelineConfig, load_config
+from pipeline.paths import RunPaths
+from pipeline.networks import RunNetworks
+from pipeline.stages import load_datamodule, run_stage
+from pipeline.trainer import quiet_third_party, run_device
 
 
 @torch.no_grad()

@@ -14,27 +14,25 @@ flattened images (3,072-d at 32x32) and the features. Three figures per (R, B), 
 Each call's work on ``--device`` is finished before its time is read. Writes ``bench/results/detector_scaling.json``
 (with a Markdown table) and ``detector_scaling.png``.
 
-    OMP_NUM_THREADS=1 python bench/detector_scaling.py --threads 1
-    python bench/detector_scaling.py --device cuda
+    OMP_NUM_THREADS=1 python -m bench.detector_scaling --threads 1
+    python -m bench.detector_scaling --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, configure_threads, machine_description, median_ms, write_result  # noqa: E402
-from dad.detector import MMDDetector  # noqa: E402
-from dad.kernels import SemanticKernel  # noqa: E402
-from dad.mmd import mmd2_unbiased_unpaired  # noqa: E402
-from dad.models import create_model, freeze  # noqa: E402
+from bench.machine import RESULTS, configure_threads, machine_description, median_ms, write_result
+from dad.detector import MMDDetector
+from dad.kernels import SemanticKernel
+from dad.mmd import mmd2_unbiased_unpaired
+from dad.models import create_model, freeze
 
 
 def measure(ref_sizes: list[int], batch_sizes: list[int], repeats: int, model: str,

@@ -5,8 +5,8 @@ the files after them are fresh draws of the same distribution. This scores rando
 those files against the saved detector's threshold: an estimate of the deployed FPR independent of the run's
 own test split (and of its calibration pool).
 
-    OMP_NUM_THREADS=2 python bench/fresh_fpr.py --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800
-    python bench/fresh_fpr.py --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800 \
+    OMP_NUM_THREADS=2 python -m bench.fresh_fpr --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800
+    python -m bench.fresh_fpr --run runs/cifar10_cpu --root DIR/cifar10-jpeg/train --skip 2800 \
         --trainer.accelerator gpu --trainer.devices 1
 
 Any other ``--<section>.<option> VALUE`` overrides the run's saved ``config.yaml``, as with ``train.py``: the trainer
@@ -17,18 +17,16 @@ flags (``--trainer.accelerator gpu`` ...) choose the device the images are score
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_description, parse_with_overrides, start_run_bench, write_result  # noqa: E402
-from dad.defense import load_defense  # noqa: E402
-from datamodules.base import to_float  # noqa: E402
-from datamodules.imagefolder import decode_images, index_folders  # noqa: E402
+from bench.machine import machine_description, parse_with_overrides, start_run_bench, write_result
+from dad.defense import load_defense
+from datamodules.base import to_float
+from datamodules.imagefolder import decode_images, index_folders
 
 
 def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ Steps, each a separate process (a DDP launch re-runs its command), timed, kept g
 - ``digits_fp32``: the same pipeline on one GPU in float32;
 - ``classifier_speed``: :mod:`bench.classifier_speed` on ``configs/cifar10_cpu.yaml`` (synthetic CIFAR-shaped
   data): the stage's images/s over a bare loop's, ``classifier_over_bare`` (target >= 0.8);
-- ``throughput_cifar10_cpu``, ``throughput_cifar10_wrn28``: ``bench/throughput.py --device cuda`` (every stage's
+- ``throughput_cifar10_cpu``, ``throughput_cifar10_wrn28``: ``python -m bench.throughput --device cuda`` (every stage's
   step and the defense's inference, the paper configuration included);
 - ``cifar10_cpu_training``: ``train.py pipeline`` on ``configs/cifar10_cpu.yaml`` with synthetic data (no files,
   no download) on one GPU, its training stages' seconds (classifier, AEs + kernel, denoiser; target <= 60 s).
@@ -98,7 +98,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("classifier_speed", [py, "-m", "bench.classifier_speed", "--config", "configs/cifar10_cpu.yaml",
                                   "--device", device, "--name", SPEED, "--results", str(args.results), *speed],
              [args.results / f"{SPEED}.json"]),
-        *[Step(f"throughput_{name}", [py, "bench/throughput.py", "--config", f"configs/{name}.yaml", "--device",
+        *[Step(f"throughput_{name}", [py, "-m", "bench.throughput", "--config", f"configs/{name}.yaml", "--device",
                                       device, "--name", f"gpu_check_throughput_{name}", "--results",
                                       str(args.results), *throughput])
           for name in ("cifar10_cpu", "cifar10_wrn28")],

@@ -1,8 +1,8 @@
 """Diffusion purification (fixed t*, SSNI-N, SSNI-L) beside DAD and the classifier alone, in one harness.
 
     OMP_NUM_THREADS=2 python train.py pipeline --config configs/digits_ssni.yaml
-    OMP_NUM_THREADS=2 python bench/purification.py --run runs/digits_ssni
-    python bench/purification.py --run runs/digits_ssni --trainer.accelerator gpu --trainer.devices 1
+    OMP_NUM_THREADS=2 python -m bench.purification --run runs/digits_ssni
+    python -m bench.purification --run runs/digits_ssni --trainer.accelerator gpu --trainer.devices 1
 
 Each row is an evaluation (``evaluation.runner.evaluate``, as ``eval.py`` runs it: R-draw rule, attacks judged on
 whole batches of the deployed defense, sanity re-runs folded in) of one defense file of the run under one routing,
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,17 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench, synchronize  # noqa: E402
-from dad.defense import DADDefense, load_defense  # noqa: E402
-from dad.io import atomic_write_json  # noqa: E402
-from dad.routing import DETECTING  # noqa: E402
-from dad.stats import accuracy_interval, paired_difference_interval  # noqa: E402
-from evaluation.runner import evaluate  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.stages import load_datamodule  # noqa: E402
-from pipeline.paths import RunPaths  # noqa: E402
+from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench, synchronize
+from dad.defense import DADDefense, load_defense
+from dad.io import atomic_write_json
+from dad.routing import DETECTING
+from dad.stats import accuracy_interval, paired_difference_interval
+from evaluation.runner import evaluate
+from pipeline.config import PipelineConfig
+from pipeline.stages import load_datamodule
+from pipeline.paths import RunPaths
 
 log = logging.getLogger("bench.purification")
 

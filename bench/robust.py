@@ -17,7 +17,7 @@ classifier stage's time and backward passes per sample (with DAD: every stage's 
 worst case minus the backbone's with its paired 95% interval (Newcombe) on the images both cover. Writes
 ``bench/results/<name>.json`` and ``<name>.md`` (the README table).
 
-    python bench/robust.py --config configs/digits_robust.yaml --methods standard pgd_at trades fat gairat
+    python -m bench.robust --config configs/digits_robust.yaml --methods standard pgd_at trades fat gairat
 
 Any other ``--<section>.<option> VALUE`` is a configuration override, as with ``train.py`` (e.g. ``--run.name
 digits_robust_route --denoiser.adv_steps 5``: the leaderboard with the denoiser trained against its route).
@@ -25,7 +25,7 @@ digits_robust_route --denoiser.adv_steps 5``: the leaderboard with the denoiser 
 Methods run as separate invocations (one per process or per session, each with its own ``--name``) become one
 table with ``--merge``, which reads the saved results and reruns nothing:
 
-    python bench/robust.py --merge robust_leaderboard_cifar10_cpu_robust_standard \
+    python -m bench.robust --merge robust_leaderboard_cifar10_cpu_robust_standard \
         robust_leaderboard_cifar10_cpu_robust_pgd_at --name robust_leaderboard_cifar10_cpu_robust
 """
 
@@ -41,17 +41,16 @@ from typing import Any, get_args
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides,  # noqa: E402
+from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides,
                            write_result)
-from dad.stats import paired_difference_interval  # noqa: E402
-from lightning_modules.classifier import Training  # noqa: E402
-from evaluation.runner import evaluate  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
-from pipeline.paths import STAGES, RunPaths  # noqa: E402
-from pipeline.stages import run_pipeline  # noqa: E402
-from pipeline.trainer import quiet_third_party, run_device  # noqa: E402
+from dad.stats import paired_difference_interval
+from lightning_modules.classifier import Training
+from evaluation.runner import evaluate
+from pipeline.config import PipelineConfig, load_config
+from pipeline.paths import STAGES, RunPaths
+from pipeline.stages import run_pipeline
+from pipeline.trainer import quiet_third_party, run_device
 
 __all__ = ["main", "leaderboard_rows", "merge"]
 
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or f"robust_leaderboard_{Path(args.config).stem}"
     result = {"config": args.config, "threat": differences[0]["threat"], "rows": rows, "differences": differences,
               "wall_seconds_this_invocation": seconds, "machine": machine_description(run_device(base.trainer)),
-              "threads": threads, "command": " ".join(["python bench/robust.py", *(argv or sys.argv[1:])])}
+              "threads": threads, "command": " ".join(["python -m bench.robust", *(argv or sys.argv[1:])])}
     _write(name, result)
     return result
 

@@ -1,8 +1,8 @@
 """The routing modes side by side on one trained run: clean, all-adversarial and mixed batches, and their cost.
 
-    OMP_NUM_THREADS=2 python bench/routing.py --run runs/demo
-    OMP_NUM_THREADS=2 python bench/routing.py --run runs/cifar10_cpu --max-test 1000
-    python bench/routing.py --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
+    OMP_NUM_THREADS=2 python -m bench.routing --run runs/demo
+    OMP_NUM_THREADS=2 python -m bench.routing --run runs/cifar10_cpu --max-test 1000
+    python -m bench.routing --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
 
 Classifier-only AEs (the run's ``eval.attacks.pgd_linf``, crafted once on the classifier with the evaluation's
 seeds: they do not depend on the routing) of the first ``--max-test`` test images are then classified by the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench  # noqa: E402
-from dad.attacks import AttackSpec, run_seeded, target_of  # noqa: E402
-from dad.attacks.objectives import with_filler  # noqa: E402
-from dad.defense import DADDefense, load_defense  # noqa: E402
-from dad.io import atomic_write_json  # noqa: E402
-from dad.routing import ROUTINGS  # noqa: E402
-from dad.stats import accuracy_interval  # noqa: E402
-from pipeline.stages import load_datamodule  # noqa: E402
+from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench
+from dad.attacks import AttackSpec, run_seeded, target_of
+from dad.attacks.objectives import with_filler
+from dad.defense import DADDefense, load_defense
+from dad.io import atomic_write_json
+from dad.routing import ROUTINGS
+from dad.stats import accuracy_interval
+from pipeline.stages import load_datamodule
 
 log = logging.getLogger("bench.routing")
 

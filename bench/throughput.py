@@ -27,14 +27,13 @@ built from the real classes with random weights; its detectors are calibrated on
 witness's "AEs" are brightened images), so a fresh clean batch is not flagged and a heavily noised batch is
 (both checked before timing).
 
-    OMP_NUM_THREADS=1 python bench/throughput.py --config configs/cifar10_cpu.yaml --threads 1
+    OMP_NUM_THREADS=1 python -m bench.throughput --config configs/cifar10_cpu.yaml --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,19 +42,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, PeakMemory, configure_threads, machine_description, write_result  # noqa: E402
-from dad.attacks import AttackSpec, run_attack  # noqa: E402
-from dad.defense import DADDefense  # noqa: E402
-from dad.denoisers import UNetDenoiser  # noqa: E402
-from dad.detector import MMDDetector  # noqa: E402
-from dad.sample_detector import SampleDetector  # noqa: E402
-from dad.kernels import SemanticKernel  # noqa: E402
-from dad.mmd import j_statistic, mmd2_biased  # noqa: E402
-from dad.models import create_model, freeze  # noqa: E402
-from dad.noise import add_noise  # noqa: E402
-from pipeline.config import PipelineConfig, load_config  # noqa: E402
+from bench.machine import RESULTS, PeakMemory, configure_threads, machine_description, write_result
+from dad.attacks import AttackSpec, run_attack
+from dad.defense import DADDefense
+from dad.denoisers import UNetDenoiser
+from dad.detector import MMDDetector
+from dad.sample_detector import SampleDetector
+from dad.kernels import SemanticKernel
+from dad.mmd import j_statistic, mmd2_biased
+from dad.models import create_model, freeze
+from dad.noise import add_noise
+from pipeline.config import PipelineConfig, load_config
 
 TARGET_CLEAN_RATIO = 1.1
 """Every routing on clean batches within 1.1x the bare classifier at batch 100 (issue 14; 1.5 before)."""

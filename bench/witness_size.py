@@ -1,12 +1,12 @@
 """Per-sample detection quality and cost against the size of the witness's stored sets, on the validation split.
 
-    OMP_NUM_THREADS=2 python bench/witness_size.py --run runs/cifar10_cpu --sizes 50,100,200,500
-    python bench/witness_size.py --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
+    OMP_NUM_THREADS=2 python -m bench.witness_size --run runs/cifar10_cpu --sizes 50,100,200,500
+    python -m bench.witness_size --run runs/cifar10_cpu --trainer.accelerator gpu --trainer.devices 1
 
 The per-sample witness (:mod:`dad.sample_detector`) compares each image with the stored clean images and their
 training AEs, so its cost grows linearly with ``defense.witness_size`` (the images kept of each set). This bench
 chooses that size without touching the test split: for each size it keeps the same seeded subset the pipeline
-keeps (``pipeline.stages._witness_sets``) of the saved defense's stored sets, calibrates the per-sample
+keeps (``pipeline.defense._witness_sets``) of the saved defense's stored sets, calibrates the per-sample
 threshold on the calibration split (as the pipeline does), and measures on the *validation* split:
 
 * AUROC of the per-sample score, clean images against their classifier-only AEs (the run's
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, machine_description, median_ms, parse_with_overrides, start_run_bench  # noqa: E402
-from bench.routing import classifier_aes, mixed_batches  # noqa: E402
-from dad.defense import DADDefense, load_defense  # noqa: E402
-from dad.io import atomic_write_json  # noqa: E402
-from dad.metrics import auroc  # noqa: E402
-from dad.sample_detector import SampleDetector  # noqa: E402
-from pipeline.stages import load_datamodule  # noqa: E402
+from bench.machine import RESULTS, machine_description, median_ms, parse_with_overrides, start_run_bench
+from bench.routing import classifier_aes, mixed_batches
+from dad.defense import DADDefense, load_defense
+from dad.io import atomic_write_json
+from dad.metrics import auroc
+from dad.sample_detector import SampleDetector
+from pipeline.stages import load_datamodule
 
 log = logging.getLogger("bench.witness_size")
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     Model,
     as_autograd_tensor,
     check_positive,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dad.attacks._utils import as_autograd_tensor, gradients_enabled
+from dad.attacks.common import as_autograd_tensor, gradients_enabled
 
 __all__ = [
     "CheckResult",

@@ -58,7 +58,7 @@ from evaluation.analysis import (
 )
 from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import check_more_draws, run_sanity
-from evaluation.settings import TransferSettings
+from pipeline.eval_settings import TransferSettings
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
 from lightning_modules.evaluator import CLEAN, DefenseEvaluator

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks import AttackSpec, chunk_seed
-from dad.attacks._utils import margin
+from dad.attacks.common import margin
 from dad.attacks.registry import seeded
 from dad.sanity import (
     CheckResult, attack_checks, attack_variants, check_at_least_as_strong, check_gradients, check_randomness,

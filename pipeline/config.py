@@ -3,7 +3,7 @@
 ``run`` and ``defense`` are defined here; ``data`` is :class:`~datamodules.settings.DataSettings`,
 ``classifier``/``kernel``/``denoiser``/``score`` the settings of their LightningModules, ``purifier`` the
 diffusion purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`), ``attack`` (the training
-AEs) an :class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~evaluation.settings.EvalSettings`, and
+AEs) an :class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~pipeline.eval_settings.EvalSettings`, and
 ``trainer`` any argument of ``pytorch_lightning.Trainer`` (read from its signature, as LightningCLI does).
 Every option has one name, one default and one check (the section's ``__post_init__``). Parsing uses
 jsonargparse, the library behind LightningCLI: ``--config file.yaml``, dotted ``--section.field`` flags,
@@ -27,7 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from dad.attacks import AttackSpec
 from dad.diffusion.selection import PurifierSettings
 from datamodules.settings import DataSettings
-from evaluation.settings import EvalSettings
+from pipeline.eval_settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings

@@ -15,8 +15,7 @@ is never read.
 from __future__ import annotations
 
 import logging
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -25,23 +24,15 @@ from torch import Tensor
 from dad.defense import load_defense
 from dad.diffusion import DiffusionPurifier, Purifier
 from dad.diffusion.selection import MAPPING_OF, select_bias, select_t_star
-from datamodules import DADDataModule, PairedDataModule
+from datamodules import DADDataModule
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.networks import RunNetworks
 from pipeline.paths import RunPaths
+from pipeline.trainer import run_device
 
-if TYPE_CHECKING:
-    from pipeline.stages import RunNetworks
-
-__all__ = ["run_purifier", "selection_device"]
+__all__ = ["run_purifier"]
 
 log = logging.getLogger(__name__)
-
-
-def selection_device(trainer: dict[str, Any]) -> torch.device:
-    """The device of the selection: this process's GPU when the run trains on GPUs, else the CPU."""
-    if trainer.get("accelerator", "auto") in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def _subset(images: Tensor, size: int | None, seed: int, *others: Tensor) -> tuple[Tensor, ...]:
@@ -59,12 +50,12 @@ def run_purifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: 
     if not p.kinds:
         raise ConfigError("`purifier.kinds` is empty: name the purifiers to build, e.g. "
                           "--purifier.kinds '[fixed, ssni_n, ssni_l]'")
-    device = selection_device(cfg.trainer)
+    device = run_device(cfg.trainer)  # the selection runs outside a Trainer: on the run's device
     model, schedule = nets.score
     base = load_defense(paths.defense).to(device)  # the calibrated defense: classifier, detectors, thresholds
     classifier = base.classifier
     model, schedule = model.to(device), schedule.to(device)
-    paired = PairedDataModule(dm, nets.classifier, nets.classifier_hash, cfg.attack, paths.aes, "denoiser", "val")
+    paired = nets.paired(dm, "denoiser", "val", None)
     clean, adversarial, labels = paired.triples("val")  # the denoiser stage's cache: made once
     clean, labels, adversarial = _subset(clean, p.select_size, cfg.run.seed, labels, adversarial)
     calibration = _subset(dm.split_tensors(dm.splits.calibration_split)[0], p.calibration_size, cfg.run.seed)[0]

@@ -16,13 +16,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from callbacks.device_data import BatchesOnDevice
-from callbacks.resume import ResumeState
+from callbacks import BatchesOnDevice, ResumeState, StepProgressBar
 from pipeline.checkpoints import AtomicCheckpointIO
-from pipeline.config import trainer_parser
+from pipeline.config import PipelineConfig, trainer_parser
+from pipeline.paths import RunPaths
 
-__all__ = ["trainer_arguments", "build_trainer", "quiet_third_party", "run_device", "FP32"]
+__all__ = ["trainer_arguments", "build_trainer", "stage_trainer", "checkpointing", "step_bar", "is_rank_zero",
+           "quiet_third_party", "run_device", "FP32"]
 
 FP32 = {"precision": "32-true"}
 """Trainer arguments of the work done in float32 whatever precision the run trains in: calibration, evaluation."""
@@ -64,6 +66,35 @@ def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callback
     return pl.Trainer(default_root_dir=root, logger=loggers, callbacks=every, plugins=plugins,
                       use_distributed_sampler=False,  # the data modules shard by rank themselves
                       enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in every), **options)
+
+
+def stage_trainer(cfg: PipelineConfig, paths: RunPaths, stage: str, callbacks: list[Callback],
+                  **kwargs: Any) -> pl.Trainer:
+    """The Trainer of ``stage`` in the run ``cfg`` (:func:`build_trainer`; ``kwargs``: what the stage owns)."""
+    return build_trainer(cfg.trainer, str(paths.root), stage, callbacks, **kwargs)
+
+
+def checkpointing(cfg: PipelineConfig, paths: RunPaths, stage: str, monitor: str | None = None,
+                  every_n_steps: int | None = None) -> list[Callback]:
+    """``best.ckpt`` (when a metric is monitored) and ``last.ckpt`` (every n steps, else every epoch)."""
+    directory = str(paths.stage_dir(stage))
+    last = ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, enable_version_counter=False,
+                           every_n_train_steps=every_n_steps or cfg.run.checkpoint_every_n_steps)
+    if monitor is None:
+        return [last]
+    best = ModelCheckpoint(dirpath=directory, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                           enable_version_counter=False)
+    return [best, last]
+
+
+def step_bar(cfg: PipelineConfig) -> list[Callback]:
+    """A progress bar over the steps of a stage trained for a number of steps, where progress bars are on."""
+    return [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (known from the launcher's environment, before any Trainer)."""
+    return rank_zero_only.rank == 0
 
 
 def run_device(trainer: Mapping[str, Any]) -> torch.device:

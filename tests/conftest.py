@@ -11,7 +11,7 @@ import torch
 
 from dad.attacks import AttackSpec
 from datamodules.settings import DataSettings
-from evaluation.settings import EvalSettings
+from pipeline.eval_settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings

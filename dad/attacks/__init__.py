@@ -7,12 +7,13 @@ the registry (:func:`run_attack`); importing this package registers every attack
 """
 
 from dad.attacks import apgd, defense_pgd, square  # noqa: F401  (registration; the others are imported below)
-from dad.attacks._utils import preserve_mode
+from dad.attacks.common import preserve_mode
 from dad.attacks.autoattack import autoattack
 from dad.attacks.cw import cw_l2
 from dad.attacks.mma import mma
 from dad.attacks.pgd import pgd, projected_gradient_ascent
-from dad.attacks.registry import chunk_seed, list_attacks, register_attack, run_attack, run_seeded, target_of
+from dad.attacks.catalog import list_attacks, register_attack
+from dad.attacks.registry import chunk_seed, run_attack, run_seeded, target_of
 from dad.attacks.spec import DEFENSE_OBJECTIVES, EVASION_OBJECTIVES, THREATS, AttackSpec, Threat
 
 __all__ = [

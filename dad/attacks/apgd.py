@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     Norm,
     as_autograd_tensor,
     check_at_least_one,
@@ -39,7 +39,7 @@ from dad.attacks._utils import (
 from dad.attacks.objectives import (
     Judge, PerSample, classification_loss, defense_objective, error_rates, judged_steps, strongest_batch,
 )
-from dad.attacks.registry import register_attack
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
 __all__ = ["apgd", "checkpoints", "apgd_attack", "apgd_defense_attack"]

@@ -15,8 +15,8 @@ import torchattacks
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
-from dad.attacks._utils import Model, Norm, check_at_least_one, check_norm, check_positive, preserve_mode, project
-from dad.attacks.registry import register_attack
+from dad.attacks.common import Model, Norm, check_at_least_one, check_norm, check_positive, preserve_mode, project
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 from dad.attacks.torchattacks_adapter import TORCHATTACKS_NORMS, run_torchattacks
 

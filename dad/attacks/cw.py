@@ -11,8 +11,8 @@ from __future__ import annotations
 import torchattacks
 from torch import Tensor, nn
 
-from dad.attacks._utils import Model, check_at_least_one, check_positive, project
-from dad.attacks.registry import register_attack
+from dad.attacks.common import Model, check_at_least_one, check_positive, project
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 from dad.attacks.torchattacks_adapter import run_torchattacks
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     Norm,
     as_autograd_tensor,
     check_at_least_one,
@@ -30,7 +30,7 @@ from dad.attacks._utils import (
 )
 from dad.attacks.objectives import Judge, PerSample, defense_objective, error_rates, judged_steps, strongest_batch
 from dad.attacks.pgd import expected_gradient
-from dad.attacks.registry import register_attack
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
 __all__ = ["defense_pgd", "defense_pgd_attack"]

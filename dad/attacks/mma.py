@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     Model,
     Norm,
     as_autograd_tensor,
@@ -25,7 +25,7 @@ from dad.attacks._utils import (
     preserve_mode,
 )
 from dad.attacks.pgd import Objective, projected_gradient_ascent
-from dad.attacks.registry import register_attack
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
 __all__ = ["mma"]

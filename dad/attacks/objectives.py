@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks._utils import check_at_least_one, check_positive
+from dad.attacks.common import check_at_least_one, check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
 from dad.defense import Detection
 from dad.diffusion import SSNIPurifier

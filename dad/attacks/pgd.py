@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     Model,
     Norm,
     as_autograd_tensor,
@@ -31,7 +31,7 @@ from dad.attacks._utils import (
     random_delta,
 )
 from dad.attacks.objectives import classification_loss, error_rates, strongest_batch
-from dad.attacks.registry import register_attack
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
 __all__ = ["projected_gradient_ascent", "pgd", "LOSSES", "Objective", "expected_gradient"]

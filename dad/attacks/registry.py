@@ -3,62 +3,21 @@
 Training AEs, the evaluation, the benchmarks and the tests all call :func:`run_attack` (or
 :func:`run_seeded`, which also fixes the random state from the spec's seed and a chunk index), so the
 same spec gives the same attack on every path. A new attack is one file that defines a function
-decorated with :func:`register_attack`, plus its import in :mod:`dad.attacks`: ``fn(spec, model, x, y)``
-for ``threat="classifier"`` (``model`` is the classifier) and ``fn(spec, defense, x, y, filler)`` for
-``threat="defense"`` (``filler``: clean images the defense sees in the same batch, or None).
+decorated with :func:`~dad.attacks.catalog.register_attack`, plus its import in :mod:`dad.attacks`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from dad.attacks.spec import AttackSpec
+from dad.attacks.catalog import attack_fn, check_registered
+from dad.attacks.spec import AttackSpec
 
-__all__ = ["AttackFn", "register_attack", "list_attacks", "check_registered", "run_attack", "run_seeded",
-           "chunk_seed", "seeded", "target_of"]
-
-AttackFn = Callable[..., Tensor]
-"""``fn(spec, target, x, y[, filler])`` -> detached AEs in [0, 1] within ``spec.eps`` of ``x``."""
-
-_ATTACKS: dict[tuple[str, str], AttackFn] = {}
-_NORMS: dict[tuple[str, str], tuple[str, ...]] = {}
-
-
-def register_attack(name: str, threat: str, norms: tuple[str, ...] = ("linf", "l2")) -> Callable[[AttackFn], AttackFn]:
-    """Register ``fn`` as attack ``name`` under ``threat`` for the threat models ``norms``.
-
-    A second registration of the same pair is an error.
-    """
-
-    def decorate(fn: AttackFn) -> AttackFn:
-        if (name, threat) in _ATTACKS:
-            raise ValueError(f"Attack {name!r} is already registered for threat {threat!r}")
-        _ATTACKS[(name, threat)] = fn
-        _NORMS[(name, threat)] = norms
-        return fn
-
-    return decorate
-
-
-def list_attacks() -> list[tuple[str, str]]:
-    """Every registered ``(name, threat)`` pair, sorted."""
-    return sorted(_ATTACKS)
-
-
-def check_registered(name: str, threat: str, norm: str | None = None) -> None:
-    """Raise a one-line ValueError unless ``name`` is registered under ``threat`` (and supports ``norm``)."""
-    if (name, threat) not in _ATTACKS:
-        names = sorted(n for n, t in _ATTACKS if t == threat)
-        raise ValueError(f"Expected an attack registered for threat {threat!r} (one of {names}), got {name!r}")
-    if norm is not None and norm not in _NORMS[(name, threat)]:
-        raise ValueError(f"Attack {name!r} supports `norm` in {_NORMS[(name, threat)]}, got {norm!r}")
-
+__all__ = ["run_attack", "run_seeded", "chunk_seed", "seeded", "target_of"]
 
 def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None = None) -> Tensor:
     """Run ``spec`` on one batch: ``target`` is the classifier (threat ``classifier``) or the defense.
@@ -67,7 +26,7 @@ def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, filler
     perturbed. A classifier-only attack does not depend on the batch, so it takes none.
     """
     check_registered(spec.name, spec.threat, spec.norm)
-    fn = _ATTACKS[(spec.name, spec.threat)]
+    fn = attack_fn(spec.name, spec.threat)
     if spec.threat == "defense":
         return fn(spec, target, x, y, filler)
     if filler is not None:

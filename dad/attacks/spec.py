@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from dad.attacks._utils import Norm, check_at_least_one, check_norm, check_positive
+from dad.attacks.catalog import check_registered
+from dad.attacks.common import Norm, check_at_least_one, check_norm, check_positive
 
 __all__ = ["AttackSpec", "Threat", "THREATS", "DEFENSE_OBJECTIVES", "EVASION_OBJECTIVES"]
 
@@ -87,8 +88,6 @@ class AttackSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from dad.attacks.registry import check_registered  # the registry imports this module
-
         if self.threat not in THREATS:
             raise ValueError(f"Expected `threat` in {THREATS}, got {self.threat!r}")
         object.__setattr__(self, "norm", check_norm(self.norm))

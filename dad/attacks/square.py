@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dad.attacks._utils import (
+from dad.attacks.common import (
     as_autograd_tensor,
     check_at_least_one,
     check_positive,
@@ -30,7 +30,7 @@ from dad.attacks._utils import (
     preserve_mode,
 )
 from dad.attacks.objectives import Judge, error_rates, with_filler
-from dad.attacks.registry import register_attack
+from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
 __all__ = ["square", "square_fraction", "square_attack", "square_defense_attack"]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
-from dad.attacks._utils import Model, as_autograd_tensor, check_unit_range, gradients_enabled, preserve_mode
+from dad.attacks.common import Model, as_autograd_tensor, check_unit_range, gradients_enabled, preserve_mode
 
 __all__ = ["InputDeviceModel", "isolated_rng", "run_torchattacks", "TORCHATTACKS_NORMS"]
 

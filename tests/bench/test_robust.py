@@ -25,7 +25,7 @@ def _result(method: str, threat: str = "linf eps=0.03137", config: str = "config
             "differences": [{"method": method, "threat": threat, "n": 500, "dad_minus_alone": -0.02,
                              "ci95": [-0.04, 0.0]}],
             "wall_seconds_this_invocation": {method: 100.0}, "machine": {"cpu": "x"}, "threads": threads,
-            "command": f"python bench/robust.py --methods {method}"}
+            "command": f"python -m bench.robust --methods {method}"}
 
 
 def test_merge_keeps_every_row_in_the_methods_order_and_each_source() -> None:

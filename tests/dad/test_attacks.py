@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from dad.attacks import (
     AttackSpec, autoattack, cw_l2, list_attacks, mma, pgd, preserve_mode, projected_gradient_ascent, run_attack,
 )
-from dad.attacks._utils import margin, normalized_step, project, random_delta
+from dad.attacks.common import margin, normalized_step, project, random_delta
 
 N_CLASSES = 10
 
@@ -380,7 +380,7 @@ def test_the_registry_names_every_attack_once() -> None:
                                    ("autoattack", "classifier"), ("apgd", "classifier"), ("square", "classifier"),
                                    ("pgd", "defense"), ("apgd", "defense"), ("square", "defense")}
     with pytest.raises(ValueError, match="already registered"):
-        from dad.attacks.registry import register_attack
+        from dad.attacks.catalog import register_attack
 
         register_attack("pgd", "classifier")(lambda *args: args[2])
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks import pgd
-from dad.attacks._utils import random_delta
+from dad.attacks.common import random_delta
 from dad.models import create_model
 from dad.robust import (
     FAT_TAU_SCHEDULE,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks import pgd
-from dad.attacks._utils import margin
+from dad.attacks.common import margin
 from dad.defense import DefenseOutput
 from dad.metrics import auroc, even_splits, mixed_batch_rates, rate_above, roc_curve, worst_case
 from dad.sanity import (

@@ -15,7 +15,7 @@ import lightning_modules.evaluator as evaluator_module
 from bench.robust import leaderboard_rows
 from dad.attacks import AttackSpec
 from evaluation.runner import evaluate
-from evaluation.settings import TransferSettings
+from pipeline.eval_settings import TransferSettings
 from evaluation.state import AttackState
 from pipeline.config import PipelineConfig
 from pipeline.stages import run_pipeline

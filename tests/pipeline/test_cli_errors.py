@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main_eval, main_train
+from evaluation.cli import main_eval
+from pipeline.cli import main_train
 
 TINY = ["--config", "configs/digits.yaml", "--trainer.enable_progress_bar", "false"]
 

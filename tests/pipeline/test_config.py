@@ -17,7 +17,8 @@ from datamodules.registry import build_datamodule
 from lightning_modules.classifier import ClassifierSettings
 from pipeline.config import PipelineConfig, dump_config, load_config
 from pipeline.paths import RunPaths
-from pipeline.stages import RunNetworks, run_stage
+from pipeline.networks import RunNetworks
+from pipeline.stages import run_stage
 from tests.conftest import tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -17,7 +17,8 @@ from datamodules import DataSettings, DigitsDataModule
 from datamodules.ae_cache import load_or_generate
 from pipeline.config import load_config
 from pipeline.paths import RunPaths
-from pipeline.stages import RunNetworks, run_stage
+from pipeline.networks import RunNetworks
+from pipeline.stages import run_stage
 from tests.conftest import tiny_config
 
 SCRIPT = Path(__file__).parent / "scripts" / "one_step.py"

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.overrides import TorchFunctionMode
 
-import pipeline.stages as stages
+import pipeline.trainer as trainers
 from pipeline.stages import run_stage
 from tests.conftest import tiny_config
 
@@ -87,8 +87,9 @@ def test_training_steps_read_nothing_back_to_the_host(stage: str, tmp_path, monk
     for earlier in ("classifier", "kernel")[: ("classifier", "kernel", "denoiser").index(stage)]:
         run_stage(cfg, earlier)
     counter = ReadsPerStep()
-    real = stages._trainer
-    monkeypatch.setattr(stages, "_trainer", lambda c, p, name, cbs, **kw: real(c, p, name, [*cbs, counter], **kw))
+    real = trainers.stage_trainer
+    monkeypatch.setattr(trainers, "stage_trainer",
+                        lambda c, p, name, cbs, **kw: real(c, p, name, [*cbs, counter], **kw))
     run_stage(cfg, stage)
     steady = counter.steps[2:]  # the first steps may read once (lazy initialisation)
     assert len(steady) >= 5

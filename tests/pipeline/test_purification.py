@@ -19,7 +19,8 @@ from dad.diffusion.selection import PurifierSettings
 from evaluation.runner import evaluate
 from lightning_modules.score import ScoreSettings
 from pipeline.checkpoints import read_checkpoint
-from pipeline.cli import main_eval, main_train
+from evaluation.cli import main_eval
+from pipeline.cli import main_train
 from pipeline.config import ConfigError, PipelineConfig, dump_config
 from pipeline.paths import RunPaths
 from pipeline.stages import load_datamodule, run_pipeline, run_stage
@@ -112,19 +113,19 @@ class _Interrupt(pl.Callback):
 
 def test_the_score_stage_resumes_from_its_last_checkpoint(trained: PipelineConfig, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.stages as stages
+    import pipeline.trainer as trainers
 
     cfg = _copy(trained, tmp_path)
     paths = RunPaths(cfg.run.dir)
     shutil.rmtree(paths.stage_dir("score"))
     cfg = replace(cfg, run=replace(cfg.run, checkpoint_every_n_steps=4))
-    real = stages._trainer
-    monkeypatch.setattr(stages, "_trainer",
+    real = trainers.stage_trainer
+    monkeypatch.setattr(trainers, "stage_trainer",
                         lambda c, p, stage, cbs, **kw: real(c, p, stage, [*cbs, _Interrupt()], **kw))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(cfg, "score")
     assert 0 < read_checkpoint(paths.last("score"), "score")["global_step"] < 10
-    monkeypatch.setattr(stages, "_trainer", real)
+    monkeypatch.setattr(trainers, "stage_trainer", real)
     run_stage(cfg, "score", ckpt_path="last")
     resumed = read_checkpoint(paths.last("score"), "score")
     reference = read_checkpoint(RunPaths(trained.run.dir).last("score"), "score")

@@ -12,7 +12,8 @@ from dad.defense import DADDefense, load_defense
 from evaluation.runner import evaluate
 from pipeline.checkpoints import read_checkpoint, sub_state_dict
 from pipeline.paths import RunPaths
-from pipeline.stages import RunNetworks, run_pipeline, run_stage
+from pipeline.networks import RunNetworks
+from pipeline.stages import run_pipeline, run_stage
 
 
 def _assert_fraction(value: float) -> None:
@@ -86,7 +87,7 @@ class _Interrupt(pl.Callback):
 
 
 def test_kernel_stage_resumes_from_last_checkpoint(tiny, tmp_path, monkeypatch):
-    import pipeline.stages as pipeline
+    import pipeline.trainer as trainers
 
     run_stage(tiny, "classifier")
     reference = run_stage(tiny, "kernel")  # uninterrupted
@@ -96,13 +97,13 @@ def test_kernel_stage_resumes_from_last_checkpoint(tiny, tmp_path, monkeypatch):
 
     cfg = tiny_config(tmp_path / "b")
     run_stage(cfg, "classifier")
-    real_trainer = pipeline._trainer
-    monkeypatch.setattr(pipeline, "_trainer",
+    real_trainer = trainers.stage_trainer
+    monkeypatch.setattr(trainers, "stage_trainer",
                         lambda c, p, stage, cbs, **kw: real_trainer(c, p, stage, [*cbs, _Interrupt(3)], **kw))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(cfg, "kernel")
     assert not RunPaths(cfg.run.dir).done("kernel").exists()
-    monkeypatch.setattr(pipeline, "_trainer", real_trainer)
+    monkeypatch.setattr(trainers, "stage_trainer", real_trainer)
     resumed = run_stage(cfg, "kernel", ckpt_path="last")
     state = read_checkpoint(RunPaths(cfg.run.dir).last("kernel"), "kernel")
     assert state["global_step"] == ref_state["global_step"] == tiny.kernel.steps

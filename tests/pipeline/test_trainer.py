@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from callbacks import StepProgressBar
-from pipeline.stages import _step_bar
+from pipeline.trainer import step_bar
 from pipeline.trainer import DROPPED_PREFIXES, run_device, quiet_third_party
 from tests.conftest import tiny_config
 
@@ -37,8 +37,8 @@ def test_the_run_device_is_where_a_trainer_of_the_run_places_its_module() -> Non
 
 def test_the_kernel_stage_shows_one_bar_over_its_steps_unless_bars_are_off(tmp_path) -> None:
     cfg = tiny_config(tmp_path)
-    assert _step_bar(cfg) == []  # the tiny config turns progress bars off
-    on = _step_bar(type(cfg)(**{**cfg.__dict__, "trainer": {**cfg.trainer, "enable_progress_bar": True}}))
+    assert step_bar(cfg) == []  # the tiny config turns progress bars off
+    on = step_bar(type(cfg)(**{**cfg.__dict__, "trainer": {**cfg.trainer, "enable_progress_bar": True}}))
     assert len(on) == 1 and isinstance(on[0], StepProgressBar)
 
 

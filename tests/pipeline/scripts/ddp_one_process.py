@@ -19,7 +19,8 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 import torch
 from torchmetrics import MeanMetric
 
-from pipeline.cli import main_eval, main_train
+from evaluation.cli import main_eval
+from pipeline.cli import main_train
 from pipeline.config import load_config
 from tests.collectives import CollectiveOutsideTrainer, guard_collectives
 

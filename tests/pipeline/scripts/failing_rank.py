@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytorch_lightning as pl
 
-import pipeline.stages as pipeline
+import pipeline.trainer as trainers
+from pipeline.stages import run_stage
 from pipeline.config import load_config
 
 
@@ -24,11 +25,11 @@ class _Fail(pl.Callback):
 
 
 def main(config: str, rank: str) -> None:
-    real = pipeline._trainer
-    pipeline._trainer = lambda c, p, s, cbs, **kw: real(c, p, s, [*cbs, _Fail(int(rank))], **kw)
+    real = trainers.stage_trainer
+    trainers.stage_trainer = lambda c, p, s, cbs, **kw: real(c, p, s, [*cbs, _Fail(int(rank))], **kw)
     cfg = load_config(config)
     cfg = replace(cfg, trainer={**cfg.trainer, "strategy": "ddp", "devices": 2})
-    pipeline.run_stage(cfg, "classifier")
+    run_stage(cfg, "classifier")
 
 
 if __name__ == "__main__":

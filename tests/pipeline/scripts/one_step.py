@@ -26,7 +26,7 @@ from lightning_modules.denoiser import DenoiserModule, DenoiserSettings
 from lightning_modules.kernel import KernelModule, KernelSettings
 from pipeline.config import load_config
 from pipeline.paths import RunPaths
-from pipeline.stages import RunNetworks
+from pipeline.networks import RunNetworks
 
 GLOBAL_BATCH = 16
 ATTACK = AttackSpec(name="pgd", eps=0.2, step_size=0.05, steps=3, batch_size=8, seed=3)

@@ -10,7 +10,8 @@ import time
 
 import pytorch_lightning as pl
 
-import pipeline.stages as pipeline
+import pipeline.trainer as trainers
+from pipeline.stages import run_stage
 from pipeline.config import load_config
 
 
@@ -23,9 +24,9 @@ class _Pause(pl.Callback):
 
 
 def main(config: str, stage: str, seconds: str, *flags: str) -> None:
-    real = pipeline._trainer
-    pipeline._trainer = lambda c, p, s, cbs, **kw: real(c, p, s, [*cbs, _Pause(float(seconds))], **kw)
-    pipeline.run_stage(load_config(config), stage, ckpt_path="last" if "--resume" in flags else None)
+    real = trainers.stage_trainer
+    trainers.stage_trainer = lambda c, p, s, cbs, **kw: real(c, p, s, [*cbs, _Pause(float(seconds))], **kw)
+    run_stage(load_config(config), stage, ckpt_path="last" if "--resume" in flags else None)
 
 
 if __name__ == "__main__":

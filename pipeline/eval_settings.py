@@ -1,4 +1,7 @@
-"""The evaluation section of a run (``eval.py``): attacks, detection metrics, mixed batches, transfer, sanity."""
+"""The evaluation section of a run (``eval.py``): attacks, detection metrics, mixed batches, transfer, sanity.
+
+Part of the run configuration (:mod:`pipeline.config`), which the pipeline owns; :mod:`evaluation` reads it.
+"""
 
 from __future__ import annotations
 

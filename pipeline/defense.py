@@ -1,0 +1,80 @@
+"""The defense stage: the trained networks assembled with the reference and witness sets, calibrated, saved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from callbacks import ThresholdCalibration
+from dad.defense import DADDefense
+from dad.detector import MMDDetector
+from dad.sample_detector import SampleDetector
+from datamodules import DADDataModule
+from lightning_modules.evaluator import DefenseEvaluator
+from pipeline import trainer as trainers
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.networks import RunNetworks
+from pipeline.paths import RunPaths
+from pipeline.trainer import FP32, run_device
+
+__all__ = ["assemble_defense", "calibration_sizes", "run_defense"]
+
+
+def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:
+    images, _ = dm.split_tensors("mmd")
+    if size > len(images):
+        raise ConfigError(f"`defense.reference_size`={size} exceeds the MMD set's {len(images)} images")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:size]]
+
+
+def _witness_sets(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule,
+                  nets: RunNetworks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MMD set and its training AEs (the kernel's own, from the AE cache), or ``witness_size`` of them."""
+    clean, adversarial, _ = nets.paired(dm, "mmd", None, None).triples("mmd")
+    size = cfg.defense.witness_size
+    if size is not None and size < len(clean):
+        keep = torch.randperm(len(clean), generator=torch.Generator().manual_seed(cfg.run.seed))[:size]
+        clean, adversarial = clean[keep], adversarial[keep]
+    return clean, adversarial
+
+
+def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm: DADDataModule,
+                     device: torch.device | None = None) -> DADDefense:
+    """The (uncalibrated) defense from the trained networks, the reference set and the witness sets, built on
+    ``device`` (the detectors compute the stored sets' features as they are built)."""
+    d = cfg.defense
+    device = device or torch.device("cpu")
+    kernel = nets.kernel.to(device)
+    detector = MMDDetector(kernel, _reference(dm, d.reference_size, cfg.run.seed).to(device), d.target_fpr)
+    witness = (t.to(device) for t in _witness_sets(cfg, paths, dm, nets))
+    sample_detector = SampleDetector(kernel, *witness, d.sample_score, d.target_fpr)
+    return DADDefense(nets.classifier.to(device), detector, nets.denoiser.to(device), cfg.denoiser.noise_std,
+                      cfg.denoiser.noise, sample_detector, d.routing).eval()
+
+
+def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
+    """Batch sizes to calibrate: the inference size, the detection-metric sizes, the test remainder.
+
+    :class:`~callbacks.calibration.ThresholdCalibration` keeps those its clean pool can supply.
+    """
+    n_test = len(dm.splits.test) if cfg.eval.max_test is None else min(cfg.eval.max_test, len(dm.splits.test))
+    return sorted({cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size})
+
+
+def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
+                resume: str | None) -> dict[str, Any]:
+    defense = assemble_defense(cfg, paths, nets, dm, run_device(cfg.trainer))
+    clean, _ = dm.split_tensors(dm.splits.calibration_split)
+    calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
+                                 cfg.defense.calibration_batches, cfg.run.seed)
+    trainer = trainers.stage_trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False, **FP32)
+    loader = DataLoader(dm.dataset("val"), batch_size=cfg.defense.batch_size)
+    trainer.validate(DefenseEvaluator(defense, keep_images=False), dataloaders=loader, verbose=False)
+    if trainers.is_rank_zero():
+        defense.save(paths.defense)
+    return {"calibration": {str(b): r for b, r in calib.results.items()}, "sample_calibration": calib.sample_results,
+            "joint_calibration": {str(b): r for b, r in calib.joint_results.items()}, "routing": defense.routing,
+            "defense": str(paths.defense)}
