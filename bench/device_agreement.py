@@ -28,6 +28,7 @@ from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.mmd import j_statistic
 from dad.models import create_model, freeze
+from dad.purification import DenoiserPurifier
 from dad.sample_detector import SampleDetector
 
 __all__ = ["TOLERANCES", "statistics", "compare"]
@@ -45,7 +46,8 @@ def _defense(generator: torch.Generator) -> DADDefense:
     detector = MMDDetector(kernel, reference)
     sample = SampleDetector(kernel, witness, (witness + 0.1).clamp(0, 1))
     denoiser = UNetDenoiser(in_channels=3, enc_widths=(8, 16), enc_depths=(1, 1), dec_widths=(8,), dec_depths=(1,))
-    return DADDefense(classifier, detector, denoiser.eval(), sample_detector=sample, routing="both").eval()
+    return DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval()), sample_detector=sample,
+                      routing="both").eval()
 
 
 @torch.no_grad()
@@ -61,7 +63,8 @@ def statistics(defense: DADDefense, pool: Tensor, batches: Tensor, seed: int) ->
     generator = torch.Generator().manual_seed(seed)
     thresholds = detector.estimate(pool, [25, 50], 400, generator)
     sample.calibrate(pool, 0.05)
-    joint = defense.joint.estimate(detector, sample, pool, [50], 0.05, 400, torch.Generator().manual_seed(seed + 1))
+    both = defense.routers["both"]
+    joint = both.estimate(detector, sample, pool, [50], 0.05, 400, torch.Generator().manual_seed(seed + 1))
     return {"features": features, "batch_scores": scores, "sample_scores": sample.scores(batches.flatten(0, 1)),
             "j": j_statistic(*detector.kernel.gram(clean, perturbed)),
             "thresholds": torch.stack([t for t, _, _ in thresholds.values()]),

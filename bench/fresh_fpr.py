@@ -24,7 +24,7 @@ import torch
 
 
 from bench.machine import machine_description, parse_with_overrides, start_run_bench, write_result
-from dad.defense import load_defense
+from dad.defense_file import load_defense
 from datamodules.base import to_float
 from datamodules.imagefolder import decode_images, index_folders
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None)
     args, overrides = parse_with_overrides(parser, argv)
     threads, _, paths, device = start_run_bench(args.run, args.threads, overrides)
-    detector = load_defense(paths.defense).to(device).detector
+    defense = load_defense(paths.defense).to(device)
+    detector = defense.detector
     pool = fresh_images(args.root, args.skip, args.size, args.seed).to(device)
     scorer = detector.batch_scorer(pool)
     rates = {}
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_description(device),
         "settings": {"run": str(args.run), "skip_per_class": args.skip, "pool": args.size, "batches": args.batches,
                      "seed": args.seed, "threads": threads},
-        "target_fpr": detector.target_fpr,
+        "target_fpr": defense.target_fpr,
         "fpr_fresh": rates,
     }
     write_result(args.name, result)

@@ -43,7 +43,8 @@ from torch import Tensor
 
 
 from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench, synchronize
-from dad.defense import DADDefense, load_defense
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from dad.io import atomic_write_json
 from dad.routing import DETECTING
 from dad.stats import accuracy_interval, paired_difference_interval

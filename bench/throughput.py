@@ -53,6 +53,7 @@ from dad.kernels import SemanticKernel
 from dad.mmd import j_statistic, mmd2_biased
 from dad.models import create_model, freeze
 from dad.noise import add_noise
+from dad.purification import DenoiserPurifier
 from pipeline.config import PipelineConfig, load_config
 
 TARGET_CLEAN_RATIO = 1.1
@@ -96,16 +97,13 @@ def build_defense(cfg: PipelineConfig, classifier: torch.nn.Module, pool: torch.
     kernel = SemanticKernel(classifier)
     kernel.init_bandwidths(pool[:500], shifted[:500])
     reference, held_out = pool[: cfg.defense.reference_size], pool[cfg.defense.reference_size:]
-    detector = MMDDetector(kernel, reference, cfg.defense.target_fpr)
-    detector.calibrate(held_out, [cfg.defense.batch_size], num_batches=400, generator=generator)
+    detector = MMDDetector(kernel, reference)
     witness = cfg.defense.witness_size or 500
-    sample = SampleDetector(kernel, pool[:witness], shifted[:witness], cfg.defense.sample_score,
-                            cfg.defense.target_fpr)
-    sample.calibrate(held_out)
+    sample = SampleDetector(kernel, pool[:witness], shifted[:witness], cfg.defense.sample_score)
     denoiser = UNetDenoiser(**{"in_channels": 3, **cfg.denoiser.net}).to(pool.device)
-    defense = DADDefense(classifier, detector, denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise, sample)
-    defense.joint.calibrate(detector, sample, held_out, [cfg.defense.batch_size], cfg.defense.target_fpr, 400,
-                            generator)
+    defense = DADDefense(classifier, detector, DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise),
+                         sample_detector=sample)
+    defense.calibrate(held_out, [cfg.defense.batch_size], cfg.defense.target_fpr, num_batches=400)
     return defense.eval()
 
 

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from bench.machine import RESULTS, machine_description, median_ms, parse_with_overrides, start_run_bench
 from bench.routing import classifier_aes, mixed_batches
-from dad.defense import DADDefense, load_defense
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from dad.io import atomic_write_json
 from dad.metrics import auroc
 from dad.sample_detector import SampleDetector
@@ -61,7 +62,7 @@ def measure(defense: DADDefense, detector: SampleDetector, calibration: Tensor, 
     """Calibrate ``detector``, then its quality on the validation split and its cost per batch (timed on the
     device of ``x``)."""
     x, y = val
-    detector.calibrate(calibration, defense.detector.target_fpr)
+    detector.calibrate(calibration, defense.target_fpr)
     clean_scores, ae_scores = detector.scores(x), detector.scores(aes)
     defense.sample_detector, defense.routing = detector, "sample"
     right, purified = mixed_batches(defense, aes, y, (x, y), batch_size, 0.1, draws, seed)

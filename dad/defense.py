@@ -1,60 +1,40 @@
 """DADDefense: the assembled defense as a plain ``nn.Module`` (no Lightning at inference).
 
-Images in [0, 1] go in, logits come out. MMD-OPT judges the input against clean reference data, per
-batch or per image (:mod:`dad.routing`); what is judged clean goes straight to the classifier, what is
-judged adversarial is purified and then classified. The purification path is DAD's (noise, then the
-denoiser) or a diffusion purifier (:mod:`dad.diffusion`: fixed-t DiffPure-style or SSNI), so the same
-harness runs the classifier alone (routing ``never``), a purifier alone (``always``) and DAD with either
-path. The scores and decisions are exposed for logging and for attacks that know them.
+Images in [0, 1] go in, logits come out. MMD-OPT judges the input against clean reference data, per batch or per
+image (a :class:`~dad.routing.Router` per mode, :mod:`dad.routing`); what is judged clean goes straight to the
+classifier, what is judged adversarial is purified (a :class:`~dad.purification.Purifier`: DAD's noise and
+denoiser, a diffusion purifier, or none) and then classified. So the same harness runs the classifier alone
+(routing ``never``), a purifier alone (``always``) and DAD with any purifier. The scores and decisions are exposed
+for logging and for attacks that know them. The defense is the one owner of its calibration (:meth:`calibrate`)
+and of its target false-positive rate; :mod:`dad.defense_file` saves and loads it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dad.detector import MMDDetector
-from dad.diffusion import Purifier, build_purifier, purifier_spec
-from dad.io import IncompatibleFileError, atomic_torch_save, read_tagged
-from dad.networks import build_networks, logits_and_features, network_specs
-from dad.noise import NOISE_MODES, NoiseMode, add_noise
-from dad.routing import ROUTINGS, JointThresholds, Routing, relative_excess
+from dad.detector import TARGET_FPR, MMDDetector, check_fpr
+from dad.io import atomic_torch_save
+from dad.networks import logits_and_features, network_specs
+from dad.purification import Purifier
+from dad.routing import ROUTERS, Detection, Detectors, Router, Routing
 from dad.sample_detector import SampleDetector
 
-__all__ = ["DADDefense", "DefenseOutput", "Detection", "PurifiedRoute", "load_defense", "InvalidInputError",
-           "IncompatibleFileError"]
+__all__ = ["DADDefense", "DefenseOutput", "InvalidInputError", "check_images", "FORMAT", "VERSION"]
 
-_FORMAT = "dad-defense"
-_VERSION = 4
-_READABLE = (1, 2, 3, 4)  # 1: specs without the kernel part; 2: batch routing only; 3: no diffusion purifier
+FORMAT = "dad-defense"
+VERSION = 5
+"""The saved defense's format (5: one purifier of any kind, one router state per mode)."""
 
 
 class InvalidInputError(ValueError):
     """Raised for inputs the defense must not silently process (wrong shape, NaN/inf, outside [0, 1])."""
-
-
-@dataclass
-class Detection:
-    """What the detectors say of a batch, differentiable in its images.
-
-    Attributes:
-        score: the statistic the routing reports: the batch's MMD^2 against the reference set (``batch``,
-            ``both``), the mean per-sample score (``sample``), 0 under the fixed routings.
-        batch_excess: ``(score - threshold) / |threshold|`` of the batch test (None in ``sample`` routing; a
-            constant -1 or +1 without gradient under ``never`` / ``always``, so objectives see a fixed route).
-        sample_excess: the same per image for the per-sample test, shape ``(B,)`` (None in ``batch`` routing).
-        flags: the routing decision per image, shape ``(B,)``: True where the image is purified.
-    """
-
-    score: Tensor
-    batch_excess: Tensor | None
-    sample_excess: Tensor | None
-    flags: Tensor
 
 
 @dataclass
@@ -84,97 +64,65 @@ def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:
         raise InvalidInputError(f"Expected pixel values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 
 
-def purify(denoiser: nn.Module, x: Tensor, noise_std: float, noise: NoiseMode) -> Tensor:
-    """Noise, denoise and clamp to [0, 1]: the path of a batch judged adversarial (training validation too)."""
-    return denoiser(add_noise(x, noise_std, noise)).clamp(0.0, 1.0)
-
-
-class PurifiedRoute(nn.Module):
-    """The route of a flagged batch as one network: noise, denoise, clamp, classify (logits out).
-
-    What an attacker who gets the batch flagged attacks, and what adversarial training of the denoiser
-    (``denoiser.adv_steps``) attacks during training.
-    """
-
-    def __init__(self, denoiser: nn.Module, classifier: nn.Module, noise_std: float, noise: NoiseMode) -> None:
-        super().__init__()
-        self.denoiser = denoiser
-        self.classifier = classifier
-        self.noise_std = noise_std
-        self.noise = noise
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(purify(self.denoiser, x, self.noise_std, self.noise))
-
-
 class DADDefense(nn.Module):
-    """Classifier + MMD-OPT detectors + purification, routing per batch, per image or both (:mod:`dad.routing`).
+    """Classifier + MMD-OPT detectors + a purifier, routing per batch, per image or both (:mod:`dad.routing`).
 
     Args:
         classifier: maps images in [0, 1] to logits; if it is also the kernel's feature extractor,
             one forward pass yields both the logits and the detection features.
-        detector: the calibrated batch MMD detector.
-        denoiser: maps noisy images to denoised ones (None when ``purifier`` is given).
-        noise_std, noise: the noise added before denoising (as in the denoiser's training).
+        detector: the batch MMD detector.
+        purifier: what a flagged image goes through (:mod:`dad.purification`).
         sample_detector: the per-sample detector (needed by the ``sample`` and ``both`` routings).
-        routing: ``batch`` (the paper's), ``sample`` or ``both``, or the baselines ``never`` (the classifier
-            alone) and ``always`` (every image purified); settable on a built or loaded defense.
-        purifier: a diffusion purifier (:class:`~dad.diffusion.DiffusionPurifier` or
-            :class:`~dad.diffusion.SSNIPurifier`) that replaces noise + denoiser as the purification path.
+        routing: a mode of :data:`~dad.routing.ROUTERS`; settable on a built or loaded defense.
+        target_fpr: the share of clean images the calibrated defense purifies (saved with it).
     """
 
-    def __init__(
-        self,
-        classifier: nn.Module,
-        detector: MMDDetector,
-        denoiser: nn.Module | None,
-        noise_std: float = 0.25,
-        noise: NoiseMode = "one_sided",
-        sample_detector: SampleDetector | None = None,
-        routing: Routing = "batch",
-        purifier: Purifier | None = None,
-    ) -> None:
+    def __init__(self, classifier: nn.Module, detector: MMDDetector, purifier: Purifier, *,
+                 sample_detector: SampleDetector | None = None, routing: Routing = "batch",
+                 target_fpr: float = TARGET_FPR) -> None:
         super().__init__()
-        if (denoiser is None) == (purifier is None):
-            raise ValueError("Expected exactly one purification path: a `denoiser` or a diffusion `purifier`")
-        if noise_std < 0:
-            raise ValueError(f"Expected `noise_std` >= 0, got {noise_std}")
-        if noise not in NOISE_MODES:
-            raise ValueError(f"Unknown noise mode {noise!r}; expected one of {NOISE_MODES}")
+        check_fpr(target_fpr)
         self.classifier = classifier
         self.detector = detector
-        self.denoiser = denoiser
-        self.noise_std = noise_std
-        self.noise = noise
-        self.sample_detector = sample_detector
         self.purifier = purifier
-        self.joint = JointThresholds()
+        self.sample_detector = sample_detector
+        self.routers = nn.ModuleDict({name: router() for name, router in ROUTERS.items()})  # each with its state
+        self.target_fpr = target_fpr
         self.routing = routing
 
     @property
     def routing(self) -> Routing:
-        """How images are routed: ``batch``, ``sample``, ``both``, ``never`` or ``always`` (see :mod:`dad.routing`)."""
+        """The routing mode's name (see :mod:`dad.routing`)."""
         return self._routing
 
     @routing.setter
     def routing(self, mode: Routing) -> None:
-        if mode not in ROUTINGS:
-            raise ValueError(f"Expected `routing` in {ROUTINGS}, got {mode!r}")
-        if mode in ("sample", "both") and self.sample_detector is None:
+        if mode not in ROUTERS:
+            raise ValueError(f"Expected `routing` in {tuple(ROUTERS)}, got {mode!r}")
+        if ROUTERS[mode].needs_sample_detector and self.sample_detector is None:
             raise ValueError(f"`routing: {mode}` needs a per-sample detector; this defense has none (it was saved "
                              "before per-sample routing existed: re-run `train.py defense`)")
         self._routing = mode
 
+    @property
+    def router(self) -> Router:
+        """The router of the current mode."""
+        return self.routers[self.routing]  # type: ignore[return-value]
+
+    @property
+    def detectors(self) -> Detectors:
+        return Detectors(self.detector, self.sample_detector)
+
     def with_purifier(self, purifier: Purifier, routing: Routing | None = None) -> DADDefense:
-        """This defense with ``purifier`` as its purification path, sharing the classifier, detectors and thresholds.
+        """This defense with ``purifier`` instead of its own, sharing the classifier, detectors and thresholds.
 
         Args:
-            purifier: the diffusion purifier.
+            purifier: the new purifier.
             routing: the new defense's routing (None: this one's).
         """
-        other = DADDefense(self.classifier, self.detector, None, self.noise_std, self.noise, self.sample_detector,
-                           routing or self.routing, purifier)
-        other.joint = self.joint
+        other = DADDefense(self.classifier, self.detector, purifier, sample_detector=self.sample_detector,
+                           routing=routing or self.routing, target_fpr=self.target_fpr)
+        other.routers = self.routers
         return other
 
     @property
@@ -188,21 +136,16 @@ class DADDefense(nn.Module):
 
     @property
     def specs(self) -> dict[str, Any]:
-        """The networks as plain data (:func:`~dad.networks.network_specs`)."""
-        return network_specs(self.classifier, self.detector.kernel, self.denoiser)
+        """The classifier and the kernel as plain data (:func:`~dad.networks.network_specs`)."""
+        return network_specs(self.classifier, self.detector.kernel)
 
     def purify(self, x: Tensor) -> Tensor:
-        """The purification path: the diffusion purifier, or noise then denoiser; images in [0, 1] out."""
-        if self.purifier is not None:
-            return self.purifier(x)
-        return purify(self.denoiser, x, self.noise_std, self.noise)
+        """The purifier's output for ``x`` (one draw of its randomness), images in [0, 1]."""
+        return self.purifier(x)
 
     def purify_runs(self, x: Tensor, count: int) -> list[Tensor]:
-        """``count`` independent purifications of ``x``, as ``count`` calls of :meth:`purify` give them (a purifier
-        may share the work that does not depend on the noise, such as SSNI's timesteps)."""
-        if self.purifier is not None:
-            return self.purifier.runs(x, count)
-        return [self.purify(x) for _ in range(count)]
+        """``count`` independent purifications of ``x`` (:meth:`~dad.purification.Purifier.runs`)."""
+        return self.purifier.runs(x, count)
 
     def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier)."""
@@ -210,23 +153,7 @@ class DADDefense(nn.Module):
 
     def detect(self, x: Tensor, features: Tensor) -> Detection:
         """The detectors' verdict on the batch ``x`` under the current routing (``features``: ``phi(x)``)."""
-        batch_excess = sample_excess = None
-        if self.routing in ("never", "always"):  # a fixed route: no detector runs, the statistic is 0
-            purified = self.routing == "always"
-            fixed = torch.tensor(1.0 if purified else -1.0, device=x.device)
-            return Detection(x.new_zeros(()), fixed, None, torch.full((x.shape[0],), purified, device=x.device))
-        if self.routing == "sample":
-            scores = self.sample_detector.scores(x, features)  # type: ignore[union-attr]
-            sample_excess = relative_excess(scores, self.sample_detector.threshold)  # type: ignore[union-attr]
-            return Detection(scores.mean(), None, sample_excess, sample_excess > 0)
-        score = self.detector.score(x, features)
-        if self.routing == "batch":
-            batch_excess = relative_excess(score, self.detector.threshold_for(x.shape[0]))
-            return Detection(score, batch_excess, None, (batch_excess > 0).expand(x.shape[0]))
-        batch_threshold, sample_threshold = self.joint.thresholds_for(x.shape[0])
-        batch_excess = relative_excess(score, batch_threshold)
-        sample_excess = relative_excess(self.sample_detector.scores(x, features), sample_threshold)  # type: ignore
-        return Detection(score, batch_excess, sample_excess, (batch_excess > 0) | (sample_excess > 0))
+        return self.router.decide(x, features, self.detectors)
 
     def forward_with_info(self, x: Tensor) -> DefenseOutput:
         """Route the input and return logits, the detection statistic and the decisions."""
@@ -239,7 +166,7 @@ class DADDefense(nn.Module):
         The detection does not depend on the noise, so it is computed once, and images judged clean are
         deterministic: only the flagged images are purified, ``draws`` times.
         """
-        check_images(x, self.image_shape, min_batch=1 if self.routing in ("sample", "never", "always") else 2)
+        check_images(x, self.image_shape, min_batch=self.router.min_batch)
         if draws < 1:
             raise ValueError(f"Expected `draws` >= 1, got {draws}")
         x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
@@ -258,69 +185,43 @@ class DADDefense(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_info(x).logits
 
+    @torch.no_grad()
+    def calibrate(self, clean: Tensor, batch_sizes: Sequence[int], target_fpr: float | None = None,
+                  num_batches: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Calibrate every detecting mode's thresholds on the clean pool ``clean`` at ``target_fpr`` (None: the
+        defense's), whatever the current routing (it stays settable). The one calibration entry.
+
+        Each mode draws its random batches with a CPU generator seeded ``seed + router.stream``. Returns the
+        results per mode (``{"batch": {size: ...}, "sample": {...}, "both": {size: ...}}``, the modes this defense
+        can run).
+        """
+        if target_fpr is not None:
+            check_fpr(target_fpr)
+            self.target_fpr = target_fpr
+        results = {}
+        for name, router in self.routers.items():
+            if router.detecting and (self.sample_detector is not None or not router.needs_sample_detector):
+                generator = torch.Generator().manual_seed(seed + router.stream)  # cpu: same draws on any device
+                results[name] = router.calibrate(self.detectors, clean, batch_sizes, self.target_fpr, num_batches,
+                                                 generator)
+        return results
+
+    def purified_share(self, pool: Tensor, batch_size: int, num_batches: int,
+                       generator: torch.Generator | None = None) -> float:
+        """The share of the clean images of ``pool`` the defense purifies under its routing, on random batches."""
+        return self.router.purified_share(self.detectors, pool, batch_size, num_batches, generator)
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the defense to one file, atomically (temporary file, then rename)."""
+        """Write the defense to one file, atomically (temporary file, then rename), read back by
+        :func:`dad.defense_file.load_defense`. Plain data and tensors only: the networks' and the purifier's specs."""
         payload = {
-            "format": _FORMAT,
-            "version": _VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "networks": self.specs,
-            "noise_std": self.noise_std,
-            "noise": self.noise,
-            "target_fpr": self.detector.target_fpr,
+            "purifier": self.purifier.spec(),
+            "target_fpr": self.target_fpr,
             "routing": self.routing,
             "sample_score": self.sample_detector.kind if self.sample_detector is not None else None,
-            "purifier": purifier_spec(self.purifier) if self.purifier is not None else None,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         atomic_torch_save(payload, path)
-
-
-def load_defense(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                 checkpoint: bool = False) -> DADDefense:
-    """Rebuild a :class:`DADDefense` from :meth:`DADDefense.save`'s file.
-
-    The file is read with ``weights_only=True``: only tensors and plain data are accepted, so a file
-    from elsewhere can never run code. The networks are rebuilt by :func:`~dad.networks.build_networks`, a
-    diffusion purifier (format 4) by :func:`~dad.diffusion.build_purifier`; older formats load unchanged.
-
-    Args:
-        path: the file.
-        map_location: where the tensors are loaded.
-        checkpoint: gradient checkpointing of a diffusion purifier's reverse process (a memory setting: full
-            gradients through long reverse processes).
-    """
-    path = Path(path)
-    missing = f"No saved defense at {path}: run `train.py pipeline` first (it writes defense.pt)"
-    payload = read_tagged(path, _FORMAT, _READABLE, "DAD defense", missing, map_location)
-    state = payload["state_dict"]
-    if payload["version"] < 3:  # no joint thresholds before per-sample routing
-        state = {**state, **{f"joint.{k}": v for k, v in JointThresholds().state_dict().items()}}
-    classifier, kernel, denoiser = build_networks(_networks_of(payload))
-    detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]), target_fpr=payload["target_fpr"])
-    sample_detector = None
-    if payload.get("sample_score") is not None:
-        sample_detector = SampleDetector(kernel, torch.zeros_like(state["sample_detector.clean"]),
-                                         torch.zeros_like(state["sample_detector.adversarial"]),
-                                         payload["sample_score"], payload["target_fpr"])
-    try:
-        purifier = build_purifier(payload["purifier"], checkpoint) if payload.get("purifier") is not None else None
-        defense = DADDefense(classifier, detector, denoiser, payload["noise_std"], payload["noise"], sample_detector,
-                             purifier=purifier)
-        defense.load_state_dict(state)
-    except (KeyError, TypeError, ValueError) as err:
-        raise IncompatibleFileError(f"{path} does not describe a defense: {str(err).splitlines()[0]}") from None
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise IncompatibleFileError(f"{path} does not match its stored architecture: {first}") from None
-    defense.routing = payload.get("routing", "batch")
-    return defense.eval()
-
-
-def _networks_of(payload: dict[str, Any]) -> dict[str, Any]:
-    """The network specs of a saved defense, from either file version."""
-    if payload["version"] >= 2:
-        return payload["networks"]
-    specs = payload["specs"]
-    phi = None if payload["shares_features"] else specs["feature_extractor"]
-    return {"classifier": specs["classifier"], "denoiser": specs["denoiser"],
-            "kernel": {"feature_extractor": phi, "train_features": payload["train_features"]}}

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from dad.kernels import SemanticKernel
 from dad.mmd import mmd2_unbiased_unpaired
 
-__all__ = ["MMDDetector", "DetectorNotCalibratedError", "finite_pool_factor", "pool_threshold", "random_batches"]
+__all__ = ["MMDDetector", "DetectorNotCalibratedError", "finite_pool_factor", "pool_threshold", "random_batches",
+           "TARGET_FPR", "check_fpr"]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,12 @@ class DetectorNotCalibratedError(RuntimeError):
     """Raised when a decision is asked of a detector whose threshold was never calibrated."""
 
 
-def _check_fpr(target_fpr: float) -> None:
+TARGET_FPR = 0.05
+"""The default target false-positive rate: the share of clean images (or batches) a calibrated test flags."""
+
+
+def check_fpr(target_fpr: float) -> None:
+    """Raise a one-line ValueError unless ``target_fpr`` is a rate in (0, 1)."""
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"Expected `target_fpr` in (0, 1), got {target_fpr}")
 
@@ -38,16 +44,13 @@ class MMDDetector(nn.Module):
     Args:
         kernel: the trained MMD-OPT kernel (kept frozen here).
         reference: clean reference images ``(R, C, H, W)`` in [0, 1], R >= 2.
-        target_fpr: the false-positive rate the thresholds are calibrated for.
     """
 
-    def __init__(self, kernel: SemanticKernel, reference: Tensor, target_fpr: float = 0.05) -> None:
+    def __init__(self, kernel: SemanticKernel, reference: Tensor) -> None:
         super().__init__()
-        _check_fpr(target_fpr)
         if reference.dim() < 2 or reference.shape[0] < 2:
             raise ValueError(f"Expected a reference set of at least 2 images, got shape {tuple(reference.shape)}")
         self.kernel = kernel
-        self.target_fpr = target_fpr
         self.register_buffer("reference", reference.detach().clone())
         self.register_buffer("ref_features", torch.empty(0))
         # k(reference, reference) does not depend on the batch: computed once (it dominates the score's cost
@@ -110,12 +113,8 @@ class MMDDetector(nn.Module):
         nearest = min(range(len(sizes)), key=lambda i: abs(sizes[i] - batch_size))
         if batch_size not in self._warned_sizes:
             self._warned_sizes.add(batch_size)
-            log.warning(
-                "No threshold calibrated for batch size %d; using the one for %d (the FPR may differ from %.3f)",
-                batch_size,
-                sizes[nearest],
-                self.target_fpr,
-            )
+            log.warning("No threshold calibrated for batch size %d; using the one for %d (the FPR may differ from "
+                        "its target)", batch_size, sizes[nearest])
         return self.thresholds[nearest]
 
     def decide(self, score: Tensor, batch_size: int) -> Tensor:
@@ -162,7 +161,7 @@ class MMDDetector(nn.Module):
         clean: Tensor,
         batch_sizes: Sequence[int],
         num_batches: int = 1000,
-        target_fpr: float | None = None,
+        target_fpr: float = TARGET_FPR,
         generator: torch.Generator | None = None,
     ) -> dict[int, dict[str, float]]:
         """Set one threshold per batch size so that clean batches exceed it with rate ``target_fpr``.
@@ -178,16 +177,14 @@ class MMDDetector(nn.Module):
             clean: clean held-out images ``(P, C, H, W)``, disjoint from the reference set.
             batch_sizes: the batch sizes to calibrate (each in [2, P]).
             num_batches: batches drawn per size.
-            target_fpr: overrides the detector's target false-positive rate.
+            target_fpr: the false-positive rate to calibrate for.
             generator: CPU random generator, for reproducible calibration.
 
         Returns:
             ``{batch_size: {"threshold", "fpr_pool", "spread_factor", "num_batches"}}``; ``fpr_pool`` is
             the rate measured on the pool's own draws (below the target by design).
         """
-        if target_fpr is not None:
-            _check_fpr(target_fpr)
-            self.target_fpr = target_fpr
+        check_fpr(target_fpr)
         pool = clean.shape[0]
         if num_batches < 1:
             raise ValueError(f"Expected `num_batches` >= 1, got {num_batches}")
@@ -195,11 +192,11 @@ class MMDDetector(nn.Module):
         if not sizes or sizes[0] < 2 or sizes[-1] >= pool:
             raise ValueError(
                 f"Expected batch sizes in [2, {pool}) (below the clean pool's size), got {list(batch_sizes)}")
-        min_batches = math.ceil(20 / self.target_fpr)
+        min_batches = math.ceil(20 / target_fpr)
         if num_batches < min_batches:
-            log.warning("%d batches estimate a %.3f quantile poorly; use >= %d", num_batches, 1 - self.target_fpr,
+            log.warning("%d batches estimate a %.3f quantile poorly; use >= %d", num_batches, 1 - target_fpr,
                         min_batches)
-        found = self.estimate(clean, sizes, num_batches, generator)
+        found = self.estimate(clean, sizes, num_batches, generator, target_fpr)
         device = self.reference.device
         self.batch_sizes = torch.tensor(sizes, dtype=torch.long, device=device)
         self.thresholds = torch.stack([threshold for threshold, _, _ in found.values()]).to(device)
@@ -210,14 +207,15 @@ class MMDDetector(nn.Module):
 
     @torch.no_grad()
     def estimate(self, clean: Tensor, batch_sizes: Sequence[int], num_batches: int,
-                 generator: torch.Generator | None = None) -> dict[int, tuple[Tensor, Tensor, float]]:
+                 generator: torch.Generator | None = None,
+                 target_fpr: float = TARGET_FPR) -> dict[int, tuple[Tensor, Tensor, float]]:
         """What :meth:`calibrate` sets, without storing it and without host synchronisation: per batch size the
         threshold at the target FPR, the FPR on the pool's own draws and the spread factor."""
         scorer = self.batch_scorer(clean)
         found = {}
         for b in batch_sizes:
             scores = scorer(b, num_batches, generator).double()
-            threshold, factor = pool_threshold(scores, clean.shape[0], b, self.target_fpr)
+            threshold, factor = pool_threshold(scores, clean.shape[0], b, target_fpr)
             found[b] = (threshold, (scores > threshold).float().mean(), factor)
         return found
 

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dad.detector import TARGET_FPR, DetectorNotCalibratedError, check_fpr
 from dad.kernels import SemanticKernel
 from dad.mmd import FixedRows, fixed_rows
 from dad.stats import Z95
@@ -57,22 +58,18 @@ class SampleDetector(nn.Module):
         clean: clean images ``C`` (the witness's clean side) and the reference set of the ``reference`` score.
         adversarial: training AEs ``A`` (the witness's adversarial side); unused by ``reference``.
         kind: ``witness`` or ``reference`` (see the module docstring).
-        target_fpr: the share of clean images to flag.
     """
 
-    def __init__(self, kernel: SemanticKernel, clean: Tensor, adversarial: Tensor, kind: SampleScore = "witness",
-                 target_fpr: float = 0.05) -> None:
+    def __init__(self, kernel: SemanticKernel, clean: Tensor, adversarial: Tensor,
+                 kind: SampleScore = "witness") -> None:
         super().__init__()
         if kind not in SAMPLE_SCORES:
             raise ValueError(f"Expected a sample score in {SAMPLE_SCORES}, got {kind!r}")
-        if not 0.0 < target_fpr < 1.0:
-            raise ValueError(f"Expected `target_fpr` in (0, 1), got {target_fpr}")
         if clean.shape[0] < 2 or (kind == "witness" and adversarial.shape[0] < 1):
             raise ValueError(f"Expected at least 2 clean images and 1 AE, got {clean.shape[0]} and "
                              f"{adversarial.shape[0]}")
         self.kernel = kernel
         self.kind = kind
-        self.target_fpr = target_fpr
         self.register_buffer("clean", clean.detach().clone())
         self.register_buffer("adversarial", adversarial.detach().clone())
         for side in _SIDES:  # the stored side of every score, prepared by refresh()
@@ -139,28 +136,23 @@ class SampleDetector(nn.Module):
     def decide(self, scores: Tensor) -> Tensor:
         """True where an image is judged adversarial (its score above the calibrated threshold)."""
         if not self.calibrated:
-            from dad.detector import DetectorNotCalibratedError
-
             raise DetectorNotCalibratedError("The sample detector has no threshold: calibrate it on clean data first")
         return scores > self.threshold
 
     @torch.no_grad()
-    def calibrate(self, clean: Tensor, target_fpr: float | None = None, chunk: int = 256) -> dict[str, float]:
+    def calibrate(self, clean: Tensor, target_fpr: float = TARGET_FPR, chunk: int = 256) -> dict[str, float]:
         """Set the threshold to the ``1 - fpr`` quantile of the scores of clean calibration images.
 
         Returns:
             ``{"threshold", "threshold_low", "threshold_high", "num_images", "target_fpr"}``: the threshold
             and its 95% distribution-free interval.
         """
-        if target_fpr is not None:
-            if not 0.0 < target_fpr < 1.0:
-                raise ValueError(f"Expected `target_fpr` in (0, 1), got {target_fpr}")
-            self.target_fpr = target_fpr
+        check_fpr(target_fpr)
         scores = torch.cat([self.scores(part) for part in clean.split(chunk)])
-        estimate, low, high = quantile_interval(scores, 1.0 - self.target_fpr)
+        estimate, low, high = quantile_interval(scores, 1.0 - target_fpr)
         self.threshold.fill_(estimate)
         return {"threshold": estimate, "threshold_low": low, "threshold_high": high, "num_images": len(scores),
-                "target_fpr": self.target_fpr}
+                "target_fpr": target_fpr}
 
 
 def _refresh_after_load(detector: SampleDetector, incompatible_keys: object) -> None:

@@ -16,15 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks import AttackSpec
-from dad.detector import random_batches
 from dad.metrics import auroc, batched_predictions, rate_above, worst_case
-from dad.routing import BATCH_SHARE
+from dad.routing import Router
 from dad.sanity import CheckResult
 from dad.stats import accuracy_interval
 
 __all__ = [
     "fraction", "summary", "pop_samples", "SAMPLES", "threat_label", "threat_groups", "union", "worst_cases",
-    "detection_metrics", "fpr_check", "purified_share", "sample_detection",
+    "detection_metrics", "fpr_check", "sample_detection",
 ]
 
 SAMPLES = "samples"
@@ -191,7 +190,7 @@ def detection_metrics(
 
 
 def fpr_check(measured: float, target: float, pool: int, calibration_pool: int, batch_size: int,
-              routing: str = "batch", z: float = 2.0) -> tuple[CheckResult, dict[str, Any]]:
+              router: Router, z: float = 2.0) -> tuple[CheckResult, dict[str, Any]]:
     """Does the share of clean images the defense purifies at the deployed batch size agree with the target FPR,
     within its noise?
 
@@ -201,11 +200,13 @@ def fpr_check(measured: float, target: float, pool: int, calibration_pool: int, 
     pool's own error, which moves the threshold: for the batch test the pool's mean deviates from the
     population's by ``sqrt(B / N_cal)`` of a batch score's spread (the term the detector's finite-pool factor
     models), i.e. ``phi(q) sqrt(B / N_cal)`` in FPR at the ``q = Phi^-1(1 - fpr)`` quantile of a normal null;
-    for the per-sample test an empirical quantile of ``N_cal`` scores, ``sqrt(fpr (1 - fpr) / N_cal)``. The
-    ``both`` routing adds the terms of its batch test (at half the target) and its per-sample test (the rest).
+    for the per-sample test an empirical quantile of ``N_cal`` scores, ``sqrt(fpr (1 - fpr) / N_cal)``. A
+    routing that uses both tests adds the terms of its batch test (at ``router.batch_share`` of the target) and
+    of its per-sample test (the rest).
     """
     disjoint = max(pool // batch_size, 1)
-    batch_fpr = {"batch": target, "sample": 0.0, "both": BATCH_SHARE * target}[routing]
+    routing = router.name
+    batch_fpr = router.batch_share * target
     sample_fpr = (target - batch_fpr) / (1.0 - batch_fpr)
     binomial_sq = batch_fpr * (1 - batch_fpr) / disjoint + sample_fpr * (1 - sample_fpr) / max(pool, 1)
     calibration_sq = sample_fpr * (1 - sample_fpr) / max(calibration_pool, 1)
@@ -225,31 +226,6 @@ def fpr_check(measured: float, target: float, pool: int, calibration_pool: int, 
             f"{batch_size}): tolerance {tolerance:.4f} = {z:g} x sqrt({binomial:.4f}^2 [binomial: {disjoint} "
             f"disjoint batches, {pool} images] + {calibration:.4f}^2 [calibration pool of {calibration_pool}])")
     return CheckResult(passed, text), detail
-
-
-@torch.no_grad()
-def purified_share(defense: nn.Module, pool: Tensor, batch_size: int, num_batches: int,
-                   generator: torch.Generator | None = None) -> float:
-    """The share of clean images the defense purifies on random batches of ``pool``, under its routing.
-
-    Computed from one pass over the pool: the batch scores of random batches are read off the pool's gram
-    matrices (:meth:`~dad.detector.MMDDetector.batch_scorer`) and each image's per-sample score does not depend
-    on its batch.
-    """
-    routing, size = defense.routing, len(pool)
-    if routing in ("never", "always"):
-        return float(routing == "always")
-    sample = torch.cat([defense.sample_detector.scores(part) for part in pool.split(256)]) if routing != "batch" \
-        else None
-    if routing == "sample":
-        return (sample > defense.sample_detector.threshold).double().mean().item()
-    order = random_batches(size, batch_size, num_batches, generator)
-    scores = defense.detector.batch_scorer(pool)(batch_size, num_batches, order=order).cpu()
-    if routing == "batch":
-        return (scores > defense.detector.threshold_for(batch_size).cpu()).double().mean().item()
-    batch_threshold, sample_threshold = defense.joint.thresholds_for(batch_size)
-    flagged = (scores > batch_threshold.cpu())[:, None] | (sample.cpu()[order] > sample_threshold.cpu())
-    return flagged.double().mean().item()
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from dad.routing import ROUTERS
+
 __all__ = ["report_markdown", "strict_json"]
 
 
@@ -18,16 +20,6 @@ def strict_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [strict_json(v) for v in value]
     return value
-
-
-_ROUTING = {
-    "batch": "each batch's MMD score decides for the whole batch (the paper's; it assumes the attacker controls "
-             "whole batches).",
-    "sample": "each image is judged and routed on its own per-sample score.",
-    "both": "a batch judged adversarial is purified whole, otherwise the images judged adversarial alone are.",
-    "never": "no image is purified: the classifier alone, a baseline evaluated with the same attacks.",
-    "always": "every image is purified: the purifier alone in front of the classifier, a baseline.",
-}
 
 
 def _pct(value: float | None) -> str:
@@ -105,7 +97,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     det = report["detection"]
     draws = report["draws"]
     clean = report["clean_acc"]
-    lines = [f"DAD with **{report['routing']}** routing: {_ROUTING[report['routing']]}",
+    lines = [f"DAD with **{report['routing']}** routing: {ROUTERS[report['routing']].summary}",
              f"Purification: {_purification(report)}", "",
              f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
              f"it is right in all {draws} noise draws and every attack of the column left it correct; the headline "

@@ -43,18 +43,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import AttackStateWriter, BatchesOnDevice, DetectionHistogramLogger, ProgressLog, log_figures
 from dad.attacks import AttackSpec
-from dad.defense import DADDefense, load_defense
-from dad.diffusion import purifier_spec
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 from dad.metrics import auroc, roc_curve
-from dad.routing import DETECTING
 from dad.models import create_model, freeze, load_classifier_weights
 from dad.stats import paired_difference_interval
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
 from evaluation import plots
 from evaluation.analysis import (
-    detection_metrics, fpr_check, fraction, pop_samples, purified_share, sample_detection, summary, worst_cases,
+    detection_metrics, fpr_check, fraction, pop_samples, sample_detection, summary, worst_cases,
 )
 from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import check_more_draws, run_sanity
@@ -208,7 +207,7 @@ def _detection(ctx: _Context, states: Mapping[str, AttackState], threats: Mappin
     threshold = detector.threshold_for(b).item()
     detection = {
         "threshold": threshold,
-        "target_fpr": detector.target_fpr,
+        "target_fpr": ctx.defense.target_fpr,
         "batch_size": b,
         "fpr_clean": by_size[str(b)]["fpr_clean"],
         "fpr_clean_sequential": results[CLEAN]["detection_rate"],
@@ -356,11 +355,11 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
                                                 states[sweep["attack"]].batches, fpr_labels, sweep["n"], ev.draws,
                                                 ev.sanity_z)
     calibration_pool = len(getattr(dm.splits, dm.splits.calibration_split))
-    purified = purified_share(defense, fpr_pool.to(ctx.device), b, ev.random_batches, torch.Generator().manual_seed(7))
+    purified = defense.purified_share(fpr_pool.to(ctx.device), b, ev.random_batches, torch.Generator().manual_seed(7))
     fpr_detail = None  # a fixed route (never / always) has no false positives to check
-    if defense.routing in DETECTING:
+    if defense.router.detecting:
         checks["fpr"], fpr_detail = fpr_check(purified, detection["target_fpr"], len(fpr_labels), calibration_pool,
-                                              b, defense.routing, ev.sanity_z)
+                                              b, defense.router, ev.sanity_z)
     sanity_seconds = time.perf_counter() - sanity_start
     report: dict[str, Any] = {
         "clean_acc": {**_accuracies(states, results, CLEAN), "detection_rate": results[CLEAN]["detection_rate"]},
@@ -400,10 +399,11 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
 
 
 def _purifier_summary(defense: DADDefense) -> dict[str, Any] | None:
-    """The diffusion purifier's settings (None for the denoiser path), without the network's architecture."""
-    if defense.purifier is None:
+    """The purifier's settings without its networks' architecture (None for DAD's own noise and denoiser)."""
+    spec = defense.purifier.spec()
+    if spec["kind"] == "denoiser":
         return None
-    return {k: v for k, v in purifier_spec(defense.purifier).items() if k not in ("score_net", "schedule")}
+    return {k: v for k, v in spec.items() if k not in ("score_net", "schedule", "denoiser")}
 
 
 def _stage_timings(paths: RunPaths) -> dict[str, float]:

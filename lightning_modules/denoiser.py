@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from dad.defense import PurifiedRoute, purify
+from dad.purification import DenoiserPurifier, PurifiedRoute, purify
 from dad.denoisers import UNetDenoiser
 from dad.distributed import gather_global
 from dad.kernels import ESTIMATORS, SemanticKernel
@@ -141,7 +141,7 @@ class DenoiserModule(StageModule):
     def route_examples(self, clean: Tensor, y: Tensor) -> Tensor:
         """PGD-K examples (``adv_*`` settings) of the purified route around ``clean``; inputs' gradients only."""
         s = self.settings
-        route = PurifiedRoute(self.denoiser, self.classifier, s.noise_std, s.noise)
+        route = PurifiedRoute(DenoiserPurifier(self.denoiser, s.noise_std, s.noise), self.classifier)
         return pgd_at_examples(route, clean, y, s.adv_eps, s.adv_step_size, s.adv_steps).examples
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:

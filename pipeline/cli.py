@@ -26,7 +26,8 @@ STAGE_COMMANDS = (*STAGES, "pipeline")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from dad.defense import IncompatibleFileError, InvalidInputError
+    from dad.defense import InvalidInputError
+    from dad.io import IncompatibleFileError
     from dad.detector import DetectorNotCalibratedError
     from datamodules.base import DataError
     from pipeline.checkpoints import StageCheckpointError

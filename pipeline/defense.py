@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from callbacks import ThresholdCalibration
 from dad.defense import DADDefense
 from dad.detector import MMDDetector
+from dad.purification import DenoiserPurifier
 from dad.sample_detector import SampleDetector
 from datamodules import DADDataModule
 from lightning_modules.evaluator import DefenseEvaluator
@@ -48,11 +49,12 @@ def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm
     d = cfg.defense
     device = device or torch.device("cpu")
     kernel = nets.kernel.to(device)
-    detector = MMDDetector(kernel, _reference(dm, d.reference_size, cfg.run.seed).to(device), d.target_fpr)
+    detector = MMDDetector(kernel, _reference(dm, d.reference_size, cfg.run.seed).to(device))
     witness = (t.to(device) for t in _witness_sets(cfg, paths, dm, nets))
-    sample_detector = SampleDetector(kernel, *witness, d.sample_score, d.target_fpr)
-    return DADDefense(nets.classifier.to(device), detector, nets.denoiser.to(device), cfg.denoiser.noise_std,
-                      cfg.denoiser.noise, sample_detector, d.routing).eval()
+    sample_detector = SampleDetector(kernel, *witness, d.sample_score)
+    purifier = DenoiserPurifier(nets.denoiser.to(device), cfg.denoiser.noise_std, cfg.denoiser.noise)
+    return DADDefense(nets.classifier.to(device), detector, purifier, sample_detector=sample_detector,
+                      routing=d.routing, target_fpr=d.target_fpr).eval()
 
 
 def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
@@ -75,6 +77,8 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     trainer.validate(DefenseEvaluator(defense, keep_images=False), dataloaders=loader, verbose=False)
     if trainers.is_rank_zero():
         defense.save(paths.defense)
-    return {"calibration": {str(b): r for b, r in calib.results.items()}, "sample_calibration": calib.sample_results,
-            "joint_calibration": {str(b): r for b, r in calib.joint_results.items()}, "routing": defense.routing,
+    results = calib.results
+    return {"calibration": {str(b): r for b, r in results.get("batch", {}).items()},
+            "sample_calibration": results.get("sample", {}),
+            "joint_calibration": {str(b): r for b, r in results.get("both", {}).items()}, "routing": defense.routing,
             "defense": str(paths.defense)}

@@ -21,8 +21,9 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from dad.defense import load_defense
-from dad.diffusion import DiffusionPurifier, Purifier
+from dad.defense_file import load_defense
+from dad.diffusion import DiffusionPurifier
+from dad.purification import Purifier
 from dad.diffusion.selection import MAPPING_OF, select_bias, select_t_star
 from datamodules import DADDataModule
 from pipeline.config import ConfigError, PipelineConfig

@@ -46,8 +46,7 @@ from torch.nn import functional as F
 
 from dad.attacks.common import check_at_least_one, check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
-from dad.defense import Detection
-from dad.diffusion import SSNIPurifier
+from dad.routing import Detection
 
 __all__ = [
     "Loss", "LOSS_KINDS", "PerSample", "Judge", "classification_loss", "defense_objective", "error_rates",
@@ -122,12 +121,13 @@ def defense_objective(
         if objective == "adaptive":
             out = defense.forward_with_info(batch)
             return classification_loss(out.logits[:n], y, loss) + lam * out.score
-        if objective == "evade_eps":
-            purifier = getattr(defense, "purifier", None)
+        if objective == "evade_eps":  # lower what the purifier keys on, where it keys on something
             out = defense.forward_with_info(batch)
-            if not isinstance(purifier, SSNIPurifier):
+            purifier = getattr(defense, "purifier", None)
+            term = purifier.adaptive_term(batch) if purifier is not None else None
+            if term is None:
                 return classification_loss(out.logits[:n], y, loss)
-            return classification_loss(out.logits[:n], y, loss) - lam * purifier.standardized_norms(batch)[:n]
+            return classification_loss(out.logits[:n], y, loss) - lam * term[:n]
         logits_clean, features = defense.classify_with_features(batch)
         excesses = _excesses(defense.detect(batch, features), n)
         if objective == "evade_clean":

@@ -19,6 +19,7 @@ from dad.attacks.spec import AttackSpec
 
 __all__ = ["run_attack", "run_seeded", "chunk_seed", "seeded", "target_of"]
 
+
 def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None = None) -> Tensor:
     """Run ``spec`` on one batch: ``target`` is the classifier (threat ``classifier``) or the defense.
 

@@ -14,6 +14,7 @@ from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.models import create_model
+from dad.purification import DenoiserPurifier
 
 B = 10
 
@@ -25,7 +26,7 @@ def _defense(noise_std: float = 0.1) -> DADDefense:
     detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
     detector.calibrate(torch.rand(60, 1, 8, 8), [B], num_batches=400, generator=torch.Generator().manual_seed(0))
     denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
-    return DADDefense(classifier, detector, denoiser.eval(), noise_std=noise_std)
+    return DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval(), noise_std))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def _distance(a: Tensor, b: Tensor, norm: str) -> Tensor:
 def test_attack_constraints_and_modes_restored(name: str, batch: tuple[Tensor, Tensor]) -> None:
     defense = _defense()
     defense.train()
-    defense.denoiser.eval()  # a deliberately frozen submodule must stay frozen
+    defense.purifier.denoiser.eval()  # a deliberately frozen submodule must stay frozen
     defense.classifier.head.weight.requires_grad_(True)
     modes = {n: m.training for n, m in defense.named_modules()}
     flags = {n: p.requires_grad for n, p in defense.named_parameters()}

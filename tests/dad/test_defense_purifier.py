@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks.objectives import defense_objective
-from dad.defense import DADDefense, load_defense
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from dad.diffusion import DiffusionPurifier, DiffusionSchedule, ScoreUNet, SSNIPurifier
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.models import create_model
+from dad.purification import DenoiserPurifier
 
 
 def _base() -> DADDefense:
@@ -22,7 +23,7 @@ def _base() -> DADDefense:
     classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
     detector = MMDDetector(SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0), torch.rand(20, 1, 8, 8))
     detector.calibrate(torch.rand(60, 1, 8, 8), [10], num_batches=200, generator=torch.Generator().manual_seed(0))
-    return DADDefense(classifier, detector, nn.Identity(), noise_std=0.1)
+    return DADDefense(classifier, detector, DenoiserPurifier(nn.Identity(), noise_std=0.1))
 
 
 def _ssni() -> SSNIPurifier:
@@ -41,8 +42,9 @@ def _images(n: int = 10) -> Tensor:
 def test_the_purifier_replaces_noise_and_denoiser_and_shares_the_rest() -> None:
     base, ssni = _base(), _ssni()
     defense = base.with_purifier(ssni, "always")
-    assert defense.classifier is base.classifier and defense.detector is base.detector and defense.joint is base.joint
-    assert defense.denoiser is None and base.routing == "batch" and defense.routing == "always"
+    assert defense.classifier is base.classifier and defense.detector is base.detector
+    assert defense.routers is base.routers and defense.purifier is ssni
+    assert isinstance(base.purifier, DenoiserPurifier) and base.routing == "batch" and defense.routing == "always"
     x = _images()
     outputs = []
     for purify in (defense.purify, ssni):
@@ -53,10 +55,6 @@ def test_the_purifier_replaces_noise_and_denoiser_and_shares_the_rest() -> None:
     with torch.no_grad():
         draws = defense.forward_draws(x, 2)
     assert bool(draws.flags.all()) and not torch.equal(draws.logits[0], draws.logits[1])  # fresh noise per run
-    with pytest.raises(ValueError, match="exactly one purification path"):
-        DADDefense(base.classifier, base.detector, nn.Identity(), purifier=ssni)
-    with pytest.raises(ValueError, match="exactly one purification path"):
-        DADDefense(base.classifier, base.detector, None)
 
 
 def test_several_runs_share_the_timesteps_and_repeat_single_runs_exactly() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dad.defense import IncompatibleFileError
+from dad.io import IncompatibleFileError
 from dad.diffusion import (
     DiffusionPurifier,
     DiffusionSchedule,
@@ -301,7 +301,7 @@ def test_foreign_and_corrupted_files_are_refused(tmp_path: Path) -> None:
     cases = {
         "foreign.pt": ({"state_dict": {}}, "no 'dad-purifier' header"),
         "version.pt": ({**good, "version": 99}, "format version 99"),
-        "kind.pt": ({**good, "kind": "other"}, "unknown kind"),
+        "kind.pt": ({**good, "kind": "other"}, "unknown purifier kind"),
         "weights.pt": ({**good, "state_dict": {}}, "does not describe a purifier"),
     }
     for name, (payload, match) in cases.items():

@@ -21,6 +21,7 @@ from dad.kernels import SemanticKernel
 from dad.models import create_model
 from dad.routing import ROUTINGS
 from dad.sample_detector import SampleDetector
+from dad.purification import DenoiserPurifier
 
 B = 10
 CUDA = torch.device("cuda", 0)
@@ -34,12 +35,8 @@ def _defense() -> DADDefense:
     detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
     sample_detector = SampleDetector(kernel, torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
     denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
-    defense = DADDefense(classifier, detector, denoiser.eval(), noise_std=0.1, sample_detector=sample_detector)
-    clean = torch.rand(60, 1, 8, 8)
-    generator = torch.Generator().manual_seed(0)
-    detector.calibrate(clean, [B], num_batches=100, generator=generator)
-    sample_detector.calibrate(clean, 0.05)
-    defense.joint.calibrate(detector, sample_detector, clean, [B], 0.05, 100, generator)
+    defense = DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval(), 0.1), sample_detector=sample_detector)
+    defense.calibrate(torch.rand(60, 1, 8, 8), [B], num_batches=100)
     return defense.eval()
 
 
@@ -76,7 +73,8 @@ def test_batch_scores_and_both_calibrations_run_on_the_gpu(fake: tuple[FakeTenso
         generator = torch.Generator().manual_seed(0)  # CPU draws: the same batches on every device
         scores = defense.detector.batch_scorer(pool)(B, 50, generator)
         batch = defense.detector.estimate(pool, [B], 50, generator)[B]
-        joint = defense.joint.estimate(defense.detector, defense.sample_detector, pool, [B], 0.05, 50, generator)[B]
+        both = defense.routers["both"]
+        joint = both.estimate(defense.detector, defense.sample_detector, pool, [B], 0.05, 50, generator)[B]
     assert scores.device == CUDA and scores.shape == (50,)
     assert all(t.device == CUDA for t in (batch[0], batch[1], *joint))
 

@@ -13,6 +13,7 @@ from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.models import create_model
+from dad.purification import DenoiserPurifier
 
 
 def test_dlr_matches_its_definition() -> None:
@@ -35,7 +36,7 @@ def defense() -> DADDefense:
     detector = MMDDetector(SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0), torch.rand(20, 1, 8, 8))
     detector.calibrate(torch.rand(60, 1, 8, 8), [4, 10], num_batches=200, generator=torch.Generator().manual_seed(0))
     denoiser = UNetDenoiser(1, (4, 8), (1, 1), (4,), (1,)).eval()
-    return DADDefense(classifier, detector, denoiser, noise_std=0.0)
+    return DADDefense(classifier, detector, DenoiserPurifier(denoiser, noise_std=0.0))
 
 
 @pytest.mark.parametrize("objective", ["adaptive", "evade_clean", "evade_denoised", "evade_soft", "evade_bpda"])

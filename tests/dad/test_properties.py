@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dad.defense import InvalidInputError, load_defense
+from dad.defense import InvalidInputError
+from dad.defense_file import load_defense
 from dad.kernels import semantic_gram
 from dad.mmd import j_statistic, mmd2_biased, mmd2_unbiased, mmd2_unbiased_unpaired, mmd2_variance, pairwise_sq_dists
 

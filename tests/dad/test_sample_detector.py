@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from dad.defense import DADDefense
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
-from dad.routing import JointThresholds
+from dad.purification import DenoiserPurifier
+from dad.routing import BothRouter
 from dad.sample_detector import SampleDetector, quantile_interval
 
 
@@ -105,11 +106,10 @@ def _defense(routing: str) -> tuple[DADDefense, _Spy]:
     detector = MMDDetector(kernel, clean[:30])
     sample = SampleDetector(kernel, clean, adversarial)
     pool = torch.rand(600, 1, 3, 3) * 0.5
-    detector.calibrate(pool, [10], num_batches=500, generator=torch.Generator().manual_seed(0))
-    sample.calibrate(pool)
     spy = _Spy()
-    defense = DADDefense(classifier, detector, spy, noise_std=0.0, sample_detector=sample, routing="batch")
-    defense.joint.calibrate(detector, sample, pool, [10], 0.05, 500, torch.Generator().manual_seed(1))
+    defense = DADDefense(classifier, detector, DenoiserPurifier(spy, noise_std=0.0), sample_detector=sample,
+                         routing="batch")
+    defense.calibrate(pool, [10], 0.05, num_batches=500, seed=0)
     defense.routing = routing
     return defense, spy
 
@@ -133,7 +133,7 @@ def test_both_routing_purifies_about_the_target_share_of_fresh_clean_images() ->
     purified = torch.cat([defense.forward_with_info(torch.rand(10, 1, 3, 3, generator=g) * 0.5).flags
                           for _ in range(600)]).double().mean().item()
     assert abs(purified - 0.05) < 0.02
-    assert isinstance(defense.joint, JointThresholds) and defense.joint.calibrated
+    assert isinstance(defense.router, BothRouter) and defense.router.calibrated
     with pytest.raises(ValueError, match="routing"):
         defense.routing = "nope"
 

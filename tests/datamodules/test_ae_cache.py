@@ -12,6 +12,7 @@ from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.models import create_model, freeze
+from dad.purification import DenoiserPurifier
 from datamodules.ae_cache import load_or_generate
 from lightning_modules.evaluator import DefenseEvaluator
 
@@ -48,7 +49,8 @@ def test_training_and_evaluation_paths_give_identical_aes(name: str, classifier:
     training = load_or_generate(classifier, x, y, AttackSpec(**{**spec.as_dict(), "batch_size": CHUNK}),
                                 tmp_path / "aes.pt", "hash", "digest", "mmd")
     kernel = SemanticKernel(classifier)
-    defense = DADDefense(classifier, MMDDetector(kernel, x[:CHUNK]), UNetDenoiser(1, (4, 8), (1, 1), (4,), (1,)))
+    defense = DADDefense(classifier, MMDDetector(kernel, x[:CHUNK]),
+                         DenoiserPurifier(UNetDenoiser(1, (4, 8), (1, 1), (4,), (1,))))
     evaluator = DefenseEvaluator(defense, {name: spec}, batch_size=CHUNK)
     evaluation = torch.cat([evaluator.attack(spec, x[i:i + CHUNK], y[i:i + CHUNK], batch_idx=i // CHUNK)
                             for i in range(0, len(y), CHUNK)])

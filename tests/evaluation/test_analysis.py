@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dad.attacks import AttackSpec
+from dad.routing.batch import BatchRouter
 from evaluation.analysis import fpr_check, union, worst_cases
 
 LINF = AttackSpec(name="pgd", eps=0.2, step_size=0.05)
@@ -41,12 +42,13 @@ def test_headline_is_the_lowest_of_whole_batches_mixed_and_folded_figures() -> N
 
 
 def test_fpr_check_tolerance_by_hand() -> None:
-    check, detail = fpr_check(0.06, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100, z=2.0)
+    batch = BatchRouter()
+    check, detail = fpr_check(0.06, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100, router=batch, z=2.0)
     binomial = math.sqrt(0.05 * 0.95 / 100)
     calibration = math.exp(-1.6448536269514722**2 / 2) / math.sqrt(2 * math.pi) * math.sqrt(100 / 10_000)
     assert detail["tolerance"] == pytest.approx(2 * math.sqrt(binomial**2 + calibration**2), rel=1e-6)
     assert detail["disjoint_batches"] == 100 and check.passed
-    assert not fpr_check(0.15, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100)[0].passed
-    assert not fpr_check(0.0, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100)[0].passed
+    assert not fpr_check(0.15, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100, router=batch)[0].passed
+    assert not fpr_check(0.0, 0.05, pool=10_000, calibration_pool=10_000, batch_size=100, router=batch)[0].passed
     # a small pool of disjoint batches cannot tell 0.10 from 0.05
-    assert fpr_check(0.10, 0.05, pool=450, calibration_pool=500, batch_size=50)[0].passed
+    assert fpr_check(0.10, 0.05, pool=450, calibration_pool=500, batch_size=50, router=batch)[0].passed

@@ -10,7 +10,8 @@ from torch import Tensor
 
 import dad.attacks.objectives as objectives
 from dad.attacks import AttackSpec, run_attack
-from dad.defense import DADDefense, load_defense
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from datamodules.settings import DataSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.kernel import KernelSettings

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from dad.defense import PurifiedRoute
+from dad.purification import DenoiserPurifier, PurifiedRoute
 from dad.denoisers import UNetDenoiser
 from dad.kernels import SemanticKernel
 from dad.models import ImageClassifier, create_model
@@ -74,7 +74,7 @@ def test_route_examples_are_pgd_of_the_purified_route_and_leave_the_networks_as_
     assert module.denoiser.training and not module.classifier.training
     assert all(p.requires_grad and p.grad is None for p in module.denoiser.parameters())
     assert all(p.grad is None for p in module.classifier.parameters())
-    route = PurifiedRoute(module.denoiser, classifier, 0.0, "one_sided").eval()
+    route = PurifiedRoute(DenoiserPurifier(module.denoiser, 0.0, "one_sided"), classifier).eval()
     with torch.no_grad():
         clean_acc = (route(x).argmax(1) == y).float().mean().item()
         adv_acc = (route(examples).argmax(1) == y).float().mean().item()
@@ -96,7 +96,7 @@ def test_adversarial_training_of_the_denoiser_makes_the_route_more_robust(
                              num_sanity_val_steps=0)
         trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(train_x, stored, train_y), batch_size=50,
                                                          shuffle=True))
-        route = PurifiedRoute(module.denoiser, classifier, 0.1, "one_sided").eval()
+        route = PurifiedRoute(DenoiserPurifier(module.denoiser, 0.1, "one_sided"), classifier).eval()
         examples = pgd_at_examples(route, test_x, test_y, EPS, 0.02, 20).examples
         with torch.no_grad():
             accuracy[steps] = (route(examples).argmax(1) == test_y).float().mean().item()

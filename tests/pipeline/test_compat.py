@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from dad.defense import load_defense
+from dad.defense_file import load_defense
 from pipeline.checkpoints import StageCheckpointError, read_checkpoint
 from pipeline.cli import main_train
 from pipeline.paths import RunPaths
 from pipeline.stages import run_pipeline
 from tests.conftest import tiny_config
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +24,19 @@ def finished(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     return cfg
 
 
-def test_a_version_1_defense_file_still_loads(finished, tmp_path):
-    paths = RunPaths(finished.run.dir)
-    payload = torch.load(paths.defense, weights_only=True)
-    networks = payload.pop("networks")
-    legacy = {**payload, "version": 1, "train_features": False, "shares_features": True,
-              "specs": {"classifier": networks["classifier"], "feature_extractor": None,
-                        "denoiser": networks["denoiser"]}}
+def test_a_version_1_defense_file_still_loads(tmp_path):
+    """Version 1 (before the kernel part of the specs, per-sample routing and the joint thresholds), made from
+    the committed version-4 file by taking away what version 1 did not have."""
+    payload = torch.load(DATA / "defense_v4.pt", weights_only=True)
+    networks, _ = payload.pop("networks"), payload.pop("routing")  # version 1 routed by batch only
+    state = {k: v for k, v in payload.pop("state_dict").items() if not k.startswith(("joint.", "sample_detector."))}
+    legacy = {**payload, "version": 1, "train_features": False, "shares_features": True, "sample_score": None,
+              "state_dict": state, "specs": {"classifier": networks["classifier"], "feature_extractor": None,
+                                             "denoiser": networks["denoiser"]}}
     torch.save(legacy, tmp_path / "v1.pt")
-    old, new = load_defense(tmp_path / "v1.pt"), load_defense(paths.defense)
-    assert old.shares_features and old.specs == new.specs
+    old, new = load_defense(tmp_path / "v1.pt"), load_defense(DATA / "defense_v4.pt")
+    assert old.shares_features and old.specs == new.specs and old.sample_detector is None
+    new.routing = old.routing = "batch"
     x = torch.rand(25, 1, 8, 8)
     torch.manual_seed(0)
     expected = new(x)

@@ -13,7 +13,8 @@ import pytorch_lightning as pl
 import torch
 
 from dad.attacks import AttackSpec, run_attack, run_seeded
-from dad.defense import IncompatibleFileError, load_defense
+from dad.defense_file import load_defense
+from dad.io import IncompatibleFileError
 from dad.diffusion import DiffusionPurifier, SSNIPurifier
 from dad.diffusion.selection import PurifierSettings
 from evaluation.runner import evaluate
@@ -71,7 +72,7 @@ def test_the_pipeline_trains_the_score_model_and_writes_one_defense_per_purifier
         assert defense.purifier.mapping == mapping and defense.purifier.purifier.t_star == summary["t_star"]
         assert defense.purifier.mu.item() == pytest.approx(summary[kind]["mu"])
     fixed = load_defense(paths.purified_defense("fixed"))
-    assert type(fixed.purifier) is DiffusionPurifier and fixed.denoiser is None
+    assert type(fixed.purifier) is DiffusionPurifier
     x, _ = _test_batch(trained, 4)
     assert fixed(x).shape == (4, 10)
     before = paths.purified_defense("fixed").stat().st_mtime_ns  # a finished pipeline rebuilds nothing
@@ -170,14 +171,11 @@ def test_defense_files_with_a_purifier_reload_exactly_and_older_files_still_load
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
     payload = torch.load(paths.defense, weights_only=True)
-    assert payload["version"] == 4 and payload["purifier"] is None
-    old = {k: v for k, v in payload.items() if k != "purifier"} | {"version": 3}
-    torch.save(old, tmp_path / "v3.pt")
-    assert load_defense(tmp_path / "v3.pt").purifier is None
+    assert payload["version"] == 5 and payload["purifier"]["kind"] == "denoiser"
 
     purified = torch.load(paths.purified_defense("ssni_l"), weights_only=True)
     torch.save({**purified, "purifier": {**purified["purifier"], "kind": "other"}}, tmp_path / "kind.pt")
-    with pytest.raises(IncompatibleFileError, match="does not describe a defense: unknown kind"):
+    with pytest.raises(IncompatibleFileError, match="does not describe a defense: unknown purifier kind"):
         load_defense(tmp_path / "kind.pt")
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({**purified, "purifier": _Marker(str(marker))}))

@@ -8,7 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from dad.defense import DADDefense, load_defense
+from dad.defense import DADDefense
+from dad.defense_file import load_defense
 from evaluation.runner import evaluate
 from pipeline.checkpoints import read_checkpoint, sub_state_dict
 from pipeline.paths import RunPaths

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dad.attacks import AttackSpec
-from dad.defense import IncompatibleFileError, InvalidInputError, load_defense
+from dad.defense import InvalidInputError
+from dad.defense_file import load_defense
+from dad.io import IncompatibleFileError
 from dad.models import create_model, load_classifier_weights
 from datamodules.ae_cache import load_or_generate
 from pipeline.checkpoints import AtomicCheckpointIO, StageCheckpointError, read_checkpoint

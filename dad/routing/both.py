@@ -1,47 +1,39 @@
-"""Which images the defense purifies: per batch, per image, or both, and the thresholds of each mode.
+"""``both``: a batch judged adversarial is purified whole; otherwise the images judged adversarial alone are.
 
-* ``batch`` (the paper): the batch's MMD score decides for every image of the batch. It assumes the
-  attacker controls whole batches; an attacker who mixes a few AEs into clean batches passes it at its
-  false-positive rate.
-* ``sample``: every image is judged alone by its per-sample score (:mod:`dad.sample_detector`); batches of
-  one are allowed. Nothing an attacker does to other images changes an image's route.
-* ``both``: a batch judged adversarial is purified whole; otherwise the images judged adversarial alone are.
-  Its two thresholds are calibrated jointly (:class:`JointThresholds`) so that the share of clean images
-  purified, by either test, is the target FPR: the batch test gets half of it, the per-sample test the
-  rest among the images of batches the batch test lets through.
-* ``never``: the classifier alone, every image straight to it; ``always``: every image purified (the purifier
-  alone in front of the classifier). The two baselines of the same harness: the same attacks and the same
-  evaluation rule as the detecting modes, with a routing nobody can move.
+Its two thresholds are calibrated jointly so that the share of clean images purified, by either test, is the
+target FPR: the batch test gets :data:`BATCH_SHARE` of it, the per-sample test the rest among the images of the
+batches the batch test lets through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from dad.detector import MMDDetector, pool_threshold, random_batches
+from dad.detector import DetectorNotCalibratedError, MMDDetector, pool_threshold, random_batches
+from dad.routing.base import Detection, Detectors, Router, relative_excess
+from dad.routing.sample import per_image_scores
 from dad.sample_detector import SampleDetector
 
-__all__ = ["Routing", "ROUTINGS", "DETECTING", "JointThresholds", "BATCH_SHARE", "relative_excess", "joint_thresholds"]
+__all__ = ["BothRouter", "BATCH_SHARE", "joint_thresholds"]
 
-Routing = Literal["batch", "sample", "both", "never", "always"]
-ROUTINGS: tuple[str, ...] = ("batch", "sample", "both", "never", "always")
-DETECTING: tuple[str, ...] = ("batch", "sample", "both")
-"""The routings decided by the detectors (the others are fixed baselines)."""
 BATCH_SHARE = 0.5
 """The share of the target FPR the batch test of the ``both`` mode is calibrated for."""
 
 
-def relative_excess(score: Tensor, threshold: Tensor) -> Tensor:
-    """``(score - threshold) / |threshold|``: positive exactly where the test flags."""
-    return (score - threshold) / threshold.abs().clamp_min(1e-12)
+class BothRouter(Router):
+    """The batch test, then the per-sample test on the batches it lets through; holds the joint thresholds per
+    batch size (buffers: saved and loaded with the defense)."""
 
-
-class JointThresholds(nn.Module):
-    """The batch and per-sample thresholds of the ``both`` mode, per batch size."""
+    name = "both"
+    summary = "a batch judged adversarial is purified whole, otherwise the images judged adversarial alone are."
+    min_batch = 2
+    batch_share = BATCH_SHARE
+    needs_sample_detector = True
+    stream = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,11 +56,17 @@ class JointThresholds(nn.Module):
     def thresholds_for(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``(batch threshold, per-sample threshold)`` for ``batch_size`` (or the nearest calibrated size)."""
         if not self.calibrated:
-            from dad.detector import DetectorNotCalibratedError
-
             raise DetectorNotCalibratedError("The `both` routing has no thresholds: calibrate it on clean data first")
         i = min(range(len(self._sizes)), key=lambda k: abs(self._sizes[k] - batch_size))
         return self.batch_thresholds[i], self.sample_thresholds[i]
+
+    def decide_batch(self, x: Tensor, features: Tensor, detectors: Detectors) -> Detection:
+        assert detectors.sample is not None
+        score = detectors.batch.score(x, features)
+        batch_threshold, sample_threshold = self.thresholds_for(x.shape[0])
+        batch_excess = relative_excess(score, batch_threshold)
+        sample_excess = relative_excess(detectors.sample.scores(x, features), sample_threshold)
+        return Detection(score, batch_excess, sample_excess, (batch_excess > 0) | (sample_excess > 0))
 
     @torch.no_grad()
     def estimate(self, detector: MMDDetector, sample_detector: SampleDetector, clean: Tensor,
@@ -78,21 +76,22 @@ class JointThresholds(nn.Module):
         without storing them and without host synchronisation; the batches are drawn by the CPU ``generator`` (the
         same batches on every device) and moved to the pool's device."""
         pool = clean.shape[0]
-        sample_scores = torch.cat([sample_detector.scores(part) for part in clean.split(256)])
+        scores_of_images = per_image_scores(sample_detector, clean)
         scorer = detector.batch_scorer(clean)
         found = {}
         for b in sorted({int(b) for b in batch_sizes}):
-            order = random_batches(pool, b, num_batches, generator).to(sample_scores.device)
-            found[b] = joint_thresholds(scorer(b, num_batches, order=order), order, sample_scores, pool, target_fpr)
+            order = random_batches(pool, b, num_batches, generator).to(scores_of_images.device)
+            found[b] = joint_thresholds(scorer(b, num_batches, order=order), order, scores_of_images, pool,
+                                        target_fpr)
         return found
 
-    def calibrate(self, detector: MMDDetector, sample_detector: SampleDetector, clean: Tensor,
-                  batch_sizes: Sequence[int], target_fpr: float, num_batches: int = 1000,
-                  generator: torch.Generator | None = None) -> dict[int, dict[str, float]]:
+    def calibrate(self, detectors: Detectors, clean: Tensor, batch_sizes: Sequence[int], target_fpr: float,
+                  num_batches: int, generator: torch.Generator) -> dict[str, Any]:
         """Set both thresholds per batch size (:meth:`estimate`); returns them with the share of the pool's images
         purified, per batch size."""
-        found = self.estimate(detector, sample_detector, clean, batch_sizes, target_fpr, num_batches, generator)
-        device = detector.reference.device
+        assert detectors.sample is not None
+        found = self.estimate(detectors.batch, detectors.sample, clean, batch_sizes, target_fpr, num_batches, generator)
+        device = detectors.batch.reference.device
         self.batch_sizes = torch.tensor(list(found), dtype=torch.long, device=device)
         self._sizes = list(found)
         self.batch_thresholds = torch.stack([batch for batch, _, _ in found.values()]).to(device)
@@ -100,6 +99,17 @@ class JointThresholds(nn.Module):
         return {b: {"batch_threshold": batch.item(), "sample_threshold": sample.item(),
                     "purified_pool": purified.item(), "num_batches": num_batches}
                 for b, (batch, sample, purified) in found.items()}
+
+    @torch.no_grad()
+    def purified_share(self, detectors: Detectors, pool: Tensor, batch_size: int, num_batches: int,
+                       generator: torch.Generator | None = None) -> float:
+        assert detectors.sample is not None
+        images = per_image_scores(detectors.sample, pool).cpu()
+        order = random_batches(len(pool), batch_size, num_batches, generator)
+        scores = detectors.batch.batch_scorer(pool)(batch_size, num_batches, order=order).cpu()
+        batch_threshold, sample_threshold = self.thresholds_for(batch_size)
+        flagged = (scores > batch_threshold.cpu())[:, None] | (images[order] > sample_threshold.cpu())
+        return flagged.double().mean().item()
 
 
 def joint_thresholds(scores: Tensor, order: Tensor, sample_scores: Tensor, pool: int,

@@ -1,0 +1,54 @@
+"""Saved defenses: the current format round-trips, and files of the earlier format (4) load and behave as before.
+
+``tests/data/defense_v4.pt`` (DAD's noise and denoiser, every routing calibrated) and ``defense_ssni_v4.pt`` (an
+SSNI purifier) were written by the code before the purifier and routing interfaces, with the outputs it gave on
+fixed images under every routing (``outputs_v4.pt``): ``python tests/data/make_v4.py.txt OUT`` at commit cb734c1
+wrote them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dad.defense import VERSION
+from dad.defense_file import load_defense
+from dad.diffusion import SSNIPurifier
+from dad.io import IncompatibleFileError
+from dad.purification import DenoiserPurifier
+from dad.routing import ROUTINGS
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+RECORDED = torch.load(DATA / "outputs_v4.pt", weights_only=True)
+
+
+def _outputs(defense, routing: str) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    defense.routing = routing
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = defense.forward_with_info(RECORDED["x"])
+    return {"logits": out.logits, "flags": out.flags, "score": out.score}
+
+
+@pytest.mark.parametrize("name, kind", [("defense_v4", DenoiserPurifier), ("defense_ssni_v4", SSNIPurifier)])
+def test_format_4_files_load_and_give_the_outputs_they_gave(name: str, kind: type, tmp_path: Path) -> None:
+    defense = load_defense(DATA / f"{name}.pt")
+    assert isinstance(defense.purifier, kind) and defense.target_fpr == 0.05
+    resaved = tmp_path / "again.pt"
+    defense.save(resaved)
+    assert torch.load(resaved, weights_only=True)["version"] == VERSION
+    for model in (defense, load_defense(resaved)):
+        for routing in ROUTINGS:
+            for key, value in _outputs(model, routing).items():
+                torch.testing.assert_close(value, RECORDED["expected"][f"{name}/{routing}"][key], rtol=0, atol=0,
+                                           msg=f"{name} {routing} {key}")
+
+
+def test_a_file_of_an_unknown_version_is_one_line_naming_it(tmp_path: Path) -> None:
+    payload = torch.load(DATA / "defense_v4.pt", weights_only=True)
+    torch.save({**payload, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(IncompatibleFileError, match="format version 99") as info:
+        load_defense(tmp_path / "future.pt")
+    assert "\n" not in str(info.value)
