@@ -26,7 +26,7 @@ import torch
 from bench.machine import machine_description, parse_with_overrides, start_run_bench, write_result
 from dad.defense_file import load_defense
 from datamodules.base import to_float
-from datamodules.imagefolder import decode_images, index_folders
+from datamodules.image_files import decode_images, index_folders
 
 
 def fresh_images(root: Path, skip: int, size: int, seed: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
@@ -45,7 +45,7 @@ import torch
 from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides,
                            write_result)
 from dad.stats import paired_difference_interval
-from lightning_modules.classifier import Training
+from dad.training import TRAINING_METHODS
 from evaluation.runner import evaluate
 from pipeline.config import PipelineConfig, load_config
 from pipeline.paths import STAGES, RunPaths
@@ -56,7 +56,7 @@ __all__ = ["main", "leaderboard_rows", "merge"]
 
 _LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
            "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
-_ORDER = {method: i for i, method in enumerate(get_args(Training))}  # the table's row order
+_ORDER = {method: i for i, method in enumerate(TRAINING_METHODS)}  # the table's row order: the registry's
 
 
 def _threat(report: dict[str, Any], requested: str | None) -> str:
@@ -200,7 +200,8 @@ def _write(name: str, result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a robust configuration (configs/*_robust.yaml); required unless --merge")
-    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "fat", "gairat"])
+    parser.add_argument("--methods", nargs="+", default=["standard", "pgd_at", "trades", "fat", "gairat"],
+                        choices=list(TRAINING_METHODS), help="training methods of dad.training, each a row pair")
     parser.add_argument("--data-root", default=None, help="--data.root of the config (image folders)")
     parser.add_argument("--runs-root", default=None, help="where the runs go (default: the config's run.root)")
     parser.add_argument("--autoattack", default="autoattack_linf", help="the config's AutoAttack entry")

@@ -94,15 +94,19 @@ def _purification(report: Mapping[str, Any]) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables (what ``make demo`` prints)."""
-    det = report["detection"]
-    draws = report["draws"]
-    clean = report["clean_acc"]
     lines = [f"DAD with **{report['routing']}** routing: {ROUTERS[report['routing']].summary}",
              f"Purification: {_purification(report)}", "",
              f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
-             f"it is right in all {draws} noise draws and every attack of the column left it correct; the headline "
-             "is the lowest column):", "", *_headline(report), "",
-             f"**Attacks** ({report['num_test']} test images; attacks through the defense on the first "
+             f"it is right in all {report['draws']} noise draws and every attack of the column left it correct; the "
+             "headline is the lowest column):", "", *_headline(report), "",
+             *_attacks_table(report), *_mixed_table(report), *_detection_tables(report), *_sanity_lines(report),
+             *_closing_lines(report)]
+    return "\n".join(lines) + "\n"
+
+
+def _attacks_table(report: dict[str, Any]) -> list[str]:
+    det, clean = report["detection"], report["clean_acc"]
+    lines = [f"**Attacks** ({report['num_test']} test images; attacks through the defense on the first "
              f"{report['num_test_defense']}):", "",
              "| setting | threat | attack | undefended | DAD (all draws) [95% CI] | DAD, mean over draws | "
              "DAD - undefended [95% CI] | detection rate | seconds |",
@@ -116,31 +120,39 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{_ci(acc['dad'], acc['dad_ci95'])} | {_pct(acc['dad_mean'])} | "
                      f"{_ci(*_split(acc['dad_minus_undefended']))} | {_pct(det['tpr'][name])} | "
                      f"{report['timings_s']['attacks'][name]:.1f} |")
+    return lines
+
+
+def _mixed_table(report: dict[str, Any]) -> list[str]:
     mixed = report.get("mixed") or {}
-    if mixed:
-        lines += ["", f"**Mixed batches** (each attacked image is an AE among clean images of other test images, in "
-                      f"a batch of {det['batch_size']}; threat `defense`: the attack sees and scores the whole batch):",
-                  "", "| mixed attack | AE fraction | threat | n | DAD on the AEs [95% CI] | mean over draws | "
-                      "batches flagged | accuracy on the clean filler | seconds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, m in mixed.items():
-            lines.append(f"| {m['attack']} | {m['fraction']:g} | {m['threat']} | {m['n']} | "
-                         f"{_ci(m['dad'], m['dad_ci95'])} | {_pct(m['dad_mean'])} | {_pct(m['detection_rate'])} | "
-                         f"{_pct(m['filler_acc'])} | {report['timings_s']['attacks'][name]:.1f} |")
+    if not mixed:
+        return []
+    lines = ["", f"**Mixed batches** (each attacked image is an AE among clean images of other test images, in a "
+                 f"batch of {report['detection']['batch_size']}; threat `defense`: the attack sees and scores the "
+                 "whole batch):", "",
+             "| mixed attack | AE fraction | threat | n | DAD on the AEs [95% CI] | mean over draws | "
+             "batches flagged | accuracy on the clean filler | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in mixed.items():
+        lines.append(f"| {m['attack']} | {m['fraction']:g} | {m['threat']} | {m['n']} | "
+                     f"{_ci(m['dad'], m['dad_ci95'])} | {_pct(m['dad_mean'])} | {_pct(m['detection_rate'])} | "
+                     f"{_pct(m['filler_acc'])} | {report['timings_s']['attacks'][name]:.1f} |")
+    return lines
+
+
+def _detection_tables(report: dict[str, Any]) -> list[str]:
+    det = report["detection"]
     sizes = list(det["by_batch_size"])
-    lines += ["", "**Detection** (AUROC of batch scores, clean vs adversarial batches; TPR at the calibrated "
-              "threshold; threat-`defense` AEs are made for their own batches, so only at the evaluation batch size "
-              f"{det['batch_size']}):", "",
-              "| batch size | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
-    row = [_pct(det["by_batch_size"][s].get("threshold")) for s in sizes]
-    lines.append("| threshold | " + " | ".join(row) + " |")
-    lines.append("| FPR clean | " + " | ".join(_pct(det["by_batch_size"][s].get("fpr_clean")) for s in sizes) + " |")
-    lines.append("| DAD clean acc | " + " | ".join(_pct(det["by_batch_size"][s].get("clean_acc_dad")) for s in sizes)
-                 + " |")
+    by_size = [det["by_batch_size"][s] for s in sizes]
+    lines = ["", "**Detection** (AUROC of batch scores, clean vs adversarial batches; TPR at the calibrated "
+             "threshold; threat-`defense` AEs are made for their own batches, so only at the evaluation batch size "
+             f"{det['batch_size']}):", "",
+             "| batch size | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+    for label, key in (("threshold", "threshold"), ("FPR clean", "fpr_clean"), ("DAD clean acc", "clean_acc_dad")):
+        lines.append(f"| {label} | " + " | ".join(_pct(e.get(key)) for e in by_size) + " |")
     for name in report["robust_acc"]:
-        per_size = [det["by_batch_size"][s] for s in sizes]
         cells = [f"{_pct(e['auroc'].get(name))} / {_pct(e['tpr'].get(name))}" if name in e["auroc"] else "-"
-                 for e in per_size]
+                 for e in by_size]
         lines.append(f"| {name}: AUROC / TPR | " + " | ".join(cells) + " |")
     sample = det.get("per_sample")
     if sample:
@@ -154,17 +166,27 @@ def report_markdown(report: dict[str, Any]) -> str:
         src = report["transfer"]["source"]
         lines += ["", f"Transfer: AEs crafted on a separately trained {src['model']} (seed {src['seed']}, clean "
                   f"accuracy {_pct(src['clean_acc'])}): " + ", ".join(report["transfer"]["attacks"]) + "."]
-    lines += ["", "**Sanity checks**:", "", "| check | passed | detail |", "| --- | --- | --- |"]
+    return lines
+
+
+def _sanity_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["", "**Sanity checks**:", "", "| check | passed | detail |", "| --- | --- | --- |"]
     for key, c in report["sanity"].items():
         lines.append(f"| {key} | {'PASS' if c['passed'] else 'FAIL'} | {c['detail']} |")
+    det = report["detection"]
     fpr = det["fpr_check"]
     if fpr is not None:
         lines += ["", f"FPR check: `{fpr['formula']}` with N_test = {det['clean_pool']}, B = {fpr['batch_size']}, "
                       f"N_cal = {fpr['calibration_pool']}, z = {fpr['z']:g}: tolerance {fpr['tolerance']:.4f} "
                       f"(binomial {fpr['se_binomial']:.4f}, calibration {fpr['se_calibration']:.4f})."]
-    lines += [
+    return lines
+
+
+def _closing_lines(report: dict[str, Any]) -> list[str]:
+    det = report["detection"]
+    lines = [
         "",
-        f"Denoised clean accuracy (the cost of a false positive): {_pct(clean['denoised'])}. "
+        f"Denoised clean accuracy (the cost of a false positive): {_pct(report['clean_acc']['denoised'])}. "
         f"Threshold {det['threshold']:.4g} at batch size {det['batch_size']}; FPR over {det['random_batches']} random "
         f"batches of the {det['clean_pool']} clean test images.",
         "",
@@ -176,8 +198,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(report["plots"].values())]
     stages = {k: v for k, v in report["timings_s"].items() if isinstance(v, (int, float))}
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())]
-    return "\n".join(lines) + "\n"
+    return lines + ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())]
 
 
 def _split(difference: list[float]) -> tuple[float, list[float]]:

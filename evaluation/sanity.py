@@ -36,6 +36,42 @@ Runner = Callable[[Mapping[str, AttackSpec], int], dict[str, dict[str, Tensor]]]
 SanityOutcome = tuple[dict[str, CheckResult], dict[str, Any], dict[str, dict[str, Any]]]
 
 
+def _defense_checks(defense: nn.Module, probes: tuple[Tensor, Tensor, Tensor], specs: Mapping[str, AttackSpec],
+                    threats: Mapping[str, str], dad: Mapping[str, Tensor],
+                    z: float) -> tuple[dict[str, CheckResult], bool]:
+    """Gradients, randomness and EOT on the probes (both routes), and white box vs classifier-only per threat
+    model; also whether the defense is randomised."""
+    clean, adversarial, labels = probes
+    checks: dict[str, CheckResult] = {}
+    white = [n for n in specs if threats[n] == "defense"]
+    checks["gradients"] = check_gradients(lambda x: margin(defense(x), labels[: len(x)]), [clean, adversarial])
+    needs_eot = {n: specs[n].eot_samples for n in white if specs[n].needs_eot}
+    checks["randomness_eot"] = check_randomness(defense, [clean, adversarial], needs_eot)
+    compared = []
+    for label, g in threat_groups(specs, threats).items():
+        if g["defense"] and g["classifier"]:  # on the images both kinds attacked (a common prefix)
+            both = union([union([dad[n] for n in g["defense"]]), union([dad[n] for n in g["classifier"]])])
+            n = both.numel()
+            compared.append(check_at_least_as_strong(f"{label}: worst case white box vs classifier-only (DAD)",
+                                                     union([dad[m][:n] for m in g["defense"]]),
+                                                     union([dad[m][:n] for m in g["classifier"]]), z))
+    checks["white_box_stronger"] = (
+        CheckResult(all(c.passed for c in compared), "; ".join(c.detail for c in compared)) if compared
+        else CheckResult(False, "not run: no threat model has both a full-white-box and a classifier-only attack"))
+    return checks, is_randomized(defense, [clean, adversarial])
+
+
+def _fold(specs: Mapping[str, AttackSpec], dad: Mapping[str, Tensor], base: AttackSpec, n_sub: int,
+          stronger: Mapping[str, Tensor]) -> dict[str, dict[str, Any]]:
+    """The re-runs that found more, folded into the worst case of the re-run attack's threat model."""
+    label = threat_label(base)
+    same_threat = [n for n, s in specs.items() if threat_label(s) == label]
+    base_union = union([dad[n][:n_sub] for n in same_threat])
+    folded_union = union([base_union, *stronger.values()])
+    return {label: {"correct": folded_union, "attacks": [*same_threat, *stronger],
+                    "extra_errors": int((base_union & ~folded_union).sum())}}
+
+
 def run_sanity(
     defense: nn.Module,
     probes: tuple[Tensor, Tensor, Tensor],
@@ -52,6 +88,9 @@ def run_sanity(
 ) -> SanityOutcome:
     """The sanity checks, the eps sweep (for the report and its plot) and the folding per threat model.
 
+    Long because every re-run (more steps, EOT samples, restarts, the eps sweep) is planned here and run in one
+    evaluation, then read back by the checks.
+
     Args:
         defense: the defense under evaluation.
         probes: ``(clean batch, an adversarial batch of the same images, their labels)`` for the gradient and
@@ -64,25 +103,8 @@ def run_sanity(
         batch_size: the evaluation's batch size.
         sweep_factors: eps multiples of the sweep; ``z``: noise level of the comparisons.
     """
-    clean, adversarial, labels = probes
-    checks: dict[str, CheckResult] = {}
+    checks, randomized = _defense_checks(defense, probes, specs, threats, dad, z)
     white = [n for n in specs if threats[n] == "defense"]
-    checks["gradients"] = check_gradients(lambda x: margin(defense(x), labels[: len(x)]), [clean, adversarial])
-    needs_eot = {n: specs[n].eot_samples for n in white if specs[n].needs_eot}
-    checks["randomness_eot"] = check_randomness(defense, [clean, adversarial], needs_eot)
-    randomized = is_randomized(defense, [clean, adversarial])
-
-    compared = []
-    for label, g in threat_groups(specs, threats).items():
-        if g["defense"] and g["classifier"]:  # on the images both kinds attacked (a common prefix)
-            both = union([union([dad[n] for n in g["defense"]]), union([dad[n] for n in g["classifier"]])])
-            n = both.numel()
-            compared.append(check_at_least_as_strong(f"{label}: worst case white box vs classifier-only (DAD)",
-                                                     union([dad[m][:n] for m in g["defense"]]),
-                                                     union([dad[m][:n] for m in g["classifier"]]), z))
-    checks["white_box_stronger"] = (
-        CheckResult(all(c.passed for c in compared), "; ".join(c.detail for c in compared)) if compared
-        else CheckResult(False, "not run: no threat model has both a full-white-box and a classifier-only attack"))
     if not white:
         checks["attack_strength"] = CheckResult(False, "not run: no full-white-box attack configured")
         return checks, {}, {}
@@ -122,12 +144,7 @@ def run_sanity(
                                          f"does not): {more_eot.detail}")
         stronger.append(f"sanity__{eot_name}__eot_x2")
 
-    label = threat_label(base)
-    same_threat = [n for n, s in specs.items() if threat_label(s) == label]
-    base_union = union([dad[n][:n_sub] for n in same_threat])
-    folded_union = union([base_union, *(extra["dad"][v] for v in stronger)])
-    folded = {label: {"correct": folded_union, "attacks": [*same_threat, *stronger],
-                      "extra_errors": int((base_union & ~folded_union).sum())}}
+    folded = _fold(specs, dad, base, n_sub, {v: extra["dad"][v] for v in stronger})
     eps = sorted(sweep)
     sweep_report = {
         "attack": name, "classifier_attack": classifier_attack or "pgd (derived from the white-box attack)",

@@ -6,17 +6,18 @@ smoothing, flip-and-crop augmentation on uint8 batches (:mod:`datamodules.augmen
 average of the weights from half of the steps on (:class:`callbacks.DelayedEMA`, then a batch-norm statistics
 update) and channels-last memory format.
 
-Adversarial training (``training``) replaces the clean batch by the method's adversarial examples
-(:mod:`dad.robust`: PGD-AT, TRADES, FAT, FAT-TRADES, GAIRAT, GAIR-FAT); the inner maximisation runs with
-batch norm in eval mode and input gradients only, the outer loss in training mode. Validation then also
-measures PGD-10 robust accuracy on the first validation images, by which the best checkpoint is chosen.
+Adversarial training (``training``, a method of :data:`dad.training.TRAINING_METHODS`: PGD-AT, TRADES, FAT,
+FAT-TRADES, GAIRAT, GAIR-FAT) replaces the clean batch by the method's adversarial examples and outer loss; the
+inner maximisation runs with batch norm in eval mode and input gradients only, the outer loss in training mode.
+Validation then also measures PGD-10 robust accuracy on the first validation images, by which the best checkpoint
+is chosen.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,29 +30,13 @@ from dad.attacks import pgd
 from dad.distributed import rank_and_world
 from dad.models import ImageClassifier
 from dad.networks import network_specs
-from dad.robust import (
-    FAT_TAU_SCHEDULE,
-    FAT_TRADES_TAU_SCHEDULE,
-    InnerMaximum,
-    fat_examples,
-    gairat_weights,
-    global_mean,
-    pgd_at_examples,
-    tau_schedule,
-    trades_examples,
-    trades_loss,
-)
+from dad.training import TRAINING_METHODS, Training, TrainingAttack, TrainingMethod, build_method
 from lightning_modules.stage import StageModule
 
-__all__ = ["ClassifierModule", "ClassifierSettings", "Training", "classifier_optimizer"]
-
-Training = Literal["standard", "pgd_at", "trades", "fat", "fat_trades", "gairat", "gair_fat"]
-"""Standard training, or an adversarial training method of :mod:`dad.robust`."""
+__all__ = ["ClassifierModule", "ClassifierSettings", "classifier_optimizer"]
 
 ROBUST_VAL_STEPS = 10
 """Steps of the PGD attack behind ``val/robust_acc`` (PGD-10, the literature's model-selection attack)."""
-
-_TAU_SCHEDULES = {"fat": FAT_TAU_SCHEDULE, "gair_fat": FAT_TAU_SCHEDULE, "fat_trades": FAT_TRADES_TAU_SCHEDULE}
 
 
 @dataclass(frozen=True)
@@ -76,17 +61,15 @@ class ClassifierSettings:
         ema_start: the share of the training steps after which the average starts (before: the live weights;
             an average from the first step keeps ``decay ** steps`` of the random initial weights).
         channels_last: train in channels-last memory format (faster convolutions on some CPUs and GPUs).
-        training: ``standard`` (cross-entropy on clean images) or adversarial training, Linf:
-            ``pgd_at`` (Madry et al. 2018), ``trades`` (Zhang et al. 2019), ``fat`` and ``fat_trades``
-            (Zhang et al., ICML 2020; tau follows the paper's schedule over the epochs), ``gairat`` and
-            ``gair_fat`` (Zhang et al., ICLR 2021; uniform weights for the first half of the epochs).
+        training: ``standard`` (cross-entropy on clean images) or an adversarial training method of
+            :data:`dad.training.TRAINING_METHODS` (Linf).
+        method: the training method's own options (its ``Options`` dataclass): ``beta`` (TRADES, FAT-TRADES: the KL
+            weight, 6), ``omega`` (FAT, FAT-TRADES, GAIR-FAT: the Gaussian term of each step, 0.001), ``lam``
+            (GAIRAT, GAIR-FAT: lambda of the weights, -1).
         adv_eps: the training attack's Linf radius (8/255: the papers' CIFAR-10 setting).
         adv_step_size: its step size (2/255: Madry et al.'s CIFAR-10 setting; the TRADES, FAT and GAIRAT code
             uses 0.007 with eps 0.031).
         adv_steps: its steps K (10 in all four papers); also GAIRAT's K in the weights.
-        trades_beta: TRADES' (and FAT-TRADES') weight of the KL term (6, Zhang et al. 2019).
-        fat_omega: standard deviation of FAT's Gaussian term in each step (0.001, Zhang et al. 2020).
-        gairat_lambda: GAIRAT's lambda in ``(1 + tanh(lambda + 5 (1 - 2 kappa / K))) / 2`` (-1, Zhang et al. 2021).
         robust_val_samples: adversarial training only: ``val/robust_acc`` is PGD-10 (``adv_eps``,
             ``adv_step_size``) accuracy on this many first validation images, the checkpoint's criterion.
     """
@@ -108,18 +91,21 @@ class ClassifierSettings:
     ema_start: float = 0.5
     channels_last: bool = False
     training: Training = "standard"
+    method: dict[str, Any] = field(default_factory=dict)
     adv_eps: float = 8 / 255
     adv_step_size: float = 2 / 255
     adv_steps: int = 10
-    trades_beta: float = 6.0
-    fat_omega: float = 0.001
-    gairat_lambda: float = -1.0
     robust_val_samples: int = 500
 
     @property
     def adversarial(self) -> bool:
         """Whether the classifier is trained on adversarial examples."""
-        return self.training != "standard"
+        return TRAINING_METHODS[self.training].adversarial
+
+    def training_method(self) -> TrainingMethod:
+        """The configured method with its training attack and options."""
+        return build_method(self.training, TrainingAttack(self.adv_eps, self.adv_step_size, self.adv_steps),
+                            self.method)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -138,18 +124,14 @@ class ClassifierSettings:
             raise ValueError(f"Expected `classifier.ema_decay` in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.ema_start < 1.0:
             raise ValueError(f"Expected `classifier.ema_start` in [0, 1), got {self.ema_start}")
-        if self.training not in get_args(Training):
-            raise ValueError(f"Expected `classifier.training` in {get_args(Training)}, got {self.training!r}")
+        if self.training not in TRAINING_METHODS:
+            raise ValueError(f"Expected `classifier.training` in {tuple(TRAINING_METHODS)}, got {self.training!r}")
         if not self.adv_eps > 0:
             raise ValueError(f"Expected `classifier.adv_eps` > 0, got {self.adv_eps}")
         if not self.adv_step_size > 0:
             raise ValueError(f"Expected `classifier.adv_step_size` > 0, got {self.adv_step_size}")
         if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) or self.adv_steps < 1:
             raise ValueError(f"Expected `classifier.adv_steps` to be an integer >= 1, got {self.adv_steps!r}")
-        if not self.trades_beta >= 0:
-            raise ValueError(f"Expected `classifier.trades_beta` >= 0, got {self.trades_beta}")
-        if not self.fat_omega >= 0:
-            raise ValueError(f"Expected `classifier.fat_omega` >= 0, got {self.fat_omega}")
         if isinstance(self.robust_val_samples, bool) or not isinstance(self.robust_val_samples, int) \
                 or self.robust_val_samples < 1:
             raise ValueError(f"Expected `classifier.robust_val_samples` to be an integer >= 1, "
@@ -157,6 +139,7 @@ class ClassifierSettings:
         if self.adversarial and self.label_smoothing != 0:
             raise ValueError(f"Expected `classifier.label_smoothing` 0 with adversarial training (it masks gradients), "
                              f"got {self.label_smoothing}")
+        self.training_method()  # the method's own options, checked now
 
 
 class ClassifierModule(StageModule):
@@ -178,6 +161,7 @@ class ClassifierModule(StageModule):
         self.save_hyperparameters({"settings": asdict(settings)})
         self.settings = settings
         self.model = model.to(memory_format=torch.channels_last) if settings.channels_last else model
+        self.method = settings.training_method()
         self.train_acc = MulticlassAccuracy(model.num_classes, validate_args=False)  # no host reads per step
         self.val_acc = MulticlassAccuracy(model.num_classes)
         self.test_acc = MulticlassAccuracy(model.num_classes)
@@ -214,41 +198,19 @@ class ClassifierModule(StageModule):
         """The share of the training epochs done, which drives FAT's tau and the start of GAIRAT's weights."""
         return self.current_epoch / self.settings.epochs
 
-    def inner_maximum(self, x: Tensor, y: Tensor) -> InnerMaximum:
-        """The training method's adversarial examples of a batch (eval-mode batch norm, input gradients only)."""
-        s = self.settings
-        if s.training in ("pgd_at", "gairat"):
-            return pgd_at_examples(self.model, x, y, s.adv_eps, s.adv_step_size, s.adv_steps)
-        if s.training == "trades":
-            return trades_examples(self.model, x, s.adv_eps, s.adv_step_size, s.adv_steps)
-        tau = tau_schedule(self.epoch_fraction(), *_TAU_SCHEDULES[s.training])
-        return fat_examples(self.model, x, y, s.adv_eps, s.adv_step_size, s.adv_steps, tau, s.fat_omega,
-                            loss="kl" if s.training == "fat_trades" else "ce")
-
     def _adversarial_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        s = self.settings
-        if s.channels_last:
+        if self.settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        inner = self.inner_maximum(x, y)
-        logits = self.model(inner.examples)
-        if s.training in ("trades", "fat_trades"):
-            loss = trades_loss(self.model(x), logits, y, s.trades_beta)
-        elif s.training in ("gairat", "gair_fat") and self.epoch_fraction() >= 0.5:
-            assert inner.kappa is not None  # both paths count kappa
-            # normalised over the global batch, so DDP's averaged gradient is the single-process one
-            weights = gairat_weights(inner.kappa, s.adv_steps, s.gairat_lambda, mean=global_mean)
-            loss = (weights * F.cross_entropy(logits, y, reduction="none")).mean()
-        else:
-            loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss)  # not on the progress bar: it would read the loss back at every step
+        step = self.method.step(self.model, x, y, self.epoch_fraction())
+        self.train_acc(step.logits, y)
+        self.log("train/loss", step.loss)  # not on the progress bar: it would read the loss back at every step
         self.log("train/adv_acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("train/backward_passes_per_sample", inner.steps.float().mean() + 1.0)
-        self.backward_passes.update(inner.steps.float() + 1.0)
-        if inner.kappa is not None:
-            self._log_kappa(inner.kappa)
-        return loss
+        self.log("train/backward_passes_per_sample", step.steps.float().mean() + 1.0)
+        self.backward_passes.update(step.steps.float() + 1.0)
+        if step.kappa is not None:
+            self._log_kappa(step.kappa)
+        return step.loss
 
     def _log_kappa(self, kappa: Tensor) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.global_step % self.trainer.log_every_n_steps == 0:

@@ -29,7 +29,7 @@ from dad.kernels import ESTIMATORS, SemanticKernel
 from dad.models import ImageClassifier, freeze
 from dad.networks import logits_and_features, network_specs
 from dad.noise import NoiseMode, add_noise
-from dad.robust import pgd_at_examples
+from dad.training.inner import pgd_at_examples
 from lightning_modules.stage import StageModule
 
 __all__ = ["DenoiserModule", "DenoiserSettings"]

@@ -16,6 +16,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 
 from dad.distributed import release_process_group
 from pipeline.config import ConfigError, build_parser, config_from_namespace
+from pipeline.config_compat import moved_option_hint
 from pipeline.paths import STAGES
 from pipeline.trainer import quiet_third_party
 
@@ -41,7 +42,7 @@ def fail(err: BaseException, debug: bool) -> int:
     """Print ``error: <one line>`` (or re-raise with ``--debug``) and return the exit code 2."""
     if debug:
         raise err
-    message = " ".join(str(err).split()) or type(err).__name__
+    message = moved_option_hint(" ".join(str(err).split()) or type(err).__name__)
     print(f"error: {message}", file=sys.stderr)
     return 2
 

@@ -1,13 +1,11 @@
 """The run configuration: one typed section per stage, each defined once beside the code that consumes it.
 
 ``run`` and ``defense`` are defined here; ``data`` is :class:`~datamodules.settings.DataSettings`,
-``classifier``/``kernel``/``denoiser``/``score`` the settings of their LightningModules, ``purifier`` the
-diffusion purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`), ``attack`` (the training
-AEs) an :class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~pipeline.eval_settings.EvalSettings`, and
-``trainer`` any argument of ``pytorch_lightning.Trainer`` (read from its signature, as LightningCLI does).
-Every option has one name, one default and one check (the section's ``__post_init__``). Parsing uses
-jsonargparse, the library behind LightningCLI: ``--config file.yaml``, dotted ``--section.field`` flags,
-typed values, ``--print_config``.
+``classifier``/``kernel``/``denoiser``/``score`` the settings of their LightningModules, ``purifier`` the diffusion
+purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`), ``attack`` (the training AEs) an
+:class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~pipeline.eval_settings.EvalSettings`, and ``trainer`` any
+argument of ``pytorch_lightning.Trainer`` (read from its signature). Every option has one name, one default and
+one check (the section's ``__post_init__``). Parsing uses jsonargparse, the library behind LightningCLI.
 """
 
 from __future__ import annotations
@@ -18,20 +16,24 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from dad.attacks import AttackSpec
+from dad.detector import TARGET_FPR
 from dad.diffusion.selection import PurifierSettings
+from dad.routing import Routing
+from dad.sample_detector import SampleScore
 from datamodules.settings import DataSettings
 from pipeline.eval_settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings
 from lightning_modules.score import ScoreSettings
+from pipeline.config_compat import move_options, moved_option_hint
 
 __all__ = [
     "RunSettings", "DefenseSettings", "PipelineConfig", "ConfigError", "OWNED_TRAINER_ARGS", "build_parser",
@@ -85,20 +87,19 @@ class DefenseSettings:
     """
 
     reference_size: int = 100
-    target_fpr: float = 0.05
+    target_fpr: float = TARGET_FPR
     calibration_batches: int = 1000
     batch_size: int = 100
-    routing: Literal["batch", "sample", "both", "never", "always"] = "batch"
-    sample_score: Literal["witness", "reference"] = "witness"
+    routing: Routing = "batch"
+    sample_score: SampleScore = "witness"
     witness_size: int | None = 500
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:
             raise ConfigError(f"Expected `defense.target_fpr` in (0, 1), got {self.target_fpr}")
-        if self.reference_size < 2:
-            raise ConfigError(f"Expected `defense.reference_size` >= 2, got {self.reference_size}")
-        if self.batch_size < 2:
-            raise ConfigError(f"Expected `defense.batch_size` >= 2, got {self.batch_size}")
+        for name in ("reference_size", "batch_size"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"Expected `defense.{name}` >= 2, got {getattr(self, name)}")
         if self.calibration_batches < 1:
             raise ConfigError(f"Expected `defense.calibration_batches` >= 1, got {self.calibration_batches}")
         if self.witness_size is not None and self.witness_size < 2:
@@ -265,14 +266,11 @@ def config_from_namespace(parser: ArgumentParser, ns: Namespace) -> PipelineConf
 
 
 def prune_config(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A saved configuration without the options this version no longer has, and their dotted names.
-
-    Lets ``eval.py --run`` read a run written by an earlier version (the dropped options are reported); the
-    sections themselves must still parse.
-    """
+    """A saved configuration of an earlier version for ``eval.py --run``: its moved options moved, the options this
+    version no longer has dropped (their dotted names returned, to report); the sections must still parse."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
-    for section, value in data.items():
+    for section, value in move_options(data).items():
         if section not in _SECTIONS:
             dropped.append(section)
             continue
@@ -295,4 +293,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     """Read a YAML configuration file (a run's saved ``config.yaml`` or a preset), with ``--<section>.<option>
     VALUE`` ``overrides`` on top, parsed as ``train.py`` parses its command line."""
     parser = build_parser()
-    return config_from_namespace(parser, parser.parse_args(["--config", str(path), *overrides]))
+    try:
+        namespace = parser.parse_args(["--config", str(path), *overrides])
+    except ArgumentError as err:
+        raise ConfigError(moved_option_hint(" ".join(str(err).split()))) from None
+    return config_from_namespace(parser, namespace)

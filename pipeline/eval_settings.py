@@ -6,9 +6,10 @@ Part of the run configuration (:mod:`pipeline.config`), which the pipeline owns;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from dad.attacks import AttackSpec
+from dad.routing import Routing
 
 __all__ = ["EvalSettings", "TransferSettings", "paper_attacks"]
 
@@ -102,7 +103,7 @@ class EvalSettings:
     attacks: dict[str, AttackSpec] = field(default_factory=paper_attacks)
     defense: str | None = None
     purifier_checkpointing: bool = False
-    routing: Literal["batch", "sample", "both", "never", "always"] | None = None
+    routing: Routing | None = None
     draws: int = 3
     detection_batch_sizes: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
     random_batches: int = 1000

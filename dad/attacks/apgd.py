@@ -92,6 +92,8 @@ def apgd(
 ) -> Tensor:
     """Maximise ``objective`` over the ``eps``-ball around ``x`` (and [0, 1]) with APGD; return the best judged batch.
 
+    Long because APGD's momentum, step-size halving at its checkpoints and judging are one loop (Croce and Hein 2020).
+
     Args:
         objective: per-sample values to maximise (their sum is differentiated); may be random (EOT).
         judge: per-sample error rates of the real model on a whole batch; the judged iterate (about ten of

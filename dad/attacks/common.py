@@ -138,6 +138,17 @@ def normalized_step(grad: Tensor, norm: Norm) -> Tensor:
     return grad / _per_sample(_l2_norms(grad).clamp_min(_L2_FLOOR), grad)
 
 
+def ascent_step(x_adv: Tensor, x: Tensor, grad: Tensor, eps: float, step_size: float, norm: Norm,
+                noise: Tensor | None = None) -> Tensor:
+    """One step of projected gradient ascent: ``step_size`` along the normalised gradient (plus ``noise``, FAT's
+    Gaussian term), then back onto the ``eps``-ball around ``x`` and into ``[0, 1]``. The step of every PGD loop
+    (the attacks' and adversarial training's)."""
+    moved = x_adv + step_size * normalized_step(grad, norm)
+    if noise is not None:
+        moved = moved + noise
+    return (x + project(moved - x, eps, norm)).clamp(0.0, 1.0)
+
+
 def random_delta(x: Tensor, eps: float, norm: Norm, generator: torch.Generator | None = None) -> Tensor:
     """Random starting perturbation inside the ``eps``-ball (before clamping the image to ``[0, 1]``).
 

@@ -16,16 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks.common import (
-    Norm,
     as_autograd_tensor,
+    ascent_step,
     check_at_least_one,
     check_norm,
     check_positive,
     check_unit_range,
     gradients_enabled,
-    normalized_step,
+    Norm,
     preserve_mode,
-    project,
     random_delta,
 )
 from dad.attacks.objectives import Judge, PerSample, defense_objective, error_rates, judged_steps, strongest_batch
@@ -76,8 +75,7 @@ def defense_pgd(
     judged = judged_steps(steps)
     for k in range(1, steps + 1):
         grad = expected_gradient(objective, x_adv, eot_samples)
-        x_adv = x_adv + step_size * normalized_step(grad, norm)
-        x_adv = (x + project(x_adv - x, eps, norm)).clamp(0.0, 1.0).detach()
+        x_adv = ascent_step(x_adv, x, grad, eps, step_size, norm).detach()
         if k in judged:
             errors = judge(x_adv).sum()
             if errors >= best_errors:

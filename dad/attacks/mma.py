@@ -57,6 +57,8 @@ def mma(
 ) -> Tensor:
     """Minimum-Margin Attack: best of ``k`` targeted margin attacks per input.
 
+    Long because its docstring gives the published settings; the body is short.
+
     The targets are, per input, the ``k`` classes with the highest clean logits other than the true
     one. For each target ``t`` (the loop runs over the ``k`` ranks, the batch is vectorised) PGD
     maximises ``min(z_t - z_y, confidence)``; the capped objective stops pushing once an example is

@@ -16,18 +16,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks.common import (
-    Model,
-    Norm,
     as_autograd_tensor,
+    ascent_step,
     check_at_least_one,
     check_norm,
     check_positive,
     check_unit_range,
     gradients_enabled,
     margin,
-    normalized_step,
+    Model,
+    Norm,
     preserve_mode,
-    project,
     random_delta,
 )
 from dad.attacks.objectives import classification_loss, error_rates, strongest_batch
@@ -113,8 +112,7 @@ def projected_gradient_ascent(
         x_adv = (x + delta).clamp(0.0, 1.0)
         for _ in range(steps):
             grad = expected_gradient(objective, x_adv, eot_samples)
-            x_adv = x_adv + step_size * normalized_step(grad, norm)
-            x_adv = (x + project(x_adv - x, eps, norm)).clamp(0.0, 1.0)
+            x_adv = ascent_step(x_adv, x, grad, eps, step_size, norm)
     return x_adv.detach()
 
 

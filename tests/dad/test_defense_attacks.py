@@ -60,6 +60,10 @@ PRESETS = {
     "cw_l2_classifier": {"name": "cw_l2", "threat": "classifier", "norm": "l2", "eps": 0.3, "steps": 5,
                          "step_size": 0.1},
     "autoattack_classifier": {"name": "autoattack", "threat": "classifier", "norm": "linf", "eps": 0.1, "steps": 2},
+    "apgd_classifier": {"name": "apgd", "threat": "classifier", "norm": "linf", "eps": 0.1, "steps": 3},
+    "mma_classifier": {"name": "mma", "threat": "classifier", "norm": "linf", "eps": 0.1, "step_size": 0.03,
+                       "steps": 2, "k": 2},
+    "square_classifier": {"name": "square", "threat": "classifier", "norm": "linf", "eps": 0.1, "steps": 20},
 }
 
 

@@ -12,17 +12,8 @@ from torch import Tensor, nn
 from dad.attacks import pgd
 from dad.attacks.common import random_delta
 from dad.models import create_model
-from dad.robust import (
-    FAT_TAU_SCHEDULE,
-    FAT_TRADES_TAU_SCHEDULE,
-    fat_examples,
-    gairat_weights,
-    global_mean,
-    pgd_at_examples,
-    tau_schedule,
-    trades_examples,
-    trades_loss,
-)
+from dad.training.inner import FAT_TAU_SCHEDULE, FAT_TRADES_TAU_SCHEDULE, fat_examples, pgd_at_examples, trades_examples
+from dad.training.losses import gairat_weights, global_mean, tau_schedule, trades_loss
 
 STEP = 0.05
 # first misclassified iterate m of each toy sample (m >= K = 5: never within the attack)

@@ -16,7 +16,7 @@ from dad.purification import DenoiserPurifier, PurifiedRoute
 from dad.denoisers import UNetDenoiser
 from dad.kernels import SemanticKernel
 from dad.models import ImageClassifier, create_model
-from dad.robust import pgd_at_examples
+from dad.training.inner import pgd_at_examples
 from lightning_modules.denoiser import DenoiserModule, DenoiserSettings
 
 EPS, STEP = 0.2, 0.05

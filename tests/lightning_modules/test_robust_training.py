@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_modules.classifier as classifier
 from dad.attacks import pgd
 from dad.models import create_model
-from dad.robust import fat_examples, gairat_weights
+from dad.training.inner import fat_examples
+from dad.training.losses import gairat_weights
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +54,9 @@ def _trainer(epochs: int, **kwargs: Any) -> pl.Trainer:
         ({"adv_eps": 0.0}, "Expected `classifier.adv_eps` > 0, got 0.0"),
         ({"adv_step_size": -0.1}, "Expected `classifier.adv_step_size` > 0"),
         ({"adv_steps": 0}, "Expected `classifier.adv_steps` to be an integer >= 1, got 0"),
-        ({"trades_beta": -1.0}, "Expected `classifier.trades_beta` >= 0"),
-        ({"fat_omega": -0.001}, "Expected `classifier.fat_omega` >= 0"),
+        ({"training": "trades", "method": {"beta": -1.0}}, "Expected `classifier.method.beta` >= 0"),
+        ({"training": "fat", "method": {"omega": -0.001}}, "Expected `classifier.method.omega` >= 0"),
+        ({"training": "pgd_at", "method": {"beta": 6.0}}, "Unknown `classifier.method` option\\(s\\) \\['beta'\\]"),
         ({"robust_val_samples": 0}, "Expected `classifier.robust_val_samples` to be an integer >= 1, got 0"),
     ],
 )
@@ -115,7 +117,8 @@ def test_batch_norm_statistics_move_only_in_the_outer_step(method: str, outer_fo
 
 @pytest.mark.parametrize("method", ["gairat", "gair_fat"])
 def test_gairat_weights_start_at_half_of_the_epochs(method: str) -> None:
-    module = _module(training=method, adv_eps=0.2, adv_step_size=0.05, adv_steps=3, fat_omega=0.0, epochs=10)
+    options = {"omega": 0.0} if method == "gair_fat" else {}
+    module = _module(training=method, adv_eps=0.2, adv_step_size=0.05, adv_steps=3, method=options, epochs=10)
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     module.train()
     x, y = _digits()
@@ -129,7 +132,7 @@ def test_gairat_weights_start_at_half_of_the_epochs(method: str) -> None:
         loss = module.training_step((x, y), 0)
         module.model.load_state_dict(state)
         torch.manual_seed(1)
-        inner = module.inner_maximum(x, y)
+        inner = module.method.inner(module.model, x, y, fraction)
         losses = F.cross_entropy(module.model(inner.examples), y, reduction="none")
         return loss, losses, gairat_weights(inner.kappa, 3)
 
@@ -141,10 +144,10 @@ def test_gairat_weights_start_at_half_of_the_epochs(method: str) -> None:
 
 
 def test_gair_fat_uses_fats_early_stopped_examples() -> None:
-    module = _module(training="gair_fat", adv_eps=0.2, adv_step_size=0.05, adv_steps=3, fat_omega=0.0, epochs=10)
+    module = _module(training="gair_fat", adv_eps=0.2, adv_step_size=0.05, adv_steps=3, method={"omega": 0.0},
+                     epochs=10)
     x, y = _digits()
-    module.epoch_fraction = lambda: 0.5  # type: ignore[method-assign]
-    inner = module.inner_maximum(x[:16], y[:16])
+    inner = module.method.inner(module.model, x[:16], y[:16], 0.5)
     reference = fat_examples(module.model, x[:16], y[:16], 0.2, 0.05, 3, tau=1, omega=0.0)
     torch.testing.assert_close(inner.examples, reference.examples)
     assert torch.equal(inner.kappa, reference.kappa)

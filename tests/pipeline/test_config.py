@@ -188,3 +188,18 @@ def test_stage_owned_and_unknown_trainer_arguments_are_refused(name, owner, tmp_
 
     with pytest.raises(ConfigError, match=owner):
         replace(tiny_config(tmp_path), trainer={name: 3})
+
+
+def test_a_moved_option_fails_in_one_line_naming_its_new_key_and_saved_runs_move_it(tmp_path):
+    from pipeline.config import ConfigError, prune_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("classifier:\n  training: trades\n  trades_beta: 4.0\n")
+    with pytest.raises(ConfigError, match=r"`classifier.trades_beta` moved to `classifier.method.beta`"):
+        load_config(old)
+    saved = {"classifier": {"training": "trades", "trades_beta": 4.0, "fat_omega": 0.001, "gairat_lambda": -1.0}}
+    data, dropped = prune_config(saved)
+    assert data["classifier"] == {"training": "trades", "method": {"beta": 4.0}}
+    assert dropped == ["classifier.fat_omega", "classifier.gairat_lambda"]  # TRADES never read them
+    data, _ = prune_config({"classifier": {"training": "gair_fat", "fat_omega": 0.0, "gairat_lambda": -2.0}})
+    assert data["classifier"]["method"] == {"omega": 0.0, "lam": -2.0}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentError
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ def test_overrides_apply_on_top_of_the_preset() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
-    (["--denoiser.adv_stepz", "5"], ArgumentError, "unrecognized arguments: --denoiser.adv_stepz 5"),
+    (["--denoiser.adv_stepz", "5"], ConfigError, "unrecognized arguments: --denoiser.adv_stepz 5"),
     (["--denoiser.adv_steps", "-1"], ConfigError, "Expected `denoiser.adv_steps` to be an integer >= 0, got -1"),
 ])
 def test_bad_overrides_are_refused(overrides: list[str], error: type[Exception], message: str) -> None:

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_modules.classifier as classifier
+import dad.training.gairat as gairat
 from dad.distributed import release_process_group
 from dad.models import ImageClassifier
 from datamodules.sampling import ResumableSampler
@@ -29,7 +29,7 @@ from lightning_modules.classifier import ClassifierModule, ClassifierSettings
 
 GLOBAL_BATCH = 16
 SETTINGS = ClassifierSettings(epochs=2, lr=1e-3, scheduler="none", training="gair_fat", adv_eps=0.1,
-                              adv_step_size=0.025, adv_steps=5, fat_omega=0.0)
+                              adv_step_size=0.025, adv_steps=5, method={"omega": 0.0})
 
 
 class MLP(ImageClassifier):
@@ -86,7 +86,7 @@ def main(mode: str, out: str) -> None:
     x = torch.tensor(digits.images[:500], dtype=torch.float32).div(16).unsqueeze(1)
     y = torch.tensor(digits.target[:500])
     module = ClassifierModule(_pretrained(x, y), SETTINGS)
-    classifier.gairat_weights = _recording(classifier.gairat_weights)
+    gairat.gairat_weights = _recording(gairat.gairat_weights)
     devices = 2 if mode == "ddp" else 1
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
                          limit_train_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

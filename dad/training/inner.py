@@ -1,4 +1,4 @@
-"""Robust training: the inner maximisations of adversarial training and the outer losses' pieces.
+"""Adversarial training's inner maximisations and the outer losses' pieces (the methods: :mod:`dad.training`).
 
 The methods, all for the Linf threat model with images in ``[0, 1]``:
 
@@ -20,8 +20,6 @@ runs in the caller's (training) mode. New tensors follow the inputs' device.
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -31,28 +29,17 @@ from torch.nn import functional as F
 from dad.attacks.common import (
     Model,
     as_autograd_tensor,
+    ascent_step,
     check_positive,
     check_unit_range,
     gradients_enabled,
-    normalized_step,
     preserve_mode,
     project,
     random_delta,
 )
-from dad.distributed import gather_global
 
-__all__ = [
-    "FAT_TAU_SCHEDULE",
-    "FAT_TRADES_TAU_SCHEDULE",
-    "InnerMaximum",
-    "fat_examples",
-    "gairat_weights",
-    "global_mean",
-    "pgd_at_examples",
-    "tau_schedule",
-    "trades_examples",
-    "trades_loss",
-]
+__all__ = ["FAT_TAU_SCHEDULE", "FAT_TRADES_TAU_SCHEDULE", "InnerMaximum", "fat_examples", "pgd_at_examples",
+           "trades_examples"]
 
 InnerLoss = Literal["ce", "kl"]
 
@@ -102,6 +89,8 @@ def _ascend(
 ) -> InnerMaximum:
     """Signed-gradient ascent on a per-sample loss from ``x + start``, projected on the Linf ball and ``[0, 1]``.
 
+    Long because FAT's early stopping, GAIRAT's kappa and the ascent are one loop over the samples still running.
+
     With ``tau`` (which needs ``y``), a sample stops at the first iterate that is misclassified once its
     budget of ``tau`` misclassified iterates is spent (FAT's Algorithm 1); the others go on, so each
     iteration forwards only the samples still running.
@@ -146,11 +135,9 @@ def _ascend(
             value = objective(logits, index)[go_on].sum()
             grad = torch.autograd.grad(value, x_var)[0][go_on]
             rows = index[go_on]
-            moved = x_adv[rows] + step_size * normalized_step(grad, "linf")
-            if omega > 0:
-                noise = torch.randn(moved.shape, generator=generator, dtype=x.dtype, device=x.device)
-                moved = moved + omega * noise
-            x_adv = x_adv.index_put((rows,), (x[rows] + project(moved - x[rows], eps, "linf")).clamp(0.0, 1.0))
+            noise = (omega * torch.randn(grad.shape, generator=generator, dtype=x.dtype, device=x.device)
+                     if omega > 0 else None)
+            x_adv = x_adv.index_put((rows,), ascent_step(x_adv[rows], x[rows], grad, eps, step_size, "linf", noise))
             taken[rows] += 1
     return InnerMaximum(x_adv.detach(), taken, None if labels is None else kappa)
 
@@ -212,24 +199,6 @@ def trades_examples(
     return _ascend(model, x, None, start, "kl", eps, step_size, steps, generator=generator)
 
 
-def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
-    """TRADES' outer loss ``CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x')))``, the KL averaged per sample.
-
-    Zhang et al. 2019 (beta 6 on CIFAR-10). Gradients flow through both logits, as in the paper's code.
-
-    Args:
-        logits_clean: logits of the clean images, ``(B, K)``.
-        logits_adv: logits of their adversarial examples, ``(B, K)``.
-        y: true labels, ``(B,)``.
-        beta: weight of the robustness term (>= 0).
-
-    Returns:
-        The scalar loss.
-    """
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits_clean, y) + beta * kl
-
-
 def fat_examples(
     model: Model,
     x: Tensor,
@@ -279,49 +248,3 @@ def fat_examples(
     else:
         start = torch.zeros_like(x)
     return _ascend(model, x, y, start, loss, eps, step_size, steps, tau=tau, omega=omega, generator=generator)
-
-
-def gairat_weights(kappa: Tensor, steps: int, lam: float = -1.0, mean: Callable[[Tensor], Tensor] = torch.mean
-                   ) -> Tensor:
-    """GAIRAT's per-sample weights ``(1 + tanh(lam + 5 (1 - 2 kappa / K))) / 2``, normalised to mean 1.
-
-    Zhang et al. 2021 (the ``Tanh`` rule, lambda -1): samples whose PGD path stays correctly classified
-    (large kappa, far from the boundary) get small weights, those misclassified early get large ones.
-
-    Args:
-        kappa: correctly classified iterates per sample, ``(B,)`` in ``[0, K]``.
-        steps: the attack's steps K (>= 1).
-        lam: lambda, shifts the weights (larger: flatter).
-        mean: the normaliser of the raw weights; :func:`global_mean` under DDP, so that the weights have
-            mean 1 over the global batch and the averaged gradient is the single-process one.
-
-    Returns:
-        Float weights of shape ``(B,)``.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Expected `steps` to be an integer >= 1, got {steps!r}")
-    raw = (1.0 + torch.tanh(lam + 5.0 * (1.0 - 2.0 * kappa.float() / steps))) / 2.0
-    return raw / mean(raw)
-
-
-def global_mean(values: Tensor) -> Tensor:
-    """The mean of ``values`` over the global batch: the sums and counts of every DDP rank (exact, unequal
-    shares included); the plain mean in one process."""
-    stats = gather_global(torch.stack([values.sum(), values.new_tensor(float(values.numel()))])[None])
-    return stats[:, 0].sum() / stats[:, 1].sum()
-
-
-def tau_schedule(epoch_fraction: float, boundaries: Sequence[float], values: Sequence[int]) -> int:
-    """A piecewise-constant schedule: ``values[i]`` once ``epoch_fraction`` reaches ``boundaries[i - 1]``.
-
-    Args:
-        epoch_fraction: the share of the training epochs done, in ``[0, 1]``.
-        boundaries: increasing fractions at which the value changes.
-        values: one more value than boundaries.
-
-    Returns:
-        The value in force, e.g. FAT's tau (:data:`FAT_TAU_SCHEDULE`).
-    """
-    if len(values) != len(boundaries) + 1:
-        raise ValueError(f"Expected one more value than boundaries, got {len(values)} and {len(boundaries)}")
-    return values[bisect_right(list(boundaries), epoch_fraction)]
