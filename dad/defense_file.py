@@ -21,10 +21,10 @@ from dad.diffusion import purifiers as _diffusion_kinds  # noqa: F401  (register
 from dad.io import IncompatibleFileError, read_tagged
 from dad.networks import build_networks
 from dad.purification import build_purifier
-from dad.routing import BothRouter
+from dad.routing import ROUTERS, BothRouter
 from dad.sample_detector import SampleDetector
 
-__all__ = ["load_defense", "upgrade", "READABLE"]
+__all__ = ["load_defense", "upgrade", "with_router_states", "READABLE"]
 
 READABLE = (1, 2, 3, 4, VERSION)
 
@@ -45,6 +45,14 @@ def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     state = {(k.replace("joint.", "routers.both.", 1) if k.startswith("joint.") else k): v for k, v in state.items()}
     networks = {"classifier": networks["classifier"], "kernel": networks["kernel"]}
     return {**payload, "version": VERSION, "networks": networks, "purifier": purifier, "state_dict": state}
+
+
+def with_router_states(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with an uncalibrated state for every routing mode the file predates (a mode added since loads as
+    not calibrated instead of failing the whole file)."""
+    missing = {f"routers.{name}.{key}": value for name, router in ROUTERS.items()
+               for key, value in router().state_dict().items() if f"routers.{name}.{key}" not in state}
+    return {**state, **missing}
 
 
 def _networks_v1(payload: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +81,7 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
     payload = read_tagged(path, FORMAT, READABLE, "DAD defense", missing, map_location)
     try:
         payload = upgrade(payload)
-        state = payload["state_dict"]
+        state = with_router_states(payload["state_dict"])
         classifier, kernel, _ = build_networks(payload["networks"])
         detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]))
         sample_detector = None
