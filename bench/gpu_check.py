@@ -8,6 +8,10 @@ Steps, each a separate process (a DDP launch re-runs its command), timed, kept g
   bf16 mixed precision;
 - ``eval_ddp``: ``eval.py`` on that run under DDP, on a small budget (100 test images, 50 through the defense);
 - ``digits_fp32``: the same pipeline on one GPU in float32;
+- ``digits_eval_gpu``: ``eval.py`` on that run on one GPU with the demo's budget (its seconds: the digits evaluation
+  on one GPU, target <= 60 s);
+- ``attack_speed``: :mod:`bench.attack_speed` on that run: one batch of every attack through the defense, the
+  reference loop against the batched runs (``attack_speed_looped_s``, ``attack_speed_batched_s``);
 - ``classifier_speed``: :mod:`bench.classifier_speed` on ``configs/cifar10_cpu.yaml`` (synthetic CIFAR-shaped
   data): the stage's images/s over a bare loop's, ``classifier_over_bare`` (target >= 0.8);
 - ``throughput_cifar10_cpu``, ``throughput_cifar10_wrn28``: ``python -m bench.throughput --device cuda`` (every stage's
@@ -44,7 +48,8 @@ __all__ = ["Step", "steps", "run_check"]
 REPO = Path(__file__).resolve().parents[1]
 SPEED = "gpu_check_classifier_speed"
 AGREEMENT = "gpu_check_device_agreement"
-"""The result files of the classifier speed and the device agreement steps."""
+ATTACKS = "gpu_check_attack_speed"
+"""The result files of the classifier speed, the device agreement and the attack speed steps."""
 QUICK_DIGITS = ["--classifier.epochs", "1", "--kernel.steps", "5", "--denoiser.epochs", "1",
                 "--defense.calibration_batches", "200", "--data.subset", "700", "--data.val_size", "100",
                 "--data.test_size", "100", "--data.mmd_per_class", "5", "--defense.reference_size", "25",
@@ -95,6 +100,13 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
         Step("digits_fp32", [py, "train.py", "pipeline", *digits, "--run.name", "fp32", *trainer,
                              "--trainer.devices", "1", "--trainer.precision", "32-true"],
              [work / "fp32" / "defense.pt"]),
+        Step("digits_eval_gpu", [py, "eval.py", "--run", str(work / "fp32"), *trainer, "--trainer.devices", "1",
+                                 *(QUICK_EVAL if quick else ["--eval.plots", "false"])],
+             [work / "fp32" / "report.json"]),
+        Step("attack_speed", [py, "-m", "bench.attack_speed", "--run", str(work / "fp32"), *trainer,
+                              "--trainer.devices", "1", "--name", ATTACKS, "--results", str(args.results),
+                              *(["--attacks", "evade_clean_l2"] if quick else [])],
+             [args.results / f"{ATTACKS}.json"]),
         Step("classifier_speed", [py, "-m", "bench.classifier_speed", "--config", "configs/cifar10_cpu.yaml",
                                   "--device", device, "--name", SPEED, "--results", str(args.results), *speed],
              [args.results / f"{SPEED}.json"]),
@@ -127,7 +139,8 @@ def _run(step: Step) -> dict[str, Any]:
 
 
 def _figures(work: Path, results: Path) -> dict[str, Any]:
-    """The speed figures the steps left: the classifier's share of the bare loop, the CIFAR training seconds."""
+    """The speed figures the steps left: the classifier's share of the bare loop, the attacks looped and batched, the
+    digits evaluation's seconds, the CIFAR training seconds."""
     out: dict[str, Any] = {}
     speed = results / f"{SPEED}.json"
     if speed.is_file():
@@ -138,6 +151,13 @@ def _figures(work: Path, results: Path) -> dict[str, Any]:
     if agreement.is_file():
         out["cpu_gpu_agreement"] = {name: q["max_relative_difference"]
                                     for name, q in json.loads(agreement.read_text())["quantities"].items()}
+    attacks = results / f"{ATTACKS}.json"
+    if attacks.is_file():
+        total = json.loads(attacks.read_text())["total_seconds"]
+        out |= {"attack_speed_looped_s": total["looped"], "attack_speed_batched_s": total["batched"]}
+    report = work / "fp32" / "report.json"
+    if report.is_file():
+        out["digits_eval_seconds"] = json.loads(report.read_text())["timings_s"]["eval"]
     stages = {}
     for stage in ("classifier", "kernel", "denoiser"):
         done = work / "cifar10_cpu" / stage / "done.json"

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from bench.machine import RESULTS, machine_description, parse_with_overrides, start_run_bench
 from dad.attacks import AttackSpec, run_seeded, target_of
-from dad.attacks.objectives import with_filler
+from dad.attacks.judging import with_filler
 from dad.defense import DADDefense
 from dad.defense_file import load_defense
 from dad.io import atomic_write_json

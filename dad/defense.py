@@ -24,9 +24,10 @@ from dad.io import atomic_torch_save
 from dad.networks import logits_and_features, network_specs
 from dad.purification import Purifier
 from dad.routing import ROUTERS, Detection, Detectors, Router, Routing
+from dad.runs import record_passes, run_chunks
 from dad.sample_detector import SampleDetector
 
-__all__ = ["DADDefense", "DefenseOutput", "InvalidInputError", "check_images", "FORMAT", "VERSION"]
+__all__ = ["DADDefense", "DefenseOutput", "KnownRows", "InvalidInputError", "check_images", "FORMAT", "VERSION"]
 
 FORMAT = "dad-defense"
 VERSION = 5
@@ -45,6 +46,17 @@ class DefenseOutput:
     score: Tensor  # the routing's detection statistic (see Detection), differentiable in the input
     adversarial: Tensor  # True if any image of the batch was purified
     flags: Tensor | None = None  # (B,): which images were purified
+
+
+@dataclass(frozen=True)
+class KnownRows:
+    """Images appended to every batch an attack shows the defense, which the attack never changes (the clean filler
+    of a mixed batch), with their classifier pass done once: the defense's networks treat images independently in
+    eval mode, so a batch's logits and features are those of its parts."""
+
+    images: Tensor
+    logits: Tensor
+    features: Tensor
 
 
 def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:
@@ -143,13 +155,35 @@ class DADDefense(nn.Module):
         """The purifier's output for ``x`` (one draw of its randomness), images in [0, 1]."""
         return self.purifier(x)
 
-    def purify_runs(self, x: Tensor, count: int) -> list[Tensor]:
-        """``count`` independent purifications of ``x`` (:meth:`~dad.purification.Purifier.runs`)."""
+    def purify_runs(self, x: Tensor, count: int) -> Tensor:
+        """``count`` independent purifications of ``x``, shape ``(count, *x.shape)`` (:meth:`Purifier.runs`)."""
         return self.purifier.runs(x, count)
 
-    def classify_with_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier)."""
-        return logits_and_features(self.classifier, self.detector.kernel, x)
+    def logits_of_runs(self, images: Tensor) -> Tensor:
+        """The classifier's logits of runs of images ``(R, m, ...)``, shape ``(R, m, K)``: the runs of a chunk
+        (:func:`~dad.runs.run_chunks`) in one pass."""
+        runs, m = images.shape[:2]
+        parts, start = [], 0
+        for size in run_chunks(runs, m):
+            parts.append(self.classifier(images[start:start + size].reshape(size * m, *images.shape[2:])))
+            start += size
+        return torch.cat(parts).view(runs, m, -1)
+
+    def known_rows(self, images: Tensor) -> KnownRows:
+        """``images`` with their classifier pass, to append to batches without passing them again
+        (:class:`KnownRows`)."""
+        with torch.no_grad():
+            images = images.to(self.detector.reference.dtype)
+            logits, features = self.classify_with_features(images)
+        return KnownRows(images, logits, features)
+
+    def classify_with_features(self, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
+        """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier),
+        then those of the ``known`` rows (the batch is ``cat(x, known.images)``)."""
+        logits, features = logits_and_features(self.classifier, self.detector.kernel, x)
+        if known is None:
+            return logits, features
+        return torch.cat([logits, known.logits.to(logits)]), torch.cat([features, known.features.to(features)])
 
     def detect(self, x: Tensor, features: Tensor) -> Detection:
         """The detectors' verdict on the batch ``x`` under the current routing (``features``: ``phi(x)``)."""
@@ -160,27 +194,52 @@ class DADDefense(nn.Module):
         out = self.forward_draws(x, 1)
         return DefenseOutput(logits=out.logits[0], score=out.score, adversarial=out.adversarial, flags=out.flags)
 
-    def forward_draws(self, x: Tensor, draws: int) -> DefenseOutput:
-        """``draws`` independent passes of the defense on the batch ``x``: logits of shape ``(draws, B, K)``.
+    def forward_draws(self, x: Tensor, draws: int, known: KnownRows | None = None, validate: bool = True,
+                      first: int | None = None) -> DefenseOutput:
+        """``draws`` independent passes of the defense on the batch ``cat(x, known.images)``: logits of shape
+        ``(draws, B, K)``, or of its ``first`` images only (an attack's own; the rest is scored and routed, as it must
+        be, but not classified again).
 
         The detection does not depend on the noise, so it is computed once, and images judged clean are
-        deterministic: only the flagged images are purified, ``draws`` times.
+        deterministic: only the purification and the classification of its output run ``draws`` times, as one
+        batch (:mod:`dad.runs`). ``validate=False`` skips the input checks (attacks, whose iterates are valid by
+        construction).
         """
-        check_images(x, self.image_shape, min_batch=self.router.min_batch)
         if draws < 1:
             raise ValueError(f"Expected `draws` >= 1, got {draws}")
+        if validate:
+            check_images(x if known is None else torch.cat([x, known.images.to(x)]), self.image_shape,
+                         min_batch=self.router.min_batch)
         x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
-        logits, features = self.classify_with_features(x)
-        detection = self.detect(x, features)
-        flags = detection.flags
+        batch = x if known is None else torch.cat([x, known.images.to(x)])
+        logits, features = self.classify_with_features(x, known)
+        detection = self.detect(batch, features)
+        first = len(batch) if first is None else first
+        record_passes(draws, len(run_chunks(draws, first)))
+        stacked = self._routed_draws(batch[:first], logits[:first], detection.flags[:first], draws)
+        return DefenseOutput(logits=stacked, score=detection.score, adversarial=detection.flags.any(),
+                             flags=detection.flags)
+
+    def _routed_draws(self, x: Tensor, logits: Tensor, flags: Tensor, draws: int) -> Tensor:
+        """``draws`` passes' logits ``(draws, B, K)`` given the clean path's ``logits`` and the routing's ``flags``.
+
+        On an accelerator every image is purified and the routing selects with ``torch.where`` (no host
+        synchronisation); on the CPU, where compute is the cost, only the flagged images are.
+        """
         stacked = logits.expand(draws, *logits.shape)
+        if self._purifies_every_image(x):
+            return torch.where(flags[None, :, None], self.logits_of_runs(self.purify_runs(x, draws)), stacked)
         if bool(flags.all()):
-            stacked = torch.stack([self.classifier(p) for p in self.purify_runs(x, draws)])
-        elif bool(flags.any()):
-            purified = torch.stack([self.classifier(p) for p in self.purify_runs(x[flags], draws)])
+            return self.logits_of_runs(self.purify_runs(x, draws))
+        if bool(flags.any()):
             stacked = stacked.clone()
-            stacked[:, flags] = purified
-        return DefenseOutput(logits=stacked, score=detection.score, adversarial=flags.any(), flags=flags)
+            stacked[:, flags] = self.logits_of_runs(self.purify_runs(x[flags], draws))
+        return stacked
+
+    @staticmethod
+    def _purifies_every_image(x: Tensor) -> bool:
+        """Whether :meth:`forward_draws` purifies every image and selects on the device (off the CPU)."""
+        return x.device.type != "cpu"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_info(x).logits

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from dad.denoisers import UNetDenoiser
 from dad.noise import NOISE_MODES, NoiseMode, add_noise
+from dad.runs import run_chunks
 
 __all__ = ["Purifier", "PURIFIERS", "register_purifier", "build_purifier", "DenoiserPurifier", "IdentityPurifier",
            "PurifiedRoute", "purify"]
@@ -36,9 +38,10 @@ class Purifier(nn.Module):
 
     kind: ClassVar[str]
 
-    def runs(self, x: Tensor, count: int) -> list[Tensor]:
-        """``count`` independent purifications of ``x``: what ``count`` calls give, in the same order."""
-        return [self(x) for _ in range(count)]
+    def runs(self, x: Tensor, count: int) -> Tensor:
+        """``count`` independent purifications of ``x``, shape ``(count, *x.shape)``: what ``count`` calls give, in
+        the same order (a kind may batch them, :mod:`dad.runs`)."""
+        return torch.stack([self(x) for _ in range(count)])
 
     def spec(self) -> dict[str, Any]:
         """The purifier as plain data (``kind`` and its constructor options, no weights)."""
@@ -99,6 +102,13 @@ class DenoiserPurifier(Purifier):
     def forward(self, x: Tensor) -> Tensor:
         return purify(self.denoiser, x, self.noise_std, self.noise)
 
+    def runs(self, x: Tensor, count: int) -> Tensor:
+        """``count`` purifications of ``x``: the copies of a chunk (:func:`~dad.runs.run_chunks`) go through the
+        denoiser as one batch, drawing their noise as one tensor."""
+        ones = [1] * (x.dim() - 1)
+        chunks = [self(x.repeat(c, *ones)) for c in run_chunks(count, x.shape[0])]
+        return torch.cat(chunks).view(count, *x.shape)
+
     def spec(self) -> dict[str, Any]:
         config = getattr(self.denoiser, "config", None)
         if not isinstance(config, dict):
@@ -117,8 +127,8 @@ class IdentityPurifier(Purifier):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
-    def runs(self, x: Tensor, count: int) -> list[Tensor]:
-        return [x] * count
+    def runs(self, x: Tensor, count: int) -> Tensor:
+        return x.expand(count, *x.shape)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}

@@ -19,6 +19,7 @@ from callbacks import AttackStateWriter, BatchesOnDevice, ProgressLog
 from dad.attacks import AttackSpec
 from dad.io import atomic_torch_save, sha256_file
 from dad.models import create_model, freeze, load_classifier_weights
+from dad.runs import runs_settings
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
 from evaluation.context import Context
@@ -81,7 +82,8 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
     data = TensorDataset(ctx.x[:n], ctx.y[:n], torch.arange(n))
     loader = DataLoader(data, batch_sampler=ShardedBatchSampler(n, ctx.batch_size))
     log.info("evaluating %s on %d test images", ", ".join(names), n)
-    trainer.test(module, dataloaders=loader, verbose=False)
+    with runs_settings(max_images=ctx.cfg.eval.max_run_images):
+        trainer.test(module, dataloaders=loader, verbose=False)
     ctx.defense.to(ctx.device)  # the teardown moved it back to the CPU: the analysis runs on the run's device
     return module
 

@@ -24,9 +24,9 @@ from pipeline.trainer import run_device
 
 __all__ = ["Context", "open_context", "PROTOCOL"]
 
-PROTOCOL = 2
+PROTOCOL = 3
 """Version of how attacks are seeded and evaluated: part of every state's key, bumped when it changes
-(2: R draws per evaluation, whole-batch judged candidates)."""
+(2: R draws per evaluation, whole-batch judged candidates; 3: batched runs, early stops on settled batches)."""
 
 
 @dataclass

@@ -99,7 +99,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"**Worst case per threat model** (DAD's accuracy with its 95% interval; a sample is robust only if "
              f"it is right in all {report['draws']} noise draws and every attack of the column left it correct; the "
              "headline is the lowest column):", "", *_headline(report), "",
-             *_attacks_table(report), *_mixed_table(report), *_detection_tables(report), *_sanity_lines(report),
+             *_attacks_table(report), *_mixed_table(report), *_cost_table(report), *_detection_tables(report),
+             *_sanity_lines(report),
              *_closing_lines(report)]
     return "\n".join(lines) + "\n"
 
@@ -137,6 +138,21 @@ def _mixed_table(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {m['attack']} | {m['fraction']:g} | {m['threat']} | {m['n']} | "
                      f"{_ci(m['dad'], m['dad_ci95'])} | {_pct(m['dad_mean'])} | {_pct(m['detection_rate'])} | "
                      f"{_pct(m['filler_acc'])} | {report['timings_s']['attacks'][name]:.1f} |")
+    return lines
+
+
+def _cost_table(report: dict[str, Any]) -> list[str]:
+    cost = report.get("attack_cost") or {}
+    if not cost:
+        return []
+    lines = ["", "**Attack cost** (per defense batch: single-draw passes of the defense the whole budget costs in a "
+                 "loop, the passes made, the batched programs that made them, and the share of batches whose attack "
+                 "stopped early, every sample wrong in every judged draw):", "",
+             "| attack | passes, whole budget | passes made | programs | stopped early |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, c in cost.items():
+        budget = "-" if c["budget_passes"] is None else f"{c['budget_passes']:.0f}"
+        lines.append(f"| {name} | {budget} | {c['passes']:.0f} | {c['programs']:.0f} | {_pct(c['stopped_early'])} |")
     return lines
 
 

@@ -45,7 +45,7 @@ from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import check_more_draws, run_sanity
 from evaluation.state import AttackState
 from evaluation.summaries import (
-    accuracies, detection_summary, mixed_entry, purifier_summary, stage_timings, write_plots,
+    accuracies, attack_cost, detection_summary, mixed_entry, purifier_summary, stage_timings, write_plots,
 )
 from lightning_modules.evaluator import CLEAN
 from pipeline.config import PipelineConfig
@@ -169,6 +169,8 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     report["timings_s"] = {**stage_timings(ctx.paths), "eval": time.perf_counter() - start,
                            "eval_attacks": attacks_seconds, "eval_sanity": time.perf_counter() - sanity_start,
                            "attacks": {name: states[name].per_batch("seconds").sum().item() for name in names}}
+    report["attack_cost"] = attack_cost({**suite.specs, **{name: spec for name, (spec, _) in suite.mixed.items()}},
+                                        states)
     return _write(ctx, states, report)
 
 

@@ -27,15 +27,16 @@ __all__ = ["AttackState", "state_key", "SAMPLE_FIELDS", "BATCH_FIELDS", "share_p
 log = logging.getLogger(__name__)
 
 _FORMAT = "dad-attack-state"
-_VERSION = 2
+_VERSION = 3
 SAMPLE_FIELDS = ("index", "x_adv", "undefended", "dad", "dad_correct", "denoised")
 """Per-sample values of a batch record: test-split index, AE, whether each predictor was right (DAD and the
 denoiser path in every draw), and DAD's number of correct draws."""
-BATCH_FIELDS = ("score", "flagged", "batches", "filler_acc", "seconds")
+BATCH_FIELDS = ("score", "flagged", "batches", "filler_acc", "seconds", "passes", "programs", "stops")
 """Per-record values: the detection statistic and the share of images purified (means over a record's mixed
 batches; under batch routing the share is 0 or 1 per batch), how many defense batches the record holds (1, or
 the number of mixed batches), the accuracy on the clean filler of mixed batches (NaN otherwise), the seconds
-the attack took."""
+the attack took, the passes of the defense its attacks made and the programs that made them, and how many of its
+defense batches' attacks stopped early (:mod:`dad.runs`)."""
 
 
 def state_key(**parts: Any) -> str:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from callbacks import log_figures
+from dad.attacks import AttackSpec
+from dad.attacks.budget import budget_passes
 from dad.defense import DADDefense
 from dad.metrics import auroc, roc_curve
 from dad.stats import paired_difference_interval
@@ -21,7 +23,8 @@ from evaluation.state import AttackState
 from lightning_modules.evaluator import CLEAN
 from pipeline.paths import STAGES, RunPaths
 
-__all__ = ["detection_summary", "write_plots", "accuracies", "mixed_entry", "purifier_summary", "stage_timings"]
+__all__ = ["detection_summary", "write_plots", "accuracies", "mixed_entry", "purifier_summary", "stage_timings",
+           "attack_cost"]
 
 Scores = dict[int, Tensor]
 """Batch scores per batch size."""
@@ -137,3 +140,20 @@ def stage_timings(paths: RunPaths) -> dict[str, float]:
         if done.is_file():
             timings[stage] = json.loads(done.read_text()).get("seconds")
     return timings
+
+
+def attack_cost(specs: Mapping[str, AttackSpec], states: Mapping[str, AttackState]) -> dict[str, dict[str, Any]]:
+    """Per attack through the defense (``specs``: whole-batch and mixed attacks by name), per defense batch: the
+    passes of the defense its whole budget costs in the reference loop (``budget_passes``, :mod:`dad.attacks.budget`),
+    the passes it made and the tensor programs that made them (batched runs, early stops: :mod:`dad.runs`), and the
+    share of its defense batches whose attack stopped early."""
+    cost = {}
+    for name, spec in specs.items():
+        state = states[name]
+        if spec.threat != "defense" or not state.batches:
+            continue
+        batches = state.per_batch("batches").sum().item()
+        cost[name] = {"budget_passes": budget_passes(spec),
+                      **{key: state.per_batch(key).sum().item() / batches for key in ("passes", "programs")},
+                      "stopped_early": state.per_batch("stops").sum().item() / batches}
+    return cost

@@ -24,15 +24,19 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from dad.attacks import AttackSpec, chunk_seed, run_seeded, target_of
-from dad.attacks.objectives import with_filler
+from dad.attacks.judging import with_filler
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
+from dad.runs import PassCount, counting_passes
 
-__all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM"]
+__all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM", "COST_FIELDS"]
 
 CLEAN = "clean"
 FILLER_STREAM = 2
 """Random stream of the filler draws (0: attacks, 1: the evaluation's noise)."""
+COST_FIELDS = ("passes", "programs", "stops")
+"""What a record's attacks ran of the defense (:class:`~dad.runs.PassCount`; ``stops``: the defense batches whose
+attack stopped early)."""
 _COUNTS = ("n", "undefended", "dad", "dad_correct", "denoised", "batches", "flagged")
 
 
@@ -114,6 +118,7 @@ class DefenseEvaluator(pl.LightningModule):
         self.states = dict(states or {})
         self.dirty: set[str] = set()
         self._totals: dict[str, dict[str, float]] | None = None  # the counts read at the end of the last epoch
+        self._cost = PassCount()  # what the attacks of the record being made ran of the defense
 
     def train(self, mode: bool = True) -> DefenseEvaluator:
         super().train(mode)
@@ -129,8 +134,7 @@ class DefenseEvaluator(pl.LightningModule):
         out = self.defense.forward_draws(with_filler(x, filler), self.draws)
         predicted = out.logits.argmax(2)
         correct = (predicted[:, :n] == y).long().sum(0)
-        denoised = torch.stack([self.defense.classifier(p).argmax(1) == y
-                                for p in self.defense.purify_runs(x, self.draws)]).all(0)
+        denoised = (self.defense.logits_of_runs(self.defense.purify_runs(x, self.draws)).argmax(2) == y).all(0)
         filler_acc = (predicted[:, n:] == filler_y).float().mean() if filler is not None else torch.tensor(float("nan"))
         return {
             "undefended": self.defense.classifier(x).argmax(1) == y,
@@ -157,8 +161,14 @@ class DefenseEvaluator(pl.LightningModule):
     def attack(self, spec: AttackSpec, x: Tensor, y: Tensor, batch_idx: int,
                source: nn.Module | None = None, filler: Tensor | None = None) -> Tensor:
         """AEs of one batch under ``spec``, seeded by its seed and the batch index (:func:`~dad.attacks.run_seeded`)
-        exactly as training AEs are: a classifier-threat attack targets the classifier (or ``source``)."""
-        return run_seeded(spec, target_of(spec, self.defense, source), x, y, chunk=batch_idx, filler=filler)
+        exactly as training AEs are: a classifier-threat attack targets the classifier (or ``source``). What it ran
+        of the defense is added to the batch's cost (:mod:`dad.runs`)."""
+        with counting_passes() as count:
+            x_adv = run_seeded(spec, target_of(spec, self.defense, source), x, y, chunk=batch_idx, filler=filler)
+        self._cost.passes += count.passes
+        self._cost.programs += count.programs
+        self._cost.stops += count.stops > 0
+        return x_adv
 
     def _mixed(self, spec: AttackSpec, fraction: float, x: Tensor, y: Tensor, index: Tensor,
                batch_idx: int) -> dict[str, Tensor]:
@@ -205,17 +215,24 @@ class DefenseEvaluator(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._totals = self._read_counts()
 
-    def _run(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        """The record of one batch under ``name`` (clean, an attack or a mixed-batch attack)."""
+    def run_batch(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """The record of one batch under ``name`` (clean, an attack or a mixed-batch attack), with the seconds it
+        took (its device's queued work finished) and what its attacks ran of the defense (:data:`COST_FIELDS`)."""
+        start, self._cost = time.perf_counter(), PassCount()
         if name in self.mixed:
             spec, fraction = self.mixed[name]
-            return self._mixed(spec, fraction, x, y, index, batch_idx)
-        source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
-        x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
-        # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
-        seed = 0 if name == CLEAN else self.attacks[name].seed
-        with seeded(chunk_seed(seed, batch_idx, stream=1), x):
-            return self._record(x_adv, y, index, self._judge(x_adv, y))
+            record = self._mixed(spec, fraction, x, y, index, batch_idx)
+        else:
+            source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
+            x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
+            # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
+            seed = 0 if name == CLEAN else self.attacks[name].seed
+            with seeded(chunk_seed(seed, batch_idx, stream=1), x):
+                record = self._record(x_adv, y, index, self._judge(x_adv, y))
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        record["seconds"] = torch.tensor(time.perf_counter() - start)
+        return {**record, **{key: torch.tensor(float(getattr(self._cost, key))) for key in COST_FIELDS}}
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)
@@ -225,9 +242,7 @@ class DefenseEvaluator(pl.LightningModule):
             state = self.states[name]
             record = state.batches.get(batch_idx)
             if record is None or not torch.equal(record["index"], index.cpu()):
-                start = time.perf_counter()
-                record = self._run(name, x, y, index, batch_idx)
-                record["seconds"] = torch.tensor(time.perf_counter() - start)
+                record = self.run_batch(name, x, y, index, batch_idx)
                 state.add(batch_idx, record)
                 self.dirty.add(name)
             self._count(name, record)

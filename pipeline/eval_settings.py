@@ -97,6 +97,9 @@ class EvalSettings:
         sweep_factors: multiples of the attack's ``eps`` of the eps sweep (the largest must reach chance).
         sanity_z: noise level of the sanity comparisons and of the FPR check, in standard errors.
         plots: write PNG plots (and log them to TensorBoard).
+        max_run_images: the most images one network pass of an attack's batched runs takes (EOT samples, noise
+            draws: runs times batch size; more runs go in chunks, with the same results); None: no cap. A memory
+            setting (:mod:`dad.runs`), not part of the attacks' settings.
         resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
     """
 
@@ -117,6 +120,7 @@ class EvalSettings:
     sweep_factors: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.5])
     sanity_z: float = 2.0
     plots: bool = True
+    max_run_images: int | None = None
     resume: bool = True
 
     def __post_init__(self) -> None:
@@ -134,6 +138,8 @@ class EvalSettings:
             (bool(self.sweep_factors) and all(f > 0 for f in self.sweep_factors),
              f"Expected positive `eval.sweep_factors`, got {self.sweep_factors}"),
             (self.sanity_z > 0, f"Expected `eval.sanity_z` > 0, got {self.sanity_z}"),
+            (self.max_run_images is None or self.max_run_images >= 1,
+             f"Expected `eval.max_run_images` >= 1 or null, got {self.max_run_images}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,12 +13,16 @@ randomised model (EOT, Athalye et al. 2018).
 Written for batch-level defenses such as DAD: every query is a whole batch (torchattacks' APGD attacks
 only the still-robust inputs, so a batch defense would be queried on sub-batches that route differently),
 and the returned AEs are the iterate that ``judge`` (the real defense, on the whole batch, over several
-noise draws) gets most wrong, so a result is never a per-sample mix that was not evaluated as a batch.
+noise draws) gets most wrong, so a result is never a per-sample mix that was not evaluated as a batch. A judged
+batch wrong for every sample in every draw ends the run (:mod:`dad.attacks.judging`); the EOT evaluations of a step
+are one batched program (:mod:`dad.attacks.eot`), and the iteration keeps its masks as tensors (no host sync).
 
 Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +40,9 @@ from dad.attacks.common import (
     project,
     random_delta,
 )
-from dad.attacks.objectives import (
-    Judge, PerSample, classification_loss, defense_objective, error_rates, judged_steps, strongest_batch,
-)
+from dad.attacks.eot import eot_value_and_gradient
+from dad.attacks.judging import Judge, defense_judge, error_rates, judged_steps, settled, strongest_batch, strongest_run
+from dad.attacks.objectives import PerSample, classification_loss, defense_objective
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -63,18 +67,6 @@ def checkpoints(steps: int) -> list[int]:
     return marks
 
 
-def _value_and_gradient(objective: PerSample, x: Tensor, eot_samples: int) -> tuple[Tensor, Tensor]:
-    """Per-sample objective and its input gradient, both averaged over ``eot_samples`` evaluations."""
-    value = torch.zeros(len(x), dtype=x.dtype, device=x.device)
-    grad = torch.zeros_like(x)
-    for _ in range(eot_samples):
-        x_var = x.detach().requires_grad_(True)
-        per_sample = objective(x_var)
-        grad += torch.autograd.grad(per_sample.sum(), x_var)[0]
-        value += per_sample.detach()
-    return value / eot_samples, grad / eot_samples
-
-
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
@@ -89,6 +81,7 @@ def apgd(
     eot_samples: int = 1,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    stop_when_settled: bool = True,
 ) -> Tensor:
     """Maximise ``objective`` over the ``eps``-ball around ``x`` (and [0, 1]) with APGD; return the best judged batch.
 
@@ -97,7 +90,7 @@ def apgd(
     Args:
         objective: per-sample values to maximise (their sum is differentiated); may be random (EOT).
         judge: per-sample error rates of the real model on a whole batch; the judged iterate (about ten of
-            them, :func:`~dad.attacks.objectives.judged_steps`, and the checkpoints' iterates) or the batch of
+            them, :func:`~dad.attacks.judging.judged_steps`, and the checkpoints' iterates) or the batch of
             per-sample best points with the highest total is returned, the later one on ties.
         x: clean images in [0, 1], shape ``(B, ...)``.
         eps: radius of the ball (> 0).
@@ -106,6 +99,8 @@ def apgd(
         eot_samples: evaluations averaged per iteration (>= 1).
         random_start: start from a random point of the ball (else from ``x``).
         generator: random generator of the start.
+        stop_when_settled: return the first judged batch that is wrong for every sample in every draw
+            (:func:`~dad.attacks.judging.settled`); only where ``judge`` is the model the AEs are evaluated on.
 
     Returns:
         Detached AEs of the shape of ``x``, in [0, 1] and within ``eps`` of ``x``. The caller handles the
@@ -122,8 +117,11 @@ def apgd(
 
     start = x + random_delta(x, eps, norm, generator) if random_start else x
     current = project_ball(start)
-    value, grad = _value_and_gradient(objective, current, eot_samples)
-    best_batch, best_errors = current, judge(current).sum()
+    value, grad = eot_value_and_gradient(objective, current, eot_samples)
+    rates = judge(current)
+    if stop_when_settled and settled(rates):
+        return current
+    best_batch, best_errors = current, rates.sum()
     best_point, best_value, best_grad = current.clone(), value.clone(), grad.clone()
     step = torch.full((len(x),), 2.0 * eps, dtype=x.dtype, device=x.device)
     previous = current
@@ -137,15 +135,19 @@ def apgd(
             candidate = z
         else:
             candidate = project_ball(current + _ALPHA * (z - current) + (1.0 - _ALPHA) * (current - previous))
-        new_value, new_grad = _value_and_gradient(objective, candidate, eot_samples)
+        new_value, new_grad = eot_value_and_gradient(objective, candidate, eot_samples)
         successes += (new_value > value).float()
-        improved = new_value > best_value
-        best_point[improved], best_value[improved], best_grad[improved] = (
-            candidate[improved], new_value[improved], new_grad[improved])
+        improved = new_value > best_value  # masks stay tensors: no host sync in an iteration
+        best_point = torch.where(_per_sample(improved, x), candidate, best_point)
+        best_grad = torch.where(_per_sample(improved, x), new_grad, best_grad)
+        best_value = torch.where(improved, new_value, best_value)
         if k + 1 in judged:
-            errors = judge(candidate).sum()
-            if errors >= best_errors:
-                best_batch, best_errors = candidate, errors
+            rates = judge(candidate)
+            if stop_when_settled and settled(rates):
+                return candidate
+            better = rates.sum() >= best_errors
+            best_batch = torch.where(better, candidate, best_batch)
+            best_errors = torch.where(better, rates.sum(), best_errors)
         previous, current, value, grad = current, candidate, new_value, new_grad
         if k + 1 in marks and k + 1 > last_mark:
             too_few = successes < _RHO * (k + 1 - last_mark)
@@ -157,9 +159,7 @@ def apgd(
             previous = torch.where(_per_sample(halve, x), best_point, previous)
             successes.zero_()
             last_mark, value_at_mark, step_at_mark = k + 1, best_value.clone(), step.clone()
-    if judge(best_point).sum() > best_errors:
-        best_batch = best_point
-    return best_batch.detach()
+    return torch.where(judge(best_point).sum() > best_errors, best_point, best_batch).detach()
 
 
 @register_attack("apgd", "classifier")
@@ -173,7 +173,7 @@ def apgd_attack(spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor) -> Ten
             return error_rates(model, z, y, 1)
 
         candidates = [apgd(lambda z, loss=loss: classification_loss(model(z), y, loss), judge, x, spec.eps,
-                           spec.steps, spec.norm, spec.eot_samples, spec.random_start)
+                           spec.steps, spec.norm, spec.eot_samples, spec.random_start, stop_when_settled=False)
                       for loss in spec.losses for _ in range(spec.restarts)]
         return strongest_batch(judge, candidates)
 
@@ -188,12 +188,11 @@ def apgd_defense_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tens
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        def judge(z: Tensor) -> Tensor:
-            return error_rates(defense, z, y, spec.draws, filler)
+        judge = defense_judge(defense, y, spec.draws, filler)
 
-        candidates = [
-            apgd(defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler),
-                 judge, x, spec.eps, spec.steps, spec.norm, spec.eot_samples, spec.random_start)
-            for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)
-        ]
-        return strongest_batch(judge, candidates)
+        def run(loss: str, lam: float) -> Tensor:
+            objective = defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler)
+            return apgd(objective, judge, x, spec.eps, spec.steps, spec.norm, spec.eot_samples, spec.random_start)
+
+        return strongest_run(judge, [partial(run, loss, lam) for loss in spec.losses for lam in spec.schedule
+                                     for _ in range(spec.restarts)])

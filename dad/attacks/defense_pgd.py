@@ -4,13 +4,16 @@ The published adaptive attack and the detector-evasion attacks (:mod:`dad.attack
 engine: fixed-size steps along the EOT-averaged gradient (Madry et al. 2018, Athalye et al. 2018). About
 ten iterates spread over the run (the last included) are judged by the real defense on the whole batch over
 ``draws`` noise draws and the one it gets most wrong is kept; a schedule of penalty weights (``lambdas``)
-runs once per weight and keeps the strongest batch (:func:`~dad.attacks.objectives.strongest_batch`). The
-returned AEs are always a real batch, judged whole.
+runs once per weight and keeps the strongest batch (:func:`~dad.attacks.judging.strongest_run`). The
+returned AEs are always a real batch, judged whole; a batch judged wrong for every sample in every draw ends the
+attack (:mod:`dad.attacks.judging`).
 
 Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +30,9 @@ from dad.attacks.common import (
     preserve_mode,
     random_delta,
 )
-from dad.attacks.objectives import Judge, PerSample, defense_objective, error_rates, judged_steps, strongest_batch
-from dad.attacks.pgd import expected_gradient
+from dad.attacks.eot import eot_value_and_gradient
+from dad.attacks.judging import Judge, defense_judge, judged_steps, settled, strongest_run
+from dad.attacks.objectives import PerSample, defense_objective
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -50,9 +54,9 @@ def defense_pgd(
     """PGD with EOT on ``objective``, returning the iterate the defense gets most wrong.
 
     Each step follows the EOT-averaged gradient as :func:`~dad.attacks.projected_gradient_ascent` does; after
-    the steps of :func:`~dad.attacks.objectives.judged_steps`, ``judge`` scores the whole batch and the iterate
-    with the most errors so far is kept (ties go to the later iterate). The caller handles the defense's mode
-    and autograd.
+    the steps of :func:`~dad.attacks.judging.judged_steps`, ``judge`` scores the whole batch and the iterate
+    with the most errors so far is kept (ties go to the later iterate); a :func:`~dad.attacks.judging.settled`
+    iterate ends the run. The caller handles the defense's mode and autograd.
 
     Args:
         objective: per-sample values to maximise (:data:`~dad.attacks.objectives.PerSample`).
@@ -71,15 +75,21 @@ def defense_pgd(
     check_unit_range(x)
     delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0.0, 1.0)
-    best, best_errors = x_adv, judge(x_adv).sum()
+    rates = judge(x_adv)
+    if settled(rates):
+        return x_adv.detach()
+    best, best_errors = x_adv, rates.sum()
     judged = judged_steps(steps)
     for k in range(1, steps + 1):
-        grad = expected_gradient(objective, x_adv, eot_samples)
+        grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
         x_adv = ascent_step(x_adv, x, grad, eps, step_size, norm).detach()
         if k in judged:
-            errors = judge(x_adv).sum()
-            if errors >= best_errors:
-                best, best_errors = x_adv, errors
+            rates = judge(x_adv)
+            if settled(rates):
+                return x_adv
+            errors = rates.sum()
+            better = errors >= best_errors
+            best, best_errors = torch.where(better, x_adv, best), torch.where(better, errors, best_errors)
     return best.detach()
 
 
@@ -91,13 +101,12 @@ def defense_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tenso
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        def judge(z: Tensor) -> Tensor:
-            return error_rates(defense, z, y, spec.draws, filler)
+        judge = defense_judge(defense, y, spec.draws, filler)
 
-        candidates = [
-            defense_pgd(defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler),
-                        judge, x, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start,
-                        spec.eot_samples)
-            for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)
-        ]
-        return strongest_batch(judge, candidates)
+        def run(loss: str, lam: float) -> Tensor:
+            objective = defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler)
+            return defense_pgd(objective, judge, x, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start,
+                               spec.eot_samples)
+
+        return strongest_run(judge, [partial(run, loss, lam) for loss in spec.losses for lam in spec.schedule
+                                     for _ in range(spec.restarts)])

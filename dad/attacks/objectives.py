@@ -37,28 +37,28 @@ counts the attacked images only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks.common import check_at_least_one, check_positive
+from dad.attacks.common import check_positive
+from dad.attacks.judging import with_filler
 from dad.attacks.spec import DEFENSE_OBJECTIVES
 from dad.routing import Detection
+from dad.runs import record_passes, run_chunks, run_settings
 
-__all__ = [
-    "Loss", "LOSS_KINDS", "PerSample", "Judge", "classification_loss", "defense_objective", "error_rates",
-    "strongest_batch", "with_filler", "judged_steps",
-]
+if TYPE_CHECKING:
+    from dad.defense import KnownRows
+
+__all__ = ["Loss", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective"]
 
 Loss = Literal["ce", "dlr"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "dlr")
 PerSample = Callable[[Tensor], Tensor]
 """``objective(x_adv)`` -> per-sample values ``(n,)`` to maximise (their sum is the batch objective)."""
-Judge = Callable[[Tensor], Tensor]
-"""``judge(x_adv)`` -> per-sample error rates ``(n,)`` of the real defense on the whole batch ``x_adv``."""
 
 _TINY = 1e-12
 
@@ -81,22 +81,14 @@ def classification_loss(logits: Tensor, y: Tensor, kind: Loss = "ce") -> Tensor:
     return -(true - others) / (top[:, 0] - top[:, 2] + _TINY)
 
 
-def with_filler(x: Tensor, filler: Tensor | None) -> Tensor:
-    """The batch the defense sees: the attacked images, then the clean filler (if any)."""
-    return x if filler is None else torch.cat([x, filler.to(x)])
+class DefenseObjective:
+    """The per-sample values an attack through the defense maximises (see the module docstring), one draw of the
+    defense's randomness per call, or ``count`` independent draws at once (:meth:`draws`, what EOT averages).
 
-
-def defense_objective(
-    defense: nn.Module,
-    y: Tensor,
-    objective: str,
-    lam: float,
-    loss: Loss = "ce",
-    temperature: float = 0.1,
-    margin: float = 0.1,
-    filler: Tensor | None = None,
-) -> PerSample:
-    """The per-sample values an attack through the defense maximises (see the module docstring).
+    Batched (:mod:`dad.runs`), the draws share the deterministic part (the classifier's pass on the batch, the
+    detectors) and only purify-and-classify runs per draw, as one batch; the clean filler's classifier pass is
+    made once for the whole attack (:class:`~dad.defense.KnownRows`) and only the attacked images are purified
+    (the loss counts them only). Looped, every draw is the whole computation on the whole batch, as one call each.
 
     Args:
         defense: a calibrated :class:`~dad.defense.DADDefense`.
@@ -109,41 +101,68 @@ def defense_objective(
         margin: how far below (clean path) or above (denoiser path) the threshold the hinge aims.
         filler: clean images in the same batch (mixed batches); None: the attacked images are the batch.
     """
-    if objective not in DEFENSE_OBJECTIVES:
-        raise ValueError(f"Expected `objective` in {DEFENSE_OBJECTIVES}, got {objective!r}")
-    if lam < 0:
-        raise ValueError(f"Expected `lam` >= 0, got {lam}")
-    check_positive("temperature", temperature)
 
-    def value(x_adv: Tensor) -> Tensor:
-        n = len(x_adv)
-        batch = with_filler(x_adv, filler)
-        if objective == "adaptive":
-            out = defense.forward_with_info(batch)
-            return classification_loss(out.logits[:n], y, loss) + lam * out.score
-        if objective == "evade_eps":  # lower what the purifier keys on, where it keys on something
-            out = defense.forward_with_info(batch)
-            purifier = getattr(defense, "purifier", None)
-            term = purifier.adaptive_term(batch) if purifier is not None else None
-            if term is None:
-                return classification_loss(out.logits[:n], y, loss)
-            return classification_loss(out.logits[:n], y, loss) - lam * term[:n]
-        logits_clean, features = defense.classify_with_features(batch)
-        excesses = _excesses(defense.detect(batch, features), n)
-        if objective == "evade_clean":
-            hinge = sum(F.relu(e + margin) for e in excesses)
-            return classification_loss(logits_clean[:n], y, loss) - lam * hinge
-        logits_denoised = defense.classifier(defense.purify(batch))
-        if objective == "evade_denoised":  # flagged by any test is enough
-            return classification_loss(logits_denoised[:n], y, loss) - lam * F.relu(margin - _largest(excesses))
-        passes = [1.0 - torch.sigmoid(e / temperature) for e in excesses]
+    def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: float, loss: Loss = "ce",
+                 temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> None:
+        if objective not in DEFENSE_OBJECTIVES:
+            raise ValueError(f"Expected `objective` in {DEFENSE_OBJECTIVES}, got {objective!r}")
+        if lam < 0:
+            raise ValueError(f"Expected `lam` >= 0, got {lam}")
+        check_positive("temperature", temperature)
+        self.defense, self.y, self.objective, self.lam, self.loss = defense, y, objective, lam, loss
+        self.temperature, self.margin, self.filler = temperature, margin, filler
+        self.known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
+
+    def __call__(self, x_adv: Tensor) -> Tensor:
+        """Per-sample values ``(n,)`` under one draw of the defense's randomness."""
+        return self.draws(x_adv, 1)[0]
+
+    def draws(self, x_adv: Tensor, count: int) -> Tensor:
+        """Per-sample values under ``count`` independent draws, shape ``(count, n)``."""
+        if not run_settings().batched:
+            return torch.stack([self._values(x_adv, 1, None)[0] for _ in range(count)])
+        return self._values(x_adv, count, self.known)
+
+    def _values(self, x_adv: Tensor, count: int, known: KnownRows | None) -> Tensor:
+        n, y, lam, loss, defense = len(x_adv), self.y, self.lam, self.loss, self.defense
+        batch = x_adv if known is not None else with_filler(x_adv, self.filler)
+        if self.objective in ("adaptive", "evade_eps"):
+            out = defense.forward_draws(batch, count, known, validate=False, first=n if known is not None else None)
+            values = _per_draw(out.logits[:, :n], y, loss)
+            if self.objective == "adaptive":
+                return values + lam * out.score
+            purifier = getattr(defense, "purifier", None)  # lower what the purifier keys on, where it keys on one
+            term = purifier.adaptive_term(with_filler(x_adv, self.filler)) if purifier is not None else None
+            return values if term is None else values - lam * term[:n]
+        # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_draws)
+        record_passes(count, 1 if self.objective == "evade_clean" else len(run_chunks(count, len(batch))))
+        logits_clean, features = defense.classify_with_features(batch, known)
+        excesses = _excesses(defense.detect(with_filler(x_adv, self.filler), features), n)
+        if self.objective == "evade_clean":
+            hinge = sum(F.relu(e + self.margin) for e in excesses)
+            return (classification_loss(logits_clean[:n], y, loss) - lam * hinge).expand(count, n)
+        purified = defense.purify_runs(x_adv if known is not None else batch, count)
+        logits_denoised = defense.logits_of_runs(purified)[:, :n]
+        if self.objective == "evade_denoised":  # flagged by any test is enough
+            return _per_draw(logits_denoised, y, loss) - lam * F.relu(self.margin - _largest(excesses))
+        passes = [1.0 - torch.sigmoid(e / self.temperature) for e in excesses]
         soft = 1.0 - torch.stack(torch.broadcast_tensors(*passes)).prod(0)
-        p = soft if objective == "evade_soft" else (_largest(excesses) > 0).to(soft) + soft - soft.detach()
-        probs = (1.0 - p)[:, None] * logits_clean[:n].softmax(1) + p[:, None] * logits_denoised[:n].softmax(1)
-        hinge = sum(F.relu(e + margin) for e in excesses)
-        return classification_loss(probs.clamp_min(_TINY).log(), y, loss) - lam * hinge
+        p = soft if self.objective == "evade_soft" else (_largest(excesses) > 0).to(soft) + soft - soft.detach()
+        probs = ((1.0 - p)[:, None] * logits_clean[:n].softmax(1)) + p[:, None] * logits_denoised.softmax(2)
+        hinge = sum(F.relu(e + self.margin) for e in excesses)
+        return _per_draw(probs.clamp_min(_TINY).log(), y, loss) - lam * hinge
 
-    return value
+
+def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: float, loss: Loss = "ce",
+                      temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> DefenseObjective:
+    """The :class:`DefenseObjective` of these settings (the arguments are its own)."""
+    return DefenseObjective(defense, y, objective, lam, loss, temperature, margin, filler)
+
+
+def _per_draw(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
+    """:func:`classification_loss` of logits ``(R, n, K)`` per draw: shape ``(R, n)``."""
+    runs, n = logits.shape[:2]
+    return classification_loss(logits.reshape(runs * n, -1), y.repeat(runs), loss).view(runs, n)
 
 
 def _excesses(detection: Detection, n: int) -> list[Tensor]:
@@ -158,53 +177,3 @@ def _excesses(detection: Detection, n: int) -> list[Tensor]:
 
 def _largest(excesses: list[Tensor]) -> Tensor:
     return torch.stack(excesses).amax(0)
-
-
-@torch.no_grad()
-def error_rates(model: nn.Module, x: Tensor, y: Tensor, draws: int = 1, filler: Tensor | None = None) -> Tensor:
-    """Per-sample misclassification rate of ``model`` on the whole batch ``cat(x, filler)`` over ``draws`` passes.
-
-    A model with ``forward_draws`` (:meth:`~dad.defense.DADDefense.forward_draws`) makes all draws in one call,
-    drawing only its random part again.
-    """
-    check_at_least_one("draws", draws)
-    batch = with_filler(x, filler)
-    if hasattr(model, "forward_draws"):
-        logits = model.forward_draws(batch, draws).logits
-    else:
-        logits = torch.stack([model(batch) for _ in range(draws)])
-    return (logits[:, : len(y)].argmax(2) != y).float().mean(0)
-
-
-def judged_steps(steps: int, every: int = 10) -> set[int]:
-    """The iterations (counted from 1) after which an attack judges its current batch: about ``every`` of them
-    spread over the run, the last one included. Judging costs ``draws`` passes of the defense, several times a
-    gradient step's cost, so attacks judge a sample of their iterates rather than all of them.
-
-    >>> sorted(judged_steps(20))
-    [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
-    """
-    stride = max(1, steps // every)
-    return {k for k in range(1, steps + 1) if k % stride == 0} | {steps}
-
-
-def strongest_batch(judge: Judge, candidates: Sequence[Tensor]) -> Tensor:
-    """The candidate batch the defense gets most wrong, or a per-sample mix of them if that is stronger.
-
-    Every candidate is a whole batch of AEs for the same clean batch, judged whole (``judge``); the mix
-    takes, per sample, the candidate it is most often misclassified in (the best batch on ties) and is
-    itself judged whole. The batch with the highest total error wins (the earlier one on ties): per-sample
-    worst cases are kept without ever scoring an image outside a real batch.
-    """
-    if not candidates:
-        raise ValueError("Expected at least one candidate batch")
-    if len(candidates) == 1:
-        return candidates[0]
-    rates = torch.stack([judge(c) for c in candidates])
-    order = rates.sum(1).argsort(descending=True, stable=True)
-    stacked = torch.stack(list(candidates))[order]
-    pick = rates[order].argmax(0)
-    mixed = stacked[pick, torch.arange(stacked.shape[1], device=pick.device)]
-    if judge(mixed).sum() > rates[order[0]].sum():
-        return mixed
-    return stacked[0]

@@ -29,11 +29,13 @@ from dad.attacks.common import (
     preserve_mode,
     random_delta,
 )
-from dad.attacks.objectives import classification_loss, error_rates, strongest_batch
+from dad.attacks.eot import eot_value_and_gradient
+from dad.attacks.judging import error_rates, strongest_batch
+from dad.attacks.objectives import classification_loss
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
-__all__ = ["projected_gradient_ascent", "pgd", "LOSSES", "Objective", "expected_gradient"]
+__all__ = ["projected_gradient_ascent", "pgd", "LOSSES", "Objective"]
 
 Objective = Callable[[Tensor], Tensor]
 """``objective(x_adv)`` -> a scalar or per-sample values (summed) that the attack maximises."""
@@ -44,16 +46,6 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "dlr": lambda logits, y: classification_loss(logits, y, "dlr").sum(),
 }
 """Untargeted losses to maximise, ``(logits, y) -> scalar``: cross-entropy, the CW margin, or DLR."""
-
-
-def expected_gradient(objective: Objective, x_adv: Tensor, eot_samples: int) -> Tensor:
-    """Gradient of the objective w.r.t. the input, averaged over ``eot_samples`` evaluations (EOT)."""
-    grad = torch.zeros_like(x_adv)
-    for _ in range(eot_samples):
-        x_var = x_adv.detach().requires_grad_(True)
-        value = objective(x_var).sum()
-        grad += torch.autograd.grad(value, x_var)[0]
-    return grad / eot_samples
 
 
 def projected_gradient_ascent(
@@ -111,7 +103,7 @@ def projected_gradient_ascent(
         delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
         x_adv = (x + delta).clamp(0.0, 1.0)
         for _ in range(steps):
-            grad = expected_gradient(objective, x_adv, eot_samples)
+            grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
             x_adv = ascent_step(x_adv, x, grad, eps, step_size, norm)
     return x_adv.detach()
 

@@ -218,11 +218,12 @@ class SSNIPurifier(Purifier):
         """Purified images in [0, 1]: each sample diffused to its own ``t(x)`` and denoised."""
         return self.purifier.purify(x, self.timesteps(x))
 
-    def runs(self, x: Tensor, count: int) -> list[Tensor]:
+    def runs(self, x: Tensor, count: int) -> Tensor:
         """``count`` independent purifications of ``x``, the same as ``count`` calls of the purifier (the same random
-        numbers in the same order); ``t(x)`` does not depend on the noise and is computed once."""
+        numbers in the same order); ``t(x)`` does not depend on the noise and is computed once. The reverse process
+        draws noise at every step, so its runs stay one after another (batching them would change the draws)."""
         t = self.timesteps(x)
-        return [self.purifier.purify(x, t) for _ in range(count)]
+        return torch.stack([self.purifier.purify(x, t) for _ in range(count)])
 
     def adaptive_term(self, x: Tensor) -> Tensor:
         """The standardised EPS norm, the quantity SSNI keys on (an AE that lowers it gets a small timestep)."""

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from dad.attacks import AttackSpec, pgd, run_attack
 from dad.attacks.apgd import apgd, checkpoints
-from dad.attacks.objectives import classification_loss, error_rates
+from dad.attacks.judging import error_rates
+from dad.attacks.objectives import classification_loss
 from dad.attacks.square import square, square_fraction
 
 
@@ -71,7 +72,7 @@ def test_square_fraction_schedule_and_ball(linear) -> None:
     model, x, y = linear
     torch.manual_seed(0)
 
-    def margin_of(z: Tensor) -> Tensor:
+    def margin_of(z: Tensor, count: int) -> Tensor:
         logits = model(z)
         true = logits.gather(1, y[:, None]).squeeze(1)
         return true - logits.scatter(1, y[:, None], float("-inf")).amax(1)

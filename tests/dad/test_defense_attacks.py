@@ -8,13 +8,15 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks import AttackSpec, run_attack, target_of
-from dad.attacks.objectives import defense_objective, error_rates, strongest_batch
+from dad.attacks.judging import error_rates, strongest_batch
+from dad.attacks.objectives import defense_objective
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
 from dad.kernels import SemanticKernel
 from dad.models import create_model
 from dad.purification import DenoiserPurifier
+from dad.runs import runs_settings
 
 B = 10
 
@@ -93,12 +95,14 @@ def test_attack_constraints_and_modes_restored(name: str, batch: tuple[Tensor, T
 
 
 def test_defense_attacks_move_the_input(defense: DADDefense, batch: tuple[Tensor, Tensor]) -> None:
-    """Every white-box attack takes gradient steps (a silently masked attack would return its start)."""
+    """Every white-box attack takes gradient steps (a silently masked attack would return its start); every step
+    of its budget (no early stop: one step already fools this small model)."""
     x, y = batch
     for name in ("adaptive", "evade_clean", "evade_denoised", "evade_bpda"):
         preset = AttackSpec(**{**PRESETS[name], "random_start": False})
         torch.manual_seed(0)
-        assert (run_attack(preset, defense, x, y) - x).abs().max() > 0.05, name
+        with runs_settings(early_stop=False):
+            assert (run_attack(preset, defense, x, y) - x).abs().max() > 0.05, name
 
 
 @pytest.mark.parametrize("name", ["autoattack_rand", "apgd_evade_clean", "evade_bpda", "square"])
@@ -110,7 +114,8 @@ def test_attacks_query_whole_batches_only(name: str, defense: DADDefense, batch:
         run_attack(AttackSpec(**PRESETS[name]), defense, x, y)
     finally:
         hook.remove()
-    assert sizes and set(sizes) == {B}  # every classifier pass (both routes) sees the whole batch
+    # every classifier pass (both routes) sees whole batches: one, or several runs of it along the leading dimension
+    assert sizes and B in sizes and all(size % B == 0 for size in sizes)
 
 
 def test_bpda_value_is_the_real_routed_loss() -> None:

@@ -14,6 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
+from dad.attacks.apgd import apgd
+from dad.attacks.judging import defense_judge
+from dad.attacks.objectives import defense_objective
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector
@@ -92,3 +95,24 @@ def test_every_routing_decides_on_the_gpu(fake: tuple[FakeTensorMode, DADDefense
     tensors += [t for t in (detection.batch_excess, detection.sample_excess) if t is not None]
     assert all(t.device == CUDA for t in tensors)
     assert detection.flags.shape == (B,)
+
+
+@pytest.mark.parametrize("routing", ["batch", "both"])
+@pytest.mark.parametrize("objective", ["adaptive", "evade_clean", "evade_denoised", "evade_bpda"])
+def test_an_attack_runs_without_host_syncs(monkeypatch: pytest.MonkeyPatch, routing: str, objective: str) -> None:
+    """APGD through the defense on a mixed batch, batched EOT, judged over 3 draws, on the accelerator's path (every
+    image purified, selected with ``torch.where``): fake tensors refuse every host sync, so the run (its one input
+    check aside, made before the loop) reads nothing back from the device. Fake CPU tensors: backward passes need no
+    CUDA context."""
+    defense = _defense()
+    defense.routing = routing
+    monkeypatch.setattr(DADDefense, "_purifies_every_image", staticmethod(lambda x: True))
+    monkeypatch.setattr("dad.attacks.apgd.check_unit_range", lambda x: None)  # the input check, once per run
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, y, filler = torch.rand(B, 1, 8, 8), torch.randint(0, 10, (B,)), torch.rand(4, 1, 8, 8)
+        judge = defense_judge(defense, y, draws=3, filler=filler)
+        objective_fn = defense_objective(defense, y, objective, 1.0, filler=filler)
+        x_adv = apgd(objective_fn, judge, x, 0.1, steps=3, eot_samples=3, stop_when_settled=False)
+        with pytest.raises(Exception):  # the harness: a host sync is refused
+            bool(x_adv.sum() > 0)
+    assert x_adv.shape == x.shape

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dad.attacks.objectives import classification_loss, defense_objective, error_rates, strongest_batch
+from dad.attacks.judging import error_rates, strongest_batch
+from dad.attacks.objectives import classification_loss, defense_objective
 from dad.defense import DADDefense
 from dad.denoisers import UNetDenoiser
 from dad.detector import MMDDetector

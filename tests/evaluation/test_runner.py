@@ -28,6 +28,16 @@ ATTACKS = {
     "autoattack_rand": {"name": "apgd", "threat": "defense", "loss": "ce+dlr", "norm": "linf", "eps": 0.2,
                         "steps": 2, "eot_samples": 2},
 }
+REPORT_KEYS = {"attacks", "clean_acc", "defense_file", "detection", "draws", "mixed", "num_classes", "num_test",
+               "num_test_defense", "plots", "purifier", "robust_acc", "routing", "sanity", "sweep", "timings_s",
+               "transfer", "variant", "worst_case"}
+"""The report's keys before the attacks' runs were batched (commit cb734c1): all kept, ``attack_cost`` added."""
+ENTRY_KEYS = {"robust_acc": {"dad", "dad_ci95", "dad_mean", "dad_minus_undefended", "denoised", "n", "undefended",
+                             "undefended_ci95"},
+              "mixed": {"attack", "dad", "dad_ci95", "dad_mean", "detection_rate", "filler_acc", "fraction", "n",
+                        "threat"},
+              "worst_case": {"all_attacks", "classifier_only", "eps", "folded", "headline", "headline_whole_batch",
+                             "mixed", "norm", "white_box"}}
 SANITY = {"gradients", "randomness_eot", "white_box_stronger", "eps_monotone", "large_eps_near_chance", "more_steps",
           "more_eot", "restarts", "more_draws", "fpr"}
 
@@ -54,6 +64,20 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def _copy(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> PipelineConfig:
     shutil.copytree(evaluated[0], tmp_path, dirs_exist_ok=True)
     return _config(tmp_path)
+
+
+def test_report_keys_are_kept_and_the_attack_cost_is_reported(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    report = evaluated[1]
+    assert set(report) == REPORT_KEYS | {"attack_cost"}
+    for section, keys in ENTRY_KEYS.items():
+        assert all(set(entry) == keys for entry in report[section].values()), section
+    through = {"adaptive", "evade_clean", "autoattack_rand", "mixed_evade_clean_0.1", "mixed_evade_clean_0.5"}
+    assert set(report["attack_cost"]) == through
+    for name, cost in report["attack_cost"].items():
+        assert 0 < cost["programs"] <= cost["passes"] <= cost["budget_passes"], name  # early stops spend less
+        assert 0.0 <= cost["stopped_early"] <= 1.0
+    assert report["attack_cost"]["adaptive"]["programs"] < report["attack_cost"]["adaptive"]["passes"]  # EOT batched
+    assert "Attack cost" in (evaluated[0] / "tiny" / "report.md").read_text()
 
 
 def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:

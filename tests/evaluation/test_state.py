@@ -14,7 +14,8 @@ def _record(index: list[int], correct: list[bool]) -> dict[str, Tensor]:
     return {"index": torch.tensor(index), "x_adv": torch.rand(n, 1, 2, 2), "undefended": torch.tensor(correct),
             "dad": torch.tensor(correct), "dad_correct": 3 * torch.tensor(correct).long(),
             "denoised": torch.tensor(correct), "score": torch.tensor(0.5), "flagged": torch.tensor(1.0),
-            "batches": torch.tensor(1.0), "filler_acc": torch.tensor(float("nan")), "seconds": torch.tensor(1.0)}
+            "batches": torch.tensor(1.0), "filler_acc": torch.tensor(float("nan")), "seconds": torch.tensor(1.0),
+            "passes": torch.tensor(10.0), "programs": torch.tensor(4.0), "stops": torch.tensor(0.0)}
 
 
 def test_attack_state_round_trip_order_and_key(tmp_path) -> None:

@@ -1,0 +1,126 @@
+"""How attacks judge their candidate batches, keep the strongest, and stop once nothing can change.
+
+An attack through a batch-level defense returns a batch the real defense was shown whole: its iterates and its
+runs (losses, penalty weights, restarts) are judged by ``judge`` (the defense on the whole batch over ``draws``
+noise draws) and the batch it gets most wrong is kept. A judged batch in which every sample is wrong in every
+draw cannot be beaten, so an attack stops there (:func:`settled`, :attr:`~dad.runs.RunSettings.early_stop`): the
+rest of its budget could not change any sample's judged result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dad.attacks.common import check_at_least_one
+from dad.runs import record_stop, run_settings
+
+__all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "settled", "strongest_batch", "strongest_run",
+           "with_filler"]
+
+Judge = Callable[[Tensor], Tensor]
+"""``judge(x_adv)`` -> per-sample error rates ``(n,)`` of the real defense on the whole batch ``x_adv``."""
+
+
+def with_filler(x: Tensor, filler: Tensor | None) -> Tensor:
+    """The batch the defense sees: the attacked images, then the clean filler (if any)."""
+    return x if filler is None else torch.cat([x, filler.to(x)])
+
+
+@torch.no_grad()
+def error_rates(model: nn.Module, x: Tensor, y: Tensor, draws: int = 1, filler: Tensor | None = None) -> Tensor:
+    """Per-sample misclassification rate of ``model`` on the whole batch ``cat(x, filler)`` over ``draws`` passes.
+
+    A model with ``forward_draws`` (:meth:`~dad.defense.DADDefense.forward_draws`) makes all draws in one call,
+    drawing only its random part again.
+    """
+    check_at_least_one("draws", draws)
+    batch = with_filler(x, filler)
+    if hasattr(model, "forward_draws"):
+        logits = model.forward_draws(batch, draws).logits
+    else:
+        logits = torch.stack([model(batch) for _ in range(draws)])
+    return (logits[:, : len(y)].argmax(2) != y).float().mean(0)
+
+
+def defense_judge(defense: nn.Module, y: Tensor, draws: int, filler: Tensor | None = None) -> Judge:
+    """The judge of an attack through ``defense``: :func:`error_rates` over ``draws`` draws on ``cat(x, filler)``;
+    batched (:mod:`dad.runs`), without host synchronisation on an accelerator, the filler's classifier pass made once
+    for the whole attack."""
+    check_at_least_one("draws", draws)
+    if not run_settings().batched:
+        return lambda z: error_rates(defense, z, y, draws, filler)
+    known = defense.known_rows(filler) if filler is not None else None
+
+    @torch.no_grad()
+    def judge(z: Tensor) -> Tensor:  # the attack's iterates are valid images: no checks, no host syncs
+        logits = defense.forward_draws(z, draws, known, validate=False, first=len(y)).logits
+        return (logits.argmax(2) != y).float().mean(0)
+
+    return judge
+
+
+def judged_steps(steps: int, every: int = 10) -> set[int]:
+    """The iterations (counted from 1) after which an attack judges its current batch: about ``every`` of them
+    spread over the run, the last one included. Judging costs ``draws`` passes of the defense, several times a
+    gradient step's cost, so attacks judge a sample of their iterates rather than all of them.
+
+    >>> sorted(judged_steps(20))
+    [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    """
+    stride = max(1, steps // every)
+    return {k for k in range(1, steps + 1) if k % stride == 0} | {steps}
+
+
+def settled(rates: Tensor) -> bool:
+    """Whether an attack stops on a batch judged with per-sample error ``rates``: every sample wrong in every draw
+    (no candidate can do better), and early stopping on (:class:`~dad.runs.RunSettings`). A host sync: attacks ask
+    at their judged steps only."""
+    if run_settings().early_stop and bool((rates >= 1.0).all()):
+        record_stop()
+        return True
+    return False
+
+
+def strongest_batch(judge: Judge, candidates: Sequence[Tensor], rates: Tensor | None = None) -> Tensor:
+    """The candidate batch the defense gets most wrong, or a per-sample mix of them if that is stronger.
+
+    Every candidate is a whole batch of AEs for the same clean batch, judged whole (``judge``, or the given
+    per-candidate ``rates`` of shape ``(len(candidates), n)``); the mix takes, per sample, the candidate it is most
+    often misclassified in (the best batch on ties) and is itself judged whole. The batch with the highest total
+    error wins (the earlier one on ties): per-sample worst cases are kept without ever scoring an image outside a
+    real batch.
+    """
+    if not candidates:
+        raise ValueError("Expected at least one candidate batch")
+    if len(candidates) == 1:
+        return candidates[0]
+    if rates is None:
+        rates = torch.stack([judge(c) for c in candidates])
+    order = rates.sum(1).argsort(descending=True, stable=True)
+    stacked = torch.stack(list(candidates))[order]
+    pick = rates[order].argmax(0)
+    mixed = stacked[pick, torch.arange(stacked.shape[1], device=pick.device)]
+    return torch.where(judge(mixed).sum() > rates[order[0]].sum(), mixed, stacked[0])
+
+
+def strongest_run(judge: Judge, runs: Sequence[Callable[[], Tensor]]) -> Tensor:
+    """The strongest batch (:func:`strongest_batch`) of an attack's runs, each a call giving a candidate batch.
+
+    With early stopping, each candidate is judged when its run ends and the first :func:`settled` one is returned
+    without running the rest (the earliest batch wins ties, so the rest could not be chosen); otherwise every run
+    runs, then every candidate is judged (the reference order).
+    """
+    if not runs:
+        raise ValueError("Expected at least one run")
+    if len(runs) == 1 or not run_settings().early_stop:
+        return strongest_batch(judge, [run() for run in runs])
+    candidates, rates = [], []
+    for run in runs:
+        candidates.append(run())
+        rates.append(judge(candidates[-1]))
+        if settled(rates[-1]):
+            return candidates[-1]
+    return strongest_batch(judge, candidates, torch.stack(rates))
