@@ -10,6 +10,13 @@ import pytest
 import torch
 
 from dad.attacks import AttackSpec
+from dad.defense import DADDefense
+from dad.denoisers import UNetDenoiser
+from dad.detector import MMDDetector
+from dad.kernels import SemanticKernel
+from dad.models import create_model
+from dad.purification import DenoiserPurifier
+from dad.sample_detector import SampleDetector
 from datamodules.settings import DataSettings
 from pipeline.eval_settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
@@ -51,6 +58,20 @@ def tiny_config(root: Path, name: str = "tiny", **sections: Any) -> PipelineConf
         ),
     )
     return replace(cfg, **sections)
+
+
+def tiny_defense(batch_sizes: list[int], noise_std: float = 0.1) -> DADDefense:
+    """A tiny calibrated defense on 8x8 random images (every routing available), random weights seeded 0."""
+    torch.manual_seed(0)
+    classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
+    kernel = SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0)
+    detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
+    sample_detector = SampleDetector(kernel, torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
+    denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
+    defense = DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval(), noise_std),
+                         sample_detector=sample_detector)
+    defense.calibrate(torch.rand(60, 1, 8, 8), batch_sizes, num_batches=100)
+    return defense.eval()
 
 
 @pytest.fixture

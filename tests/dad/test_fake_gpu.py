@@ -18,13 +18,8 @@ from dad.attacks.apgd import apgd
 from dad.attacks.judging import defense_judge
 from dad.attacks.objectives import defense_objective
 from dad.defense import DADDefense
-from dad.denoisers import UNetDenoiser
-from dad.detector import MMDDetector
-from dad.kernels import SemanticKernel
-from dad.models import create_model
 from dad.routing import ROUTINGS
-from dad.sample_detector import SampleDetector
-from dad.purification import DenoiserPurifier
+from tests.conftest import tiny_defense
 
 B = 10
 CUDA = torch.device("cuda", 0)
@@ -32,15 +27,7 @@ CUDA = torch.device("cuda", 0)
 
 def _defense() -> DADDefense:
     """A tiny calibrated defense on the CPU (real tensors), every routing available."""
-    torch.manual_seed(0)
-    classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
-    kernel = SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0)
-    detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
-    sample_detector = SampleDetector(kernel, torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
-    denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
-    defense = DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval(), 0.1), sample_detector=sample_detector)
-    defense.calibrate(torch.rand(60, 1, 8, 8), [B], num_batches=100)
-    return defense.eval()
+    return tiny_defense([B])
 
 
 def to_fake_cuda(module: nn.Module, mode: FakeTensorMode) -> nn.Module:

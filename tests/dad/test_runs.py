@@ -18,13 +18,9 @@ from dad.attacks.judging import settled, strongest_batch, strongest_run
 from dad.attacks.objectives import defense_objective
 from dad.attacks.spec import DEFENSE_OBJECTIVES
 from dad.defense import DADDefense
-from dad.denoisers import UNetDenoiser
-from dad.detector import MMDDetector
-from dad.kernels import SemanticKernel
-from dad.models import create_model
 from dad.purification import DenoiserPurifier
 from dad.runs import PassCount, counting_passes, looped_runs, run_chunks, runs_settings
-from dad.sample_detector import SampleDetector
+from tests.conftest import tiny_defense
 
 B = 8
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -34,15 +30,7 @@ differ only in the order of floating-point sums."""
 
 @pytest.fixture(scope="module")
 def defense() -> DADDefense:
-    torch.manual_seed(0)
-    classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
-    kernel = SemanticKernel(classifier, sigma_phi=10.0, sigma_q=128.0)
-    detector = MMDDetector(kernel, torch.rand(20, 1, 8, 8))
-    sample_detector = SampleDetector(kernel, torch.rand(16, 1, 8, 8), torch.rand(16, 1, 8, 8))
-    denoiser = UNetDenoiser(in_channels=1, enc_widths=(4, 8), enc_depths=(1, 1), dec_widths=(4,), dec_depths=(1,))
-    defense = DADDefense(classifier, detector, DenoiserPurifier(denoiser.eval(), 0.2), sample_detector=sample_detector)
-    defense.calibrate(torch.rand(60, 1, 8, 8), [B, 2 * B], num_batches=100)
-    return defense.eval()
+    return tiny_defense([B, 2 * B], noise_std=0.2)
 
 
 @pytest.fixture(scope="module")
