@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from dad.io import atomic_write_json
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PipelineConfig
+from pipeline.saved_config import load_saved_config
 from pipeline.paths import RunPaths
 from pipeline.trainer import quiet_third_party, run_device
 
@@ -203,7 +204,7 @@ def load_run(run: Path, overrides: Sequence[str] = ()) -> tuple[PipelineConfig, 
     """A trained run's saved configuration with ``overrides`` on top (``--<section>.<option> VALUE``, as ``train.py``
     takes them: the trainer flags of the machine benched on ...), pointed at ``run`` wherever it now lives, and its
     paths."""
-    cfg = load_config(run / "config.yaml", overrides)
+    cfg = load_saved_config(run / "config.yaml", overrides)
     return replace(cfg, run=replace(cfg.run, root=str(run.parent), name=run.name)), RunPaths(run)
 
 

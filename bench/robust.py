@@ -83,6 +83,7 @@ def _row(method: str, setting: str, report: dict[str, Any], threat: str, autoatt
          seconds: float, passes: float | None) -> dict[str, Any]:
     clean, worst = report["clean_acc"], report["worst_case"][threat]["headline"]
     aa = report["robust_acc"].get(autoattack)
+    chosen = report.get("route_selection") if setting == "with DAD" else None
     return {
         "method": method, "setting": setting,
         "clean_acc": clean["dad"], "clean_ci95": clean["dad_ci95"],
@@ -91,6 +92,9 @@ def _row(method: str, setting: str, report: dict[str, Any], threat: str, autoatt
         "worst_case_source": worst["source"],
         "clean_fpr": report["detection"]["clean_purified"] if setting == "with DAD" else None,
         "training_seconds": seconds, "backward_passes_per_sample": passes,
+        "route": chosen["chosen"] if chosen else None,  # the defense stage's choice, with its validation numbers
+        "route_validation": {name: {key: r[key] for key in ("worst_case", "interval", "classifier_only", "tied")}
+                             for name, r in chosen["routes"].items()} if chosen else None,
     }
 
 
@@ -137,7 +141,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         passes = "-" if r["backward_passes_per_sample"] is None else f"{r['backward_passes_per_sample']:.2f}"
         label = _LABELS.get(r["method"], r["method"])
-        lines.append(f"| {label} | {r['setting']} | {_ci(r['clean_acc'], r['clean_ci95'])} | "
+        setting = r["setting"] + (f" (route kept: {r['route']})" if r.get("route") else "")
+        lines.append(f"| {label} | {setting} | {_ci(r['clean_acc'], r['clean_ci95'])} | "
                      f"{_ci(r['autoattack'], r['autoattack_ci95'])} | "
                      f"{_ci(r['worst_case'], r['worst_case_ci95'])} (n={r['worst_case_n']}) | {_pct(r['clean_fpr'])} "
                      f"| {r['training_seconds']:.0f} | {passes} |")

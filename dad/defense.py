@@ -101,6 +101,7 @@ class DADDefense(nn.Module):
         self.routers = nn.ModuleDict({name: router() for name, router in ROUTERS.items()})  # each with its state
         self.target_fpr = target_fpr
         self.routing = routing
+        self.route_selection: dict[str, Any] | None = None  # the defense stage's choice of purifier, if it chose
 
     @property
     def routing(self) -> Routing:
@@ -281,6 +282,7 @@ class DADDefense(nn.Module):
             "target_fpr": self.target_fpr,
             "routing": self.routing,
             "sample_score": self.sample_detector.kind if self.sample_detector is not None else None,
+            "route_selection": self.route_selection,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         atomic_torch_save(payload, path)

@@ -98,4 +98,5 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
         first = str(err).splitlines()[0]
         raise IncompatibleFileError(f"{path} does not match its stored architecture: {first}") from None
     defense.routing = payload.get("routing", "batch")
+    defense.route_selection = payload.get("route_selection")
     return defense.eval()

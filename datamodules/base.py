@@ -1,19 +1,19 @@
 """The base data module: images held in memory, and the DAD splits carved from a seed.
 
 Splits (all disjoint):
-- ``mmd``: N images per class from the training data (trains the MMD-OPT kernel; the detector's
-  reference set is drawn from it);
+- ``mmd``: N images per class from the training data (trains the MMD-OPT kernel; the reference set's source);
 - ``denoiser``: the rest of the training data (trains the denoiser), or ``denoiser_size`` of it, the others
   (``extra``) then training the classifier only: a large training set for the classifier without paying for
   its adversarial examples;
 - ``val``: clean held-out images (model selection; threshold calibration too unless there is a
   ``calibration`` split);
-- ``calibration``: optional clean held-out images for the detector's thresholds only. Calibration needs
-  no adversarial examples, so this pool can be large (its own sampling error moves the realised FPR)
-  without the cost of attacking a large ``val``. It is carved from the training pool, or from the test pool
-  (``calibration_from="test"``): a feature extractor pre-trained on the whole training set (the paper's
-  phi on CIFAR-10, ImageNet) has seen every training image, and calibration images it has seen look more
+- ``calibration``: optional clean held-out images for the detector's thresholds only. Calibration needs no
+  adversarial examples, so this pool can be large (its own sampling error moves the realised FPR) without the
+  cost of attacking a large ``val``. It is carved from the training pool, or from the test pool
+  (``calibration_from="test"``): a feature extractor pre-trained on the whole training set (the paper's phi on
+  CIFAR-10, ImageNet) has seen every training image, and calibration images it has seen look more
   in-distribution than the test batches, which shifts the realised FPR;
+- ``selection``: optional clean held-out images for the choice of route only (:mod:`dad.route_selection`);
 - ``test``: the dataset's test split, or a held-out part of the data where there is none.
 The classifier trains on ``mmd`` + ``denoiser`` + ``extra``. The indices are a pure function of the seed and are
 saved in the run directory, so a resumed or later stage sees exactly the same split.
@@ -41,7 +41,7 @@ from datamodules.settings import DataSettings
 
 __all__ = ["DADDataModule", "ImageTensorDataset", "Splits", "DataError", "carve_splits", "open_torchvision_dataset"]
 
-SPLIT_NAMES = ("mmd", "denoiser", "val", "calibration", "test", "extra")
+SPLIT_NAMES = ("mmd", "denoiser", "val", "calibration", "selection", "test", "extra")
 
 
 class DataError(ValueError):
@@ -60,15 +60,16 @@ class Splits:
     calibration: list[int] = field(default_factory=list)
     calibration_from: str = "train"
     extra: list[int] = field(default_factory=list)
+    selection: list[int] = field(default_factory=list)
 
     def digest(self) -> str:
         """A short hash identifying the split (recorded in AE-cache manifests).
 
-        Empty ``calibration`` and ``extra`` splits, and the default training pool of calibration, are left out,
-        so runs made before they existed keep their digest.
+        Empty ``calibration``, ``extra`` and ``selection`` splits, and the default training pool of calibration,
+        are left out, so runs made before they existed keep their digest.
         """
         fields = asdict(self)
-        for name in ("calibration", "extra"):
+        for name in ("calibration", "extra", "selection"):
             if not fields[name]:
                 del fields[name]
         if fields["calibration_from"] == "train":
@@ -109,27 +110,26 @@ def carve_splits(
     calibration_size: int = 0,
     calibration_from: str = "train",
     denoiser_size: int | None = None,
+    selection_size: int = 0,
 ) -> Splits:
     """Carve the DAD splits deterministically from ``seed``.
 
-    ``mmd`` takes exactly ``mmd_per_class`` images of every class; ``val`` is a random sample of
-    ``val_size`` of the rest, ``calibration`` one of ``calibration_size`` of what is left after it;
-    ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved
-    from the training pool too (datasets without a test split), else it is the whole test pool of
-    ``num_test`` images, in a seeded random order. With ``calibration_from="test"`` the calibration split is
-    the first ``calibration_size`` images of that order instead, and the test split the rest. With
-    ``denoiser_size``, the denoiser split is capped at that many images and the others form ``extra``.
+    ``mmd`` takes exactly ``mmd_per_class`` images of every class; ``val`` is a random sample of ``val_size`` of
+    the rest, then ``calibration`` and ``selection`` take ``calibration_size`` and ``selection_size`` of what is
+    left; ``denoiser`` is what remains. If ``test_size`` > 0 the test split is carved from the training pool too
+    (datasets without a test split), else it is the whole test pool of ``num_test`` images, in a seeded random
+    order. With ``calibration_from="test"`` the calibration split is the first ``calibration_size`` images of that
+    order instead, and the test split the rest. With ``denoiser_size``, the denoiser split is capped at that many
+    images and the others form ``extra``.
     """
     if calibration_from not in ("train", "test"):
         raise ValueError(f"Expected `calibration_from` in ('train', 'test'), got {calibration_from!r}")
     if calibration_from == "test" and test_size > 0:
         raise DataError("`data.calibration_from: test` needs the dataset's own test split: set `data.test_size` 0")
     g = torch.Generator().manual_seed(seed)
-    n = len(train_labels)
-    order = torch.randperm(n, generator=g)
-    # The test split is kept in a seeded random order, so consecutive test batches are i.i.d. draws as
-    # the batch-level detector assumes (ordered data, e.g. digits grouped by writer, would otherwise
-    # make whole batches look distribution-shifted).
+    order = torch.randperm(len(train_labels), generator=g)
+    # The test split is kept in a seeded random order, so consecutive test batches are i.i.d. draws as the
+    # batch-level detector assumes (ordered data, e.g. digits by writer, would make batches look shifted).
     if test_size > 0:
         test, order = order[:test_size].tolist(), order[test_size:]
     else:
@@ -149,16 +149,17 @@ def carve_splits(
                             "to evaluate")
         calibration, test = sorted(test[:calibration_size]), test[calibration_size:]
         calibration_size = 0  # nothing more is held out of the training pool
-    held_out = val_size + calibration_size
+    held_out = val_size + calibration_size + selection_size
     if len(rest) <= held_out:
-        raise DataError(f"Only {len(rest)} training images left after the MMD set; val_size={val_size} and "
-                        f"calibration_size={calibration_size} leave none for the denoiser")
+        raise DataError(f"Only {len(rest)} training images after the MMD set: val_size={val_size}, calibration_size="
+                        f"{calibration_size} and selection_size={selection_size} leave none for the denoiser")
     if calibration_from == "train":
-        calibration = sorted(rest[val_size:held_out])
+        calibration = sorted(rest[val_size:val_size + calibration_size])
     remaining = rest[held_out:]
     cap = len(remaining) if denoiser_size is None else denoiser_size
     return Splits(mmd=sorted(mmd), denoiser=sorted(remaining[:cap]), val=sorted(rest[:val_size]), test=test,
-                  calibration=calibration, calibration_from=calibration_from, extra=sorted(remaining[cap:]))
+                  calibration=calibration, calibration_from=calibration_from, extra=sorted(remaining[cap:]),
+                  selection=sorted(rest[held_out - selection_size:held_out]))
 
 
 class DADDataModule(pl.LightningDataModule):
@@ -207,7 +208,8 @@ class DADDataModule(pl.LightningDataModule):
         self.train_images, self.train_labels = train_x, train_y
         cfg = self.settings
         self.splits = carve_splits(train_y, len(test_y), cfg.mmd_per_class, cfg.val_size, self.seed, cfg.test_size,
-                                   cfg.calibration_size, cfg.calibration_from, cfg.denoiser_size)
+                                   cfg.calibration_size, cfg.calibration_from, cfg.denoiser_size,
+                                   cfg.selection_size)
         self.test_images, self.test_labels = test_x, test_y
 
     def save_splits(self, path: str | Path) -> None:

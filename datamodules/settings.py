@@ -24,6 +24,8 @@ class DataSettings:
         calibration_size: if > 0, a clean split of this size for the detector's thresholds only.
         calibration_from: the pool the calibration split is carved from: ``train``, or the dataset's own
             ``test`` pool (then evaluated on the rest): images a pre-trained feature extractor never saw.
+        selection_size: if > 0, a clean split of this size for the defense stage's choice of route only
+            (``defense.select``), carved from the training pool.
         denoiser_size: cap the denoiser split (its AEs cost the most); the remaining training images train
             the classifier only. None: every training image not held out.
         subset: keep only the first ``subset`` images of each pool (tiny runs and tests).
@@ -40,6 +42,7 @@ class DataSettings:
     test_size: int = 450
     calibration_size: int = 0
     calibration_from: Literal["train", "test"] = "train"
+    selection_size: int = 0
     denoiser_size: int | None = None
     subset: int | None = None
     batch_size: int = 64
@@ -52,7 +55,7 @@ class DataSettings:
                 raise ValueError(f"Expected `data.{name}` >= 1, got {getattr(self, name)}")
         if self.val_size < 2:
             raise ValueError(f"Expected `data.val_size` >= 2, got {self.val_size}")
-        for name in ("test_size", "calibration_size", "num_workers"):
+        for name in ("test_size", "calibration_size", "selection_size", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Expected `data.{name}` >= 0, got {getattr(self, name)}")
         if self.denoiser_size is not None and self.denoiser_size < 1:

@@ -5,22 +5,19 @@ User errors end with one line on stderr and exit code 2, as ``train.py``'s do (:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentError
 
 from evaluation.report import report_markdown
 from evaluation.runner import evaluate
 from pipeline.cli import configure_logging, has_config, run_guarded
-from pipeline.config import ConfigError, PipelineConfig, build_parser, config_from_namespace, prune_config
+from pipeline.config import ConfigError, PipelineConfig, build_parser, config_from_namespace
+from pipeline.saved_config import saved_config_text
 
 __all__ = ["main_eval"]
-
-log = logging.getLogger(__name__)
 
 
 def _run_dir(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -54,10 +51,7 @@ def main_eval(argv: Sequence[str]) -> int:
         parser.add_argument("--debug", action="store_true", help="show full tracebacks")
         base = []
         if saved is not None:
-            data, dropped = prune_config(yaml.safe_load(saved.read_text()) or {})
-            if dropped:
-                log.warning("%s was written by an earlier version: ignoring %s", saved, ", ".join(dropped))
-            base = ["--config", yaml.safe_dump(data, sort_keys=False)]
+            base = ["--config", saved_config_text(saved)]
         try:
             cfg = config_from_namespace(parser, parser.parse_args([*base, *rest]))
         except (ArgumentError, ConfigError) as err:

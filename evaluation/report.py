@@ -84,12 +84,26 @@ def _purification(report: Mapping[str, Any]) -> str:
     p = report.get("purifier")
     where = f"`{report.get('defense_file', 'defense.pt')}`"
     if not p:
-        return f"noise + denoiser ({where})"
+        return f"noise + denoiser ({where}){_route(report)}"
+    if p["kind"] == "identity":
+        return f"none, the backbone alone classifies flagged images ({where}){_route(report)}"
     steps = f"{p['ddim_steps']} DDIM steps" if p["sampler"] == "ddim" else "DDPM ancestral steps"
     if p["kind"] == "fixed":
         return f"diffusion purifier, fixed t* = {p['t_star']}, {steps} ({where})"
     return (f"SSNI ({p['mapping']} mapping), t* = {p['t_star']}, b = {p['bias']:g}, EPS over K = "
             f"{p['eps_num_timesteps']} timesteps in (0, {p['eps_max_timestep']:g}], {steps} ({where})")
+
+
+def _route(report: Mapping[str, Any]) -> str:
+    """How the defense stage chose the route, if it chose: each candidate's validation worst case."""
+    chosen = report.get("route_selection")
+    if not chosen:
+        return ""
+    routes = ", ".join(f"{name} {_ci(r['worst_case'], r['interval'])}" + (" tied" if r["tied"] else "")
+                       for name, r in chosen["routes"].items())
+    n = next(iter(chosen["routes"].values()))["n"]
+    return (f"; route `{chosen['chosen']}` kept by the defense stage: worst case under "
+            f"{', '.join(chosen['attacks'])} on {n} held-out images: {routes}")
 
 
 def report_markdown(report: dict[str, Any]) -> str:

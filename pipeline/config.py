@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 from dad.attacks import AttackSpec
 from dad.detector import TARGET_FPR
 from dad.diffusion.selection import PurifierSettings
+from dad.route_selection import RouteSelectionSettings
 from dad.routing import Routing
 from dad.sample_detector import SampleScore
 from datamodules.settings import DataSettings
@@ -33,12 +34,12 @@ from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
 from lightning_modules.kernel import KernelSettings
 from lightning_modules.score import ScoreSettings
-from pipeline.config_compat import move_options, moved_option_hint
+from pipeline.config_compat import moved_option_hint
 
 __all__ = [
     "RunSettings", "DefenseSettings", "PipelineConfig", "ConfigError", "OWNED_TRAINER_ARGS", "build_parser",
     "add_trainer_arguments", "trainer_parser", "normalize_trainer", "config_from_namespace", "from_plain",
-    "dump_config", "load_config", "prune_config",
+    "dump_config", "load_config", "parse_config", "known_options",
 ]
 
 
@@ -82,8 +83,8 @@ class DefenseSettings:
         sample_score: the per-sample score, ``witness`` or ``reference`` (see :mod:`dad.sample_detector`).
         witness_size: images of the MMD set (and their training AEs) the witness keeps (None: all of them). A
             score costs one product with the ``2 x witness_size`` stored images per batch, and the stored sets
-            are saved in ``defense.pt``; 500 (the CIFAR-10 MMD set) by default so that ImageNet's 50,000-image
-            MMD set is not stored whole. ``bench/witness_size.py`` measures quality and cost against it.
+            are saved in ``defense.pt``; 500 by default so that ImageNet's MMD set is not stored whole.
+        select: the choice of the purified route (:class:`~dad.route_selection.RouteSelectionSettings`).
     """
 
     reference_size: int = 100
@@ -93,6 +94,7 @@ class DefenseSettings:
     routing: Routing = "batch"
     sample_score: SampleScore = "witness"
     witness_size: int | None = 500
+    select: RouteSelectionSettings = field(default_factory=RouteSelectionSettings)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_fpr < 1.0:
@@ -150,6 +152,10 @@ class PipelineConfig:
         if self.purifier.kinds and self.score.t_max is not None and top > self.score.t_max:
             raise ConfigError(f"The purifiers reach timestep {top:g} (`purifier.t_star_grid` + `purifier.bias_grid`) "
                               f"but the score model trains up to `score.t_max`={self.score.t_max}: raise it")
+        try:
+            self.defense.select.check(self.eval.attacks, self.data.selection_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         for name, spec in self.eval.attacks.items():
             if spec.batch_size not in (None, self.defense.batch_size):
                 raise ConfigError(f"`eval.attacks.{name}.batch_size` is {spec.batch_size}: attacks run on the "
@@ -265,23 +271,11 @@ def config_from_namespace(parser: ArgumentParser, ns: Namespace) -> PipelineConf
     return PipelineConfig(**sections)
 
 
-def prune_config(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A saved configuration of an earlier version for ``eval.py --run``: its moved options moved, the options this
-    version no longer has dropped (their dotted names returned, to report); the sections must still parse."""
-    kept: dict[str, Any] = {}
-    dropped: list[str] = []
-    for section, value in move_options(data).items():
-        if section not in _SECTIONS:
-            dropped.append(section)
-            continue
-        known = _TRAINER_ARGS if section == "trainer" else (
-            {f.name for f in fields(_SECTION_TYPES[section])} if is_dataclass(_SECTION_TYPES[section]) else None)
-        if known is None or not isinstance(value, Mapping):
-            kept[section] = value
-            continue
-        kept[section] = {k: v for k, v in value.items() if k in known}
-        dropped += [f"{section}.{k}" for k in value if k not in known]
-    return kept, dropped
+def known_options(section: str) -> frozenset[str] | None:
+    """The option names of ``section`` (None: a section of free-form values); ``KeyError`` for an unknown one."""
+    kind = _SECTION_TYPES[section]
+    return _TRAINER_ARGS if section == "trainer" else frozenset(f.name for f in fields(kind)) if is_dataclass(
+        kind) else None
 
 
 def dump_config(cfg: PipelineConfig) -> str:
@@ -292,9 +286,15 @@ def dump_config(cfg: PipelineConfig) -> str:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read a YAML configuration file (a run's saved ``config.yaml`` or a preset), with ``--<section>.<option>
     VALUE`` ``overrides`` on top, parsed as ``train.py`` parses its command line."""
+    return parse_config(["--config", str(path), *overrides])
+
+
+def parse_config(args: Sequence[str]) -> PipelineConfig:
+    """The configuration ``train.py``'s command line ``args`` give (``--config`` a file or YAML text); an unknown or
+    moved option is a :class:`ConfigError` naming it."""
     parser = build_parser()
     try:
-        namespace = parser.parse_args(["--config", str(path), *overrides])
+        namespace = parser.parse_args(list(args))
     except ArgumentError as err:
         raise ConfigError(moved_option_hint(" ".join(str(err).split()))) from None
     return config_from_namespace(parser, namespace)

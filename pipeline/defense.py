@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks import ThresholdCalibration
+from callbacks import RouteSelection, ThresholdCalibration
 from dad.defense import DADDefense
 from dad.detector import MMDDetector
-from dad.purification import DenoiserPurifier
+from dad.purification import DenoiserPurifier, IdentityPurifier, Purifier
 from dad.sample_detector import SampleDetector
 from datamodules import DADDataModule
 from lightning_modules.evaluator import DefenseEvaluator
@@ -20,7 +20,7 @@ from pipeline.networks import RunNetworks
 from pipeline.paths import RunPaths
 from pipeline.trainer import FP32, run_device
 
-__all__ = ["assemble_defense", "calibration_sizes", "run_defense"]
+__all__ = ["assemble_defense", "calibration_sizes", "route_selection", "run_defense"]
 
 
 def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:
@@ -66,13 +66,31 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
     return sorted({cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size})
 
 
+def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense) -> list[RouteSelection]:
+    """The callback choosing the defense's route among ``defense.select.routes`` (none when no route is named):
+    the run's denoiser (``denoiser``) or the backbone alone (``identity``)."""
+    select = cfg.defense.select
+    if not select.routes:
+        return []
+    built: dict[str, Purifier] = {"denoiser": defense.purifier, "identity": IdentityPurifier()}
+    only = select.classifier_attack
+    images, labels = dm.split_tensors("selection")
+    return [RouteSelection({name: built[name] for name in select.routes},
+                           {name: cfg.eval.attacks[name] for name in select.attack_names(cfg.eval.attacks)},
+                           None if only is None else (only, cfg.eval.attacks[only]), images, labels,
+                           cfg.defense.batch_size, cfg.eval.draws)]
+
+
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
                 resume: str | None) -> dict[str, Any]:
+    """Assemble and calibrate the defense (and choose its route where ``defense.select`` names routes), save it,
+    and return what ``done.json`` records."""
     defense = assemble_defense(cfg, paths, nets, dm, run_device(cfg.trainer))
     clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)
-    trainer = trainers.stage_trainer(cfg, paths, "defense", [calib], max_epochs=1, inference_mode=False, **FP32)
+    callbacks = [calib, *route_selection(cfg, dm, defense)]
+    trainer = trainers.stage_trainer(cfg, paths, "defense", callbacks, max_epochs=1, inference_mode=False, **FP32)
     loader = DataLoader(dm.dataset("val"), batch_size=cfg.defense.batch_size)
     trainer.validate(DefenseEvaluator(defense, keep_images=False), dataloaders=loader, verbose=False)
     if trainers.is_rank_zero():
@@ -81,4 +99,4 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     return {"calibration": {str(b): r for b, r in results.get("batch", {}).items()},
             "sample_calibration": results.get("sample", {}),
             "joint_calibration": {str(b): r for b, r in results.get("both", {}).items()}, "routing": defense.routing,
-            "defense": str(paths.defense)}
+            "route_selection": defense.route_selection, "defense": str(paths.defense)}

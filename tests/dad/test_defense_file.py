@@ -36,6 +36,7 @@ def _outputs(defense, routing: str) -> dict[str, torch.Tensor]:  # type: ignore[
 def test_format_4_files_load_and_give_the_outputs_they_gave(name: str, kind: type, tmp_path: Path) -> None:
     defense = load_defense(DATA / f"{name}.pt")
     assert isinstance(defense.purifier, kind) and defense.target_fpr == 0.05
+    assert defense.route_selection is None  # no recorded choice of route: the file's purifier, as before
     resaved = tmp_path / "again.pt"
     defense.save(resaved)
     assert torch.load(resaved, weights_only=True)["version"] == VERSION

@@ -36,8 +36,20 @@ def test_without_a_calibration_split_val_calibrates_and_the_digest_is_unchanged(
 
 
 def test_a_calibration_split_that_leaves_no_denoiser_data_is_refused() -> None:
-    with pytest.raises(DataError, match="calibration_size=270 leave none for the denoiser"):
+    with pytest.raises(DataError, match="calibration_size=270 and selection_size=0 leave none for the denoiser"):
         carve_splits(LABELS, 0, mmd_per_class=5, val_size=60, seed=3, test_size=20, calibration_size=270)
+
+
+def test_a_selection_split_is_held_out_of_everything_else_and_changes_nothing_else() -> None:
+    """The route-selection split comes out of the denoiser's share only: val, calibration, MMD and test are the
+    same images, and a run without one keeps its digest."""
+    base = carve_splits(LABELS, 0, mmd_per_class=5, val_size=60, seed=3, test_size=80, calibration_size=10)
+    s = carve_splits(LABELS, 0, mmd_per_class=5, val_size=60, seed=3, test_size=80, calibration_size=10,
+                     selection_size=30)
+    assert (s.val, s.calibration, s.mmd, s.test) == (base.val, base.calibration, base.mmd, base.test)
+    assert len(s.selection) == 30 and set(s.selection) <= set(base.denoiser)
+    assert set(s.denoiser) == set(base.denoiser) - set(s.selection)
+    assert base.selection == [] and s.digest() != base.digest()
 
 
 def test_datamodule_serves_the_calibration_split() -> None:

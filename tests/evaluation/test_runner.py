@@ -31,7 +31,8 @@ ATTACKS = {
 REPORT_KEYS = {"attacks", "clean_acc", "defense_file", "detection", "draws", "mixed", "num_classes", "num_test",
                "num_test_defense", "plots", "purifier", "robust_acc", "routing", "sanity", "sweep", "timings_s",
                "transfer", "variant", "worst_case"}
-"""The report's keys before the attacks' runs were batched (commit cb734c1): all kept, ``attack_cost`` added."""
+"""The report's keys before the attacks' runs were batched (commit cb734c1): all kept; ``attack_cost`` and
+``route_selection`` (the defense stage's choice of route) added."""
 ENTRY_KEYS = {"robust_acc": {"dad", "dad_ci95", "dad_mean", "dad_minus_undefended", "denoised", "n", "undefended",
                              "undefended_ci95"},
               "mixed": {"attack", "dad", "dad_ci95", "dad_mean", "detection_rate", "filler_acc", "fraction", "n",
@@ -68,7 +69,7 @@ def _copy(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> PipelineCon
 
 def test_report_keys_are_kept_and_the_attack_cost_is_reported(evaluated: tuple[Path, dict[str, Any]]) -> None:
     report = evaluated[1]
-    assert set(report) == REPORT_KEYS | {"attack_cost"}
+    assert set(report) == REPORT_KEYS | {"attack_cost", "route_selection"}  # None where no route was chosen
     for section, keys in ENTRY_KEYS.items():
         assert all(set(entry) == keys for entry in report[section].values()), section
     through = {"adaptive", "evade_clean", "autoattack_rand", "mixed_evade_clean_0.1", "mixed_evade_clean_0.5"}

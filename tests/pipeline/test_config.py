@@ -191,7 +191,8 @@ def test_stage_owned_and_unknown_trainer_arguments_are_refused(name, owner, tmp_
 
 
 def test_a_moved_option_fails_in_one_line_naming_its_new_key_and_saved_runs_move_it(tmp_path):
-    from pipeline.config import ConfigError, prune_config
+    from pipeline.config import ConfigError
+    from pipeline.saved_config import prune_config
 
     old = tmp_path / "old.yaml"
     old.write_text("classifier:\n  training: trades\n  trades_beta: 4.0\n")
@@ -203,3 +204,15 @@ def test_a_moved_option_fails_in_one_line_naming_its_new_key_and_saved_runs_move
     assert dropped == ["classifier.fat_omega", "classifier.gairat_lambda"]  # TRADES never read them
     data, _ = prune_config({"classifier": {"training": "gair_fat", "fat_omega": 0.0, "gairat_lambda": -2.0}})
     assert data["classifier"]["method"] == {"omega": 0.0, "lam": -2.0}
+
+
+def test_benchmarks_read_an_earlier_versions_saved_run_as_eval_py_does(tmp_path):
+    """``bench.machine.load_run`` (every bench on a trained run) moves the moved options of a saved config."""
+    from bench.machine import load_run
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("classifier:\n  training: trades\n  trades_beta: 4.0\n  fat_omega: 0.1\n")
+    cfg, _ = load_run(run, ["--kernel.steps", "7"])
+    assert cfg.classifier.training == "trades" and cfg.classifier.method == {"beta": 4.0}
+    assert cfg.kernel.steps == 7 and cfg.run.name == "old_run"

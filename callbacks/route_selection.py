@@ -1,0 +1,63 @@
+"""Choose the defense's purified route after its calibration, while the Trainer still holds it on its device."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from dad.attacks import AttackSpec
+from dad.purification import Purifier
+from dad.route_selection import choose_route, measure_route
+
+__all__ = ["RouteSelection"]
+
+log = logging.getLogger(__name__)
+
+
+class RouteSelection(Callback):
+    """When a :class:`~lightning_modules.evaluator.DefenseEvaluator`'s validation ends (the defense calibrated by
+    :class:`~callbacks.calibration.ThresholdCalibration` at its start), measure each candidate route on the held-out
+    ``images`` (:func:`~dad.route_selection.measure_route`), keep the chosen one as the defense's purifier and
+    record the choice and its evidence in ``defense.route_selection`` (saved with the defense). Every process
+    measures every route with the same seeds, so all of them keep the same route.
+
+    Args:
+        routes: candidate purifiers by name (they share the defense's classifier, detectors and thresholds).
+        attacks: the full-white-box attacks the routes are measured under.
+        classifier_attack: a classifier-only attack breaking ties, ``(name, spec)`` (None: none).
+        images, labels: the selection split.
+        batch_size: the defense's batch; draws: noise draws per judgement (the evaluation's).
+    """
+
+    def __init__(self, routes: Mapping[str, Purifier], attacks: Mapping[str, AttackSpec],
+                 classifier_attack: tuple[str, AttackSpec] | None, images: Tensor, labels: Tensor, batch_size: int,
+                 draws: int) -> None:
+        self.routes = dict(routes)
+        self.attacks = dict(attacks)
+        self.classifier_attack = classifier_attack
+        self.images, self.labels = images, labels
+        self.batch_size, self.draws = batch_size, draws
+        self.results: dict[str, Any] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        defense = pl_module.defense
+        device = defense.detector.reference.device
+        x, y = self.images.to(device), self.labels.to(device)
+        evidence = []
+        for name, purifier in self.routes.items():
+            route = defense.with_purifier(purifier.to(device))
+            only = None if self.classifier_attack is None else self.classifier_attack[1]
+            evidence.append(measure_route(name, route, self.attacks, only, x, y, self.batch_size, self.draws))
+            log.info("route %s: worst case %.3f on %d held-out images", name, evidence[-1].summary()["worst_case"],
+                     len(y))
+        chosen, table = choose_route(evidence)
+        defense.purifier = self.routes[chosen].to(device)
+        self.results = {"chosen": chosen, "routes": table, "attacks": list(self.attacks),
+                        "classifier_attack": None if self.classifier_attack is None else self.classifier_attack[0]}
+        defense.route_selection = self.results
+        log.info("route kept: %s", chosen)
