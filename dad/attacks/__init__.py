@@ -6,7 +6,7 @@ afterwards. New tensors follow the inputs' device. Attacks are run from an :clas
 the registry (:func:`run_attack`); importing this package registers every attack, one per module.
 """
 
-from dad.attacks import apgd, defense_pgd, square  # noqa: F401  (registration; the others are imported below)
+from dad.attacks import apgd, defense_pgd, orthogonal, square  # noqa: F401  (registration; others below)
 from dad.attacks.common import preserve_mode
 from dad.attacks.autoattack import autoattack
 from dad.attacks.cw import cw_l2

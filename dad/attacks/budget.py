@@ -21,7 +21,10 @@ def budget_passes(spec: AttackSpec) -> int | None:
     if spec.name == "square":
         return (steps + 1) * eot + (1 + len(judged_queries(steps))) * draws
     runs = len(spec.losses) * len(spec.schedule) * spec.restarts
-    if spec.name == "apgd":  # the start, every step; judged: the start, the judged steps, the best points
+    if spec.name in ("orthogonal_pgd", "selective_pgd"):  # no penalty weights, no EOT: one pass per step
+        runs = len(spec.losses) * spec.restarts
+        per_run = steps + (1 + len(judged_steps(steps))) * draws
+    elif spec.name == "apgd":  # the start, every step; judged: the start, the judged steps, the best points
         per_run = (steps + 1) * eot + (2 + len(judged_steps(steps) | set(checkpoints(steps)))) * draws
     elif spec.name == "pgd":
         per_run = steps * eot + (1 + len(judged_steps(steps))) * draws

@@ -31,7 +31,7 @@ from dad.attacks.common import (
     random_delta,
 )
 from dad.attacks.eot import eot_value_and_gradient
-from dad.attacks.judging import Judge, defense_judge, judged_steps, settled, strongest_run
+from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run
 from dad.attacks.objectives import PerSample, defense_objective
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
@@ -74,23 +74,12 @@ def defense_pgd(
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
     delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
-    x_adv = (x + delta).clamp(0.0, 1.0)
-    rates = judge(x_adv)
-    if settled(rates):
-        return x_adv.detach()
-    best, best_errors = x_adv, rates.sum()
-    judged = judged_steps(steps)
-    for k in range(1, steps + 1):
+
+    def step(x_adv: Tensor) -> Tensor:
         grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
-        x_adv = ascent_step(x_adv, x, grad, eps, step_size, norm).detach()
-        if k in judged:
-            rates = judge(x_adv)
-            if settled(rates):
-                return x_adv
-            errors = rates.sum()
-            better = errors >= best_errors
-            best, best_errors = torch.where(better, x_adv, best), torch.where(better, errors, best_errors)
-    return best.detach()
+        return ascent_step(x_adv, x, grad, eps, step_size, norm)
+
+    return judged_ascent(judge, (x + delta).clamp(0.0, 1.0), steps, step)
 
 
 @register_attack("pgd", "defense")

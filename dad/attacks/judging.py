@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from dad.attacks.common import check_at_least_one
 from dad.runs import record_stop, run_settings
 
-__all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "settled", "strongest_batch", "strongest_run",
-           "with_filler"]
+__all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "settled", "strongest_batch",
+           "strongest_run", "with_filler"]
 
 Judge = Callable[[Tensor], Tensor]
 """``judge(x_adv)`` -> per-sample error rates ``(n,)`` of the real defense on the whole batch ``x_adv``."""
@@ -72,6 +72,27 @@ def judged_steps(steps: int, every: int = 10) -> set[int]:
     """
     stride = max(1, steps // every)
     return {k for k in range(1, steps + 1) if k % stride == 0} | {steps}
+
+
+def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tensor], Tensor]) -> Tensor:
+    """``steps`` iterations ``x_adv = step(x_adv)`` from the start ``x_adv``, judged at the start and after the steps
+    of :func:`judged_steps`: the judged iterate with the most errors is returned (ties go to the later one), a
+    :func:`settled` one at once."""
+    rates = judge(x_adv)
+    if settled(rates):
+        return x_adv.detach()
+    best, best_errors = x_adv, rates.sum()
+    judged = judged_steps(steps)
+    for k in range(1, steps + 1):
+        x_adv = step(x_adv).detach()
+        if k in judged:
+            rates = judge(x_adv)
+            if settled(rates):
+                return x_adv
+            errors = rates.sum()
+            better = errors >= best_errors
+            best, best_errors = torch.where(better, x_adv, best), torch.where(better, errors, best_errors)
+    return best.detach()
 
 
 def settled(rates: Tensor) -> bool:

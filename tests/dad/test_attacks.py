@@ -378,7 +378,8 @@ def test_apgd_with_eot_l2_stays_in_the_ball(classifier: nn.Module, digits: dict[
 def test_the_registry_names_every_attack_once() -> None:
     assert set(list_attacks()) == {("pgd", "classifier"), ("mma", "classifier"), ("cw_l2", "classifier"),
                                    ("autoattack", "classifier"), ("apgd", "classifier"), ("square", "classifier"),
-                                   ("pgd", "defense"), ("apgd", "defense"), ("square", "defense")}
+                                   ("pgd", "defense"), ("apgd", "defense"), ("square", "defense"),
+                                   ("orthogonal_pgd", "defense"), ("selective_pgd", "defense")}
     with pytest.raises(ValueError, match="already registered"):
         from dad.attacks.catalog import register_attack
 

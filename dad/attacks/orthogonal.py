@@ -1,0 +1,117 @@
+"""Orthogonal and selective PGD through the defense's detectors (Bryniarski, Hingun, Pachuca, Wang, Carlini,
+"Evading Adversarial Example Detection Defenses with Orthogonal Projected Gradient Descent", ICLR 2022,
+https://arxiv.org/abs/2106.15023).
+
+The standard attack on a detector + classifier pair. A penalty sum (``evade_clean``: the classifier's loss minus a
+weight times the detector's hinge) lets the two gradients fight: a step that fools the classifier may raise the
+detector's score and the next undoes it. Instead, each image takes one objective at a time:
+
+* not yet misclassified: ascend the classifier's loss ``f``; **orthogonal** PGD removes from that gradient its
+  component along the detector's gradient (the step leaves the detection unchanged to first order);
+* misclassified but detected (by the batch test or its own test, whichever are in force): descend the
+  detector's loss ``d`` (the hinges ``relu(excess + margin)`` of the tests in force, :mod:`dad.attacks.objectives`);
+  orthogonal PGD removes from that gradient its component along the classifier's gradient;
+* misclassified and undetected: done, the image stays where it is.
+
+**Selective** PGD takes the same per-image choice without the projections. Both are specs with ``objective:
+evade_clean`` (what they aim at; it also tells the sanity checks there is no randomness to average over). The
+classifier here is DAD's clean path (the route an undetected image takes), deterministic, so no EOT is needed;
+candidates are judged by the real defense on the whole batch over ``draws`` noise draws, the batch it gets most
+wrong kept (:mod:`dad.attacks.judging`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from dad.attacks.catalog import register_attack
+from dad.attacks.common import (as_autograd_tensor, ascent_step, check_unit_range, gradients_enabled,
+                                preserve_mode, random_delta)
+from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run, with_filler
+from dad.attacks.objectives import classification_loss
+from dad.attacks.spec import AttackSpec
+from dad.runs import record_passes, run_settings
+
+__all__ = ["orthogonal_direction", "evasion_pgd"]
+
+
+def _project_out(g: Tensor, onto: Tensor) -> Tensor:
+    """``g`` minus its component along ``onto``, per image (rows of zero ``onto`` leave ``g`` as it is)."""
+    flat_g, flat_o = g.flatten(1), onto.flatten(1)
+    scale = (flat_g * flat_o).sum(1) / (flat_o * flat_o).sum(1).clamp_min(1e-30)
+    return (flat_g - scale[:, None] * flat_o).view_as(g)
+
+
+def orthogonal_direction(grad_f: Tensor, grad_d: Tensor, misclassified: Tensor, detected: Tensor,
+                         orthogonal: bool = True) -> Tensor:
+    """The ascent direction of each image: ``grad_f`` (the classifier's loss, to raise) where the image is not yet
+    misclassified, ``-grad_d`` (the detector's loss, to lower) where it is misclassified but detected, zero where
+    it is both misclassified and undetected; with ``orthogonal``, each with its component along the other
+    gradient removed."""
+    up = _project_out(grad_f, grad_d) if orthogonal else grad_f
+    down = -(_project_out(grad_d, grad_f) if orthogonal else grad_d)
+    shape = (-1,) + (1,) * (grad_f.dim() - 1)
+    fooled, seen = misclassified.view(shape), detected.view(shape)
+    return torch.where(~fooled, up, torch.where(seen, down, torch.zeros_like(up)))
+
+
+def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: AttackSpec, loss: str,
+                filler: Tensor | None = None, orthogonal: bool = True) -> Tensor:
+    """One run of orthogonal (or selective) PGD on the batch ``x`` (the attacked images of ``cat(x, filler)``),
+    returning the judged iterate the defense gets most wrong (a settled one ends the run)."""
+    check_unit_range(x)
+    known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
+    n = len(y)
+    start = (x + random_delta(x, spec.eps, spec.norm) if spec.random_start else x).clamp(0.0, 1.0)
+
+    def step(x_adv: Tensor) -> Tensor:
+        x_adv = x_adv.detach().requires_grad_(True)
+        record_passes(1, 1)
+        batch = x_adv if known is not None else with_filler(x_adv, filler)
+        logits, features = defense.classify_with_features(batch, known)
+        detection = defense.detect(with_filler(x_adv, filler), features)
+        excesses = [e.expand(n) if e.dim() == 0 else e[:n] for e in (detection.batch_excess, detection.sample_excess)
+                    if e is not None]
+        hinges = [F.relu(detection.batch_excess + spec.margin)] if detection.batch_excess is not None else []
+        if detection.sample_excess is not None:
+            hinges.append(F.relu(detection.sample_excess[:n] + spec.margin).sum())
+        f = classification_loss(logits[:n], y, loss).sum()
+        grad_f = torch.autograd.grad(f, x_adv, retain_graph=True)[0]
+        grad_d = torch.autograd.grad(sum(hinges), x_adv)[0] if hinges else torch.zeros_like(x_adv)
+        misclassified = logits[:n].argmax(1) != y
+        detected = torch.stack(excesses).amax(0) > 0 if excesses else torch.zeros_like(misclassified)
+        direction = orthogonal_direction(grad_f, grad_d, misclassified, detected, orthogonal)
+        return ascent_step(x_adv.detach(), x, direction, spec.eps, spec.step_size, spec.norm)
+
+    return judged_ascent(judge, start, spec.steps, step)
+
+
+def _attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,
+            orthogonal: bool) -> Tensor:
+    if spec.objective != "evade_clean":
+        raise ValueError(f"`{spec.name}` evades the detectors into the clean path: set `objective: evade_clean`, "
+                         f"got {spec.objective!r}")
+    with preserve_mode(defense), gradients_enabled():
+        x, y = as_autograd_tensor(x), as_autograd_tensor(y)
+        judge = defense_judge(defense, y, spec.draws, filler)
+        run = partial(evasion_pgd, defense, judge, x, y, spec, filler=filler, orthogonal=orthogonal)
+        return strongest_run(judge, [partial(run, loss) for loss in spec.losses for _ in range(spec.restarts)])
+
+
+@register_attack("orthogonal_pgd", "defense")
+def orthogonal_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor,
+                          filler: Tensor | None = None) -> Tensor:
+    """Orthogonal PGD (see the module docstring): one run per ``spec.losses`` term and restart, the strongest batch
+    kept."""
+    return _attack(spec, defense, x, y, filler, orthogonal=True)
+
+
+@register_attack("selective_pgd", "defense")
+def selective_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor,
+                         filler: Tensor | None = None) -> Tensor:
+    """Selective PGD: orthogonal PGD's per-image choice of objective without the projections."""
+    return _attack(spec, defense, x, y, filler, orthogonal=False)
