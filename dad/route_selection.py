@@ -127,6 +127,8 @@ def measure_route(name: str, defense: DADDefense, attacks: Mapping[str, AttackSp
     start_time = time.perf_counter()
     with torch.no_grad():
         defense.logits_of_runs(defense.purify_runs(x, draws))
+    if x.device.type == "cuda":  # the queued work finished, as the evaluation times its batches
+        torch.cuda.synchronize(x.device)
     seconds = (time.perf_counter() - start_time) / (len(y) * draws)
     return RouteEvidence(name, {key: torch.cat(values).cpu() for key, values in correct.items()},
                          torch.cat(only).cpu() if only else None, seconds)
