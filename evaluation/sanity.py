@@ -3,7 +3,8 @@
 The strongest full-white-box attack of the primary threat model (that of the first full-white-box attack,
 or ``eval.sanity_attack``) is re-run on the first ``eval.sanity_samples`` test images with twice the steps,
 twice the EOT samples (when its gradient passes through randomness; else the strongest attack that needs
-EOT is), another random restart, and at other ``eps`` (:func:`dad.sanity.attack_checks`). Where a stronger
+EOT is), another random restart, at other ``eps`` (:func:`dad.sanity.attack_checks`) and, for a detector-evasion
+attack with a penalty schedule, with ten times its largest weight added to the schedule. Where a stronger
 variant finds errors that no full-set attack found on those images, its result is *folded* into the
 worst case: the headline of the threat model becomes the lower of the full-set figure and the subset's
 union over every attack and variant (:func:`evaluation.analysis.worst_cases`). The same attack's AEs on that
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dad.attacks import AttackSpec, chunk_seed
+from dad.attacks import EVASION_OBJECTIVES, AttackSpec, chunk_seed
 from dad.attacks.common import margin
 from dad.attacks.registry import seeded
 from dad.sanity import (
@@ -128,6 +130,9 @@ def run_sanity(
         eot_name = min((n for n in white if specs[n].needs_eot), key=lambda n: fraction(dad[n]), default=None)
     if eot_name is not None:
         runs[f"sanity__{eot_name}__eot_x2"] = specs[eot_name].scaled(eot_factor=2)
+    heavier = _heavier_penalties(base)
+    if heavier is not None:
+        runs[f"sanity__{name}__lambdas_x10"] = heavier
     extra = run(runs, n_sub)
 
     def robust(eps_factor: float, steps_factor: int, eot_factor: int, seed_offset: int) -> Tensor:
@@ -144,6 +149,12 @@ def run_sanity(
                                          f"does not): {more_eot.detail}")
         stronger.append(f"sanity__{eot_name}__eot_x2")
 
+    if heavier is not None:
+        key = f"sanity__{name}__lambdas_x10"
+        more = check_unchanged(f"penalty weights {heavier.lambdas}", dad[name][:n_sub], extra["dad"][key], z)
+        checks["more_lambdas"] = CheckResult(more.passed, f"{name}: {more.detail}")
+        stronger.append(key)
+
     folded = _fold(specs, dad, base, n_sub, {v: extra["dad"][v] for v in stronger})
     eps = sorted(sweep)
     sweep_report = {
@@ -154,6 +165,14 @@ def run_sanity(
         "undefended": [fraction(extra["undefended"][sweep_names[f]]) for f in eps],
     }
     return checks, sweep_report, folded
+
+
+def _heavier_penalties(spec: AttackSpec) -> AttackSpec | None:
+    """An evasion attack with its penalty schedule extended by ten times its largest weight (a detector that only
+    a larger weight evades is otherwise reported as unevaded); None for an attack without a schedule."""
+    if spec.objective not in EVASION_OBJECTIVES or not spec.lambdas:
+        return None
+    return replace(spec, lambdas=[*spec.lambdas, 10.0 * (max(spec.lambdas) or 1.0)])
 
 
 @torch.no_grad()

@@ -227,3 +227,16 @@ def test_the_classifier_alone_is_a_routing_of_the_same_harness(
     assert with_dad["worst_case"] == evaluated[1]["worst_case"]["linf eps=0.2"]["headline"]["dad"]
     low, high = difference["ci95"]
     assert low <= difference["dad_minus_alone"] <= high and difference["n"] == worst["headline"]["n"]
+
+
+def test_an_evasion_attack_rechecked_with_heavier_penalties_folds_what_they_find(
+        evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """With a detector-evasion attack as the sanity attack, its schedule extended by 10x its largest weight is run
+    on the subset, checked against the attack as configured, and folded into the worst case."""
+    cfg = _copy(evaluated, tmp_path)
+    cfg = replace(cfg, eval=replace(cfg.eval, sanity_attack="evade_clean"))
+    report = evaluate(cfg)
+    check = report["sanity"]["more_lambdas"]
+    assert check["detail"].startswith("evade_clean: penalty weights [1.0, 10.0, 100.0]")
+    folded = report["worst_case"]["linf eps=0.2"]["folded"]
+    assert "sanity__evade_clean__lambdas_x10" in folded["attacks"] and folded["n"] == 25  # the sanity subset
