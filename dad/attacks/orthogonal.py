@@ -81,7 +81,9 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
             hinges.append(F.relu(detection.sample_excess[:n] + spec.margin).sum())
         f = classification_loss(logits[:n], y, loss).sum()
         grad_f = torch.autograd.grad(f, x_adv, retain_graph=True)[0]
-        grad_d = torch.autograd.grad(sum(hinges), x_adv)[0] if hinges else torch.zeros_like(x_adv)
+        hinge = sum(hinges) if hinges else None  # a fixed routing's hinge is a constant: no gradient to follow
+        grad_d = torch.autograd.grad(hinge, x_adv)[0] if hinge is not None and hinge.requires_grad else \
+            torch.zeros_like(x_adv)
         misclassified = logits[:n].argmax(1) != y
         detected = torch.stack(excesses).amax(0) > 0 if excesses else torch.zeros_like(misclassified)
         direction = orthogonal_direction(grad_f, grad_d, misclassified, detected, orthogonal)

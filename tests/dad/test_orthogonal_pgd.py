@@ -4,13 +4,15 @@ first order" is exact)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from dad.attacks import AttackSpec
+from dad.attacks import AttackSpec, run_attack
 from dad.attacks.orthogonal import evasion_pgd, orthogonal_direction
 from dad.routing import Detection
+from tests.conftest import tiny_defense
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -72,3 +74,21 @@ def test_one_step_on_a_linear_detector_keeps_its_score_while_the_classifier_is_n
     selective_spec = AttackSpec(**{**spec.as_dict(), "name": "selective_pgd"})
     selective = evasion_pgd(defense, lambda z: torch.zeros(n), x, y, selective_spec, "ce", orthogonal=False)
     assert ((selective - x).flatten(1) @ a).abs().max() > 1e-3  # without the projection the score moves
+
+
+@pytest.mark.parametrize("routing", ["never", "always", "batch", "sample", "both"])
+def test_it_runs_under_every_routing_and_without_a_detector_is_pgd_on_the_classifier(routing: str) -> None:
+    """Under ``never`` (the backbone alone, how the leaderboards evaluate it) the tests give no gradient: every step
+    ascends the classifier's loss until the image is misclassified."""
+    defense = tiny_defense([10])
+    defense.routing = routing
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(10, 1, 8, 8, generator=g), torch.randint(0, 10, (10,), generator=g)
+    spec = AttackSpec(name="orthogonal_pgd", threat="defense", objective="evade_clean", eps=0.1, step_size=0.03,
+                      steps=3)
+    x_adv = run_attack(spec, defense, x, y)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    if routing == "never":
+        with torch.no_grad():
+            before, after = ((defense.classifier(z).argmax(1) != y).float().mean() for z in (x, x_adv))
+        assert after >= before
