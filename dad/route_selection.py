@@ -37,8 +37,11 @@ class RouteSelectionSettings:
     """The defense stage's choice of route (:mod:`dad.route_selection`), off by default.
 
     Attributes:
-        routes: candidate routes, names of :data:`ROUTE_NAMES` (empty: no selection, the run's denoiser). Needs
-            ``data.selection_size`` held-out images.
+        routes: candidate routes, names of :data:`ROUTE_NAMES` or of ``denoisers`` (empty: no selection, the
+            run's denoiser). Needs ``data.selection_size`` held-out images.
+        denoisers: more candidates, each a denoiser stage's checkpoint of another run by name (e.g. a denoiser
+            trained against its route, ``denoiser.adv_steps``, next to the published one), put behind this run's
+            noise (``denoiser.noise_std``, ``denoiser.noise``) and classifier.
         attacks: full-white-box attacks of ``eval.attacks`` the routes are measured under, at their budgets (None:
             every attack of ``eval.attacks`` through the defense). The union matters: the two routes of a defense
             fail on different images, and an attacker picks per batch which one to attack, so a route measured
@@ -47,13 +50,17 @@ class RouteSelectionSettings:
     """
 
     routes: list[str] = field(default_factory=list)
+    denoisers: dict[str, str] = field(default_factory=dict)
     attacks: list[str] | None = None
     classifier_attack: str | None = "pgd_linf"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.routes) - set(ROUTE_NAMES))
-        if unknown or len(set(self.routes)) != len(self.routes):
-            raise ValueError(f"Expected distinct `defense.select.routes` of {ROUTE_NAMES}, got {self.routes}")
+        clash = sorted(set(self.denoisers) & set(ROUTE_NAMES))
+        if clash:
+            raise ValueError(f"`defense.select.denoisers` names {clash}, which name built-in routes: rename them")
+        known = (*ROUTE_NAMES, *self.denoisers)
+        if set(self.routes) - set(known) or len(set(self.routes)) != len(self.routes):
+            raise ValueError(f"Expected distinct `defense.select.routes` of {known}, got {self.routes}")
         if self.routes and self.attacks == []:
             raise ValueError("`defense.select.attacks` is empty: name the attacks through the defense to select by")
 

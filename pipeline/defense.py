@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from datamodules import DADDataModule
 from lightning_modules.evaluator import DefenseEvaluator
 from pipeline import trainer as trainers
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.networks import RunNetworks
+from pipeline.networks import RunNetworks, load_denoiser
 from pipeline.paths import RunPaths
 from pipeline.trainer import FP32, run_device
 
@@ -68,11 +69,15 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
 
 def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense) -> list[RouteSelection]:
     """The callback choosing the defense's route among ``defense.select.routes`` (none when no route is named):
-    the run's denoiser (``denoiser``) or the backbone alone (``identity``)."""
+    the run's denoiser (``denoiser``), the backbone alone (``identity``), or another run's denoiser
+    (``defense.select.denoisers``)."""
     select = cfg.defense.select
     if not select.routes:
         return []
     built: dict[str, Purifier] = {"denoiser": defense.purifier, "identity": IdentityPurifier()}
+    for name, path in select.denoisers.items():
+        denoiser = load_denoiser(Path(path), "")  # another run's: no command of this run makes it
+        built[name] = DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
     only = select.classifier_attack
     images, labels = dm.split_tensors("selection")
     return [RouteSelection({name: built[name] for name in select.routes},

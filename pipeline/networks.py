@@ -7,6 +7,7 @@ products (each checkpoint read once).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +23,21 @@ from pipeline.checkpoints import checkpoint_networks, load_into, read_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.paths import RunPaths
 
-__all__ = ["RunNetworks", "stage_hint"]
+__all__ = ["RunNetworks", "load_denoiser", "stage_hint"]
 
 
 def stage_hint(stage: str, cfg: PipelineConfig) -> str:
     """The command that makes ``stage``'s product for this run (for messages about a missing product)."""
     return f"python train.py {stage} --run.name {cfg.run.name} --run.root {cfg.run.root}"
+
+
+def load_denoiser(path: Path, hint: str) -> UNetDenoiser:
+    """The denoiser of a denoiser stage's checkpoint ``path`` (this run's, or another run's: a candidate route of
+    ``defense.select.denoisers``), frozen; ``hint`` says how to make a missing one."""
+    ckpt = read_checkpoint(path, "denoiser", hint)
+    _, _, denoiser = build_networks({**checkpoint_networks(ckpt), "kernel": None})
+    load_into(denoiser, sub_state_dict(ckpt["state_dict"], "denoiser"), path)
+    return freeze(denoiser)
 
 
 class RunNetworks:
@@ -89,10 +99,7 @@ class RunNetworks:
     def denoiser(self) -> UNetDenoiser:
         """The denoiser with the weights of the best validation epoch (frozen)."""
         if self._denoiser is None:
-            ckpt = self._product("denoiser")
-            _, _, denoiser = build_networks({**checkpoint_networks(ckpt), "kernel": None})
-            load_into(denoiser, sub_state_dict(ckpt["state_dict"], "denoiser"), self.paths.product("denoiser"))
-            self._denoiser = denoiser
+            self._denoiser = load_denoiser(self.paths.product("denoiser"), stage_hint("denoiser", self.cfg))
         return freeze(self._denoiser)
 
     @property

@@ -60,3 +60,20 @@ def test_the_stage_keeps_the_route_it_measured_best_and_says_so_everywhere(tmp_p
     report = evaluate(cfg)
     assert report["route_selection"] == record
     assert f"route `{record['chosen']}` kept by the defense stage" in (paths.root / "report.md").read_text()
+
+
+def test_another_runs_denoiser_is_a_candidate_measured_like_the_others(tmp_path: Path) -> None:
+    """``defense.select.denoisers`` adds a denoiser stage's checkpoint as a route; given this run's own, it is
+    measured exactly as the run's denoiser (same weights, same seeds)."""
+    cfg = _config(tmp_path)
+    run_pipeline(cfg)
+    paths = RunPaths(cfg.run.dir)
+    paths.done("defense").unlink()  # the defense stage again, with three candidates
+    select = replace(cfg.defense.select, routes=["denoiser", "identity", "copy"],
+                     denoisers={"copy": str(paths.product("denoiser"))})
+    record = run_pipeline(replace(cfg, defense=replace(cfg.defense, select=select)))["defense"]["route_selection"]
+    assert set(record["routes"]) == {"denoiser", "identity", "copy"}
+    for key in ("worst_case", "attacks", "classifier_only"):
+        assert record["routes"]["copy"][key] == record["routes"]["denoiser"][key]
+    with pytest.raises(ValueError, match="built-in routes"):
+        replace(select, denoisers={"identity": "x"})
