@@ -119,7 +119,8 @@ def run_kernel(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: Ru
                resume: str | None) -> dict[str, Any]:
     k = cfg.kernel
     paired = nets.paired(dm, "mmd", None, k.batch_size)  # AEs made in the Trainer's setup
-    module = KernelModule(_build_kernel(cfg, nets.classifier), k, classifier=nets.classifier)
+    module = KernelModule(_build_kernel(cfg, nets.classifier), k, classifier=nets.classifier,
+                          attack_eps=cfg.attack.eps, attack_norm=cfg.attack.norm)
     callbacks = [*trainers.checkpointing(cfg, paths, "kernel", every_n_steps=max(1, k.steps // 10)),
                  FinalCheckpoint(paths.last("kernel")), *trainers.step_bar(cfg)]
     trainer = trainers.stage_trainer(cfg, paths, "kernel", callbacks, max_steps=k.steps, max_epochs=-1,

@@ -111,3 +111,16 @@ def test_kernel_stage_resumes_from_last_checkpoint(tiny, tmp_path, monkeypatch):
     assert resumed["j_start"] == pytest.approx(reference["j_start"], rel=1e-5)
     for name in ("kernel.eps_logit", "kernel.log_sigma_phi", "kernel.log_sigma_q"):
         torch.testing.assert_close(state["state_dict"][name], ref_state["state_dict"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_evasion_aware_kernel_stage_trains_against_its_own_crafted_examples(tiny):
+    """``kernel.adversarial``: the stage runs its steps with the crafting inside (radius from the training AEs),
+    J of the trained kernel is finite, and the crafting's settings are saved with the checkpoint."""
+    from dataclasses import replace
+
+    cfg = replace(tiny, kernel=replace(tiny.kernel, adversarial=True, adv_steps=2))
+    run_stage(cfg, "classifier")
+    summary = run_stage(cfg, "kernel")
+    assert torch.isfinite(torch.tensor([summary["j_start"], summary["j_end"]])).all()
+    ckpt = read_checkpoint(RunPaths(cfg.run.dir).product("kernel"), "kernel")
+    assert ckpt["hyper_parameters"]["settings"]["adversarial"] is True
