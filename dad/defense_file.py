@@ -91,7 +91,8 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
                                              payload["sample_score"])
         defense = DADDefense(classifier, detector, build_purifier(payload["purifier"], checkpoint),
                              sample_detector=sample_detector, target_fpr=payload["target_fpr"])
-        defense.load_state_dict(state)
+        defense.eval()  # before loading: the detectors refresh their stored sets' features through a trained phi,
+        defense.load_state_dict(state)  # whose batch norm must use its running statistics, not the stored set's
     except (KeyError, TypeError, ValueError) as err:
         raise IncompatibleFileError(f"{path} does not describe a defense: {str(err).splitlines()[0]}") from None
     except RuntimeError as err:

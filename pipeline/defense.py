@@ -49,7 +49,7 @@ def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm
     ``device`` (the detectors compute the stored sets' features as they are built)."""
     d = cfg.defense
     device = device or torch.device("cpu")
-    kernel = nets.kernel.to(device)
+    kernel = nets.kernel.to(device).eval()  # a trained phi's batch norm must not see the stored sets as a batch
     detector = MMDDetector(kernel, _reference(dm, d.reference_size, cfg.run.seed).to(device))
     witness = (t.to(device) for t in _witness_sets(cfg, paths, dm, nets))
     sample_detector = SampleDetector(kernel, *witness, d.sample_score)

@@ -55,3 +55,35 @@ def test_a_file_of_an_unknown_version_is_one_line_naming_it(tmp_path: Path) -> N
     with pytest.raises(IncompatibleFileError, match="format version 99") as info:
         load_defense(tmp_path / "future.pt")
     assert "\n" not in str(info.value)
+
+
+def test_a_trained_phi_with_batch_norm_scores_the_same_after_loading(tmp_path: Path) -> None:
+    """With ``train_features`` phi's batch norm follows the module's mode: the detectors' stored sets must be passed
+    through it in eval mode when a saved defense is loaded (in train mode their features came from batch
+    statistics: every clean image of a digits run was then purified under per-sample routing)."""
+    from dad.denoisers import UNetDenoiser
+    from dad.detector import MMDDetector
+    from dad.kernels import SemanticKernel
+    from dad.models import create_model
+    from dad.sample_detector import SampleDetector
+    from dad.defense import DADDefense
+
+    torch.manual_seed(0)
+    classifier = create_model("small_cnn", num_classes=10, in_channels=1).eval()
+    phi = create_model("small_cnn", num_classes=10, in_channels=1)
+    for module in phi.modules():  # running statistics far from any batch's, as after training on other data
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(0.5)
+            module.running_var.fill_(4.0)
+    kernel = SemanticKernel(phi, train_features=True, sigma_phi=10.0, sigma_q=128.0).eval()
+    images = torch.rand(40, 1, 8, 8)
+    defense = DADDefense(classifier, MMDDetector(kernel, images[:20]),
+                         DenoiserPurifier(UNetDenoiser(1, (4, 8), (1, 1), (4,), (1,)).eval(), 0.1),
+                         sample_detector=SampleDetector(kernel, images[20:30], images[30:]), routing="sample").eval()
+    defense.sample_detector.threshold.fill_(0.0)
+    defense.save(tmp_path / "d.pt")
+    loaded = load_defense(tmp_path / "d.pt")
+    probe = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample_detector.scores(probe), defense.sample_detector.scores(probe))
+        torch.testing.assert_close(loaded.detector.score(probe), defense.detector.score(probe))
