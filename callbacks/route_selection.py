@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -42,22 +41,19 @@ class RouteSelection(Callback):
         self.classifier_attack = classifier_attack
         self.images, self.labels = images, labels
         self.batch_size, self.draws = batch_size, draws
-        self.results: dict[str, Any] = {}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         defense = pl_module.defense
         device = defense.detector.reference.device
         x, y = self.images.to(device), self.labels.to(device)
-        evidence = []
-        for name, purifier in self.routes.items():
-            route = defense.with_purifier(purifier.to(device))
-            only = None if self.classifier_attack is None else self.classifier_attack[1]
-            evidence.append(measure_route(name, route, self.attacks, only, x, y, self.batch_size, self.draws))
-            log.info("route %s: worst case %.3f on %d held-out images", name, evidence[-1].summary()["worst_case"],
-                     len(y))
-        chosen, table = choose_route(evidence)
+        only = None if self.classifier_attack is None else self.classifier_attack[1]
+        chosen, table = choose_route([
+            measure_route(name, defense.with_purifier(purifier.to(device)), self.attacks, only, x, y,
+                          self.batch_size, self.draws)
+            for name, purifier in self.routes.items()])
         defense.purifier = self.routes[chosen].to(device)
-        self.results = {"chosen": chosen, "routes": table, "attacks": list(self.attacks),
-                        "classifier_attack": None if self.classifier_attack is None else self.classifier_attack[0]}
-        defense.route_selection = self.results
-        log.info("route kept: %s", chosen)
+        defense.route_selection = {"chosen": chosen, "routes": table, "attacks": list(self.attacks),
+                                   "classifier_attack": None if self.classifier_attack is None
+                                   else self.classifier_attack[0]}
+        log.info("route kept: %s (worst case on %d held-out images: %s)", chosen, len(y),
+                 ", ".join(f"{name} {r['worst_case']:.3f}" for name, r in table.items()))

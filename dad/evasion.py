@@ -14,6 +14,8 @@ DAD runs: the batch's MMD-OPT statistic against the clean images, and each image
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -22,7 +24,7 @@ from dad.attacks.common import Norm, ascent_step, random_delta
 from dad.kernels import SemanticKernel
 from dad.mmd import mmd2_unbiased
 
-__all__ = ["detection_terms", "evasion_examples"]
+__all__ = ["DetectionReference", "detection_reference", "relative_terms", "detection_terms", "evasion_examples"]
 
 _TINY = 1e-12
 
@@ -32,17 +34,43 @@ def _witness(kernel: SemanticKernel, fz: Tensor, z: Tensor, fa: Tensor, a: Tenso
     return kernel.cross_gram(fz, fa, z, a).mean(1) - kernel.cross_gram(fz, fc, z, c).mean(1)
 
 
+class DetectionReference(NamedTuple):
+    """What :func:`relative_terms` compares an example with, fixed while examples are crafted: the clean images
+    and fixed AEs with their features, the fixed AEs' batch statistic, the clean images' mean witness score, and
+    the fixed AEs' witness score above it."""
+
+    clean: Tensor
+    adversarial: Tensor
+    clean_features: Tensor
+    adversarial_features: Tensor
+    mmd_fixed: Tensor
+    clean_level: Tensor
+    gap: Tensor
+
+
+@torch.no_grad()
+def detection_reference(kernel: SemanticKernel, clean: Tensor, adversarial: Tensor) -> DetectionReference:
+    """The :class:`DetectionReference` of a clean batch and its fixed AEs under the current kernel."""
+    fc, fa = kernel.features(clean), kernel.features(adversarial)
+    mmd_fixed = mmd2_unbiased(*kernel.gram_from_features(fc, fa, clean, adversarial))
+    clean_level = _witness(kernel, fc, clean, fa, adversarial, fc, clean).mean()
+    gap = _witness(kernel, fa, adversarial, fa, adversarial, fc, clean).mean() - clean_level
+    return DetectionReference(clean, adversarial, fc, fa, mmd_fixed, clean_level, gap)
+
+
+def relative_terms(kernel: SemanticKernel, ref: DetectionReference, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(MMD^2_u(clean, z), the witness scores of z)`` relative to the fixed AEs: 1 is as detectable as they are,
+    0 as the clean images (the batch statistic; per image, the clean images' mean witness score), the two
+    statistics an evading example lowers. Differentiable in ``z``."""
+    fz = kernel.features(z)
+    mmd = mmd2_unbiased(*kernel.gram_from_features(ref.clean_features, fz, ref.clean, z))
+    witness = _witness(kernel, fz, z, ref.adversarial_features, ref.adversarial, ref.clean_features, ref.clean)
+    return mmd / (ref.mmd_fixed.abs() + _TINY), (witness - ref.clean_level) / (ref.gap.abs() + _TINY)
+
+
 def detection_terms(kernel: SemanticKernel, clean: Tensor, adversarial: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(MMD^2_u(clean, z), the witness scores of z)`` relative to the fixed AEs ``adversarial``: 1 is as
-    detectable as they are, 0 as the clean images (the batch statistic; per image, the clean images' mean witness
-    score), the two statistics an evading example lowers. Differentiable in ``z`` (and in the kernel)."""
-    fc, fa, fz = kernel.features(clean), kernel.features(adversarial), kernel.features(z)
-    mmd = mmd2_unbiased(*kernel.gram_from_features(fc, fz, clean, z))
-    mmd_fixed = mmd2_unbiased(*kernel.gram_from_features(fc, fa, clean, adversarial)).detach()
-    clean_level = _witness(kernel, fc, clean, fa, adversarial, fc, clean).mean().detach()
-    gap = _witness(kernel, fa, adversarial, fa, adversarial, fc, clean).mean().detach() - clean_level
-    witness = (_witness(kernel, fz, z, fa, adversarial, fc, clean) - clean_level) / (gap.abs() + _TINY)
-    return mmd / (mmd_fixed.abs() + _TINY), witness
+    """:func:`relative_terms` of ``z`` against the clean batch ``clean`` and its fixed AEs ``adversarial``."""
+    return relative_terms(kernel, detection_reference(kernel, clean, adversarial), z)
 
 
 def evasion_examples(kernel: SemanticKernel, classifier: nn.Module, clean: Tensor, labels: Tensor,
@@ -54,11 +82,12 @@ def evasion_examples(kernel: SemanticKernel, classifier: nn.Module, clean: Tenso
     batch statistic): ``steps`` of PGD from a random start, the iterate with the best objective kept (the batch
     statistic belongs to the whole batch: sign steps on it overshoot). Only the inputs move (gradients are taken
     with respect to them alone); detached images in [0, 1]."""
+    ref = detection_reference(kernel, clean, adversarial)  # the clean and fixed sides do not move: once
     z = (clean + random_delta(clean, eps, norm)).clamp(0.0, 1.0)
     best, best_value = z, torch.tensor(float("-inf"), device=z.device)
     for k in range(steps + 1):
         z = z.detach().requires_grad_(True)
-        mmd, witness = detection_terms(kernel, clean, adversarial, z)
+        mmd, witness = relative_terms(kernel, ref, z)
         objective = F.cross_entropy(classifier(z), labels) - weight * (F.relu(mmd) + F.relu(witness).mean())
         better = objective.detach() > best_value  # the batch statistic is the batch's: keep the best batch
         best = torch.where(better, z.detach(), best)

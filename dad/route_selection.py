@@ -14,6 +14,7 @@ batches, and classifies them with the backbone.
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +79,10 @@ class RouteSelectionSettings:
         if selection_size < 2:
             raise ValueError("`defense.select.routes` needs held-out images: set `data.selection_size` (images used "
                              "neither for checkpoint selection nor for calibration)")
-        if not self.attack_names(attacks):
+        white_box = self.attack_names(attacks)
+        if not white_box:
             raise ValueError("`defense.select` finds no attack through the defense in `eval.attacks`")
-        named = [(name, "defense") for name in self.attack_names(attacks)]
+        named = [(name, "defense") for name in white_box]
         named += [(self.classifier_attack, "classifier")] if self.classifier_attack else []
         for name, threat in named:
             if name not in attacks or attacks[name].threat != threat:
@@ -98,7 +100,7 @@ class RouteEvidence:
     classifier_only: Tensor | None
     seconds_per_image: float
 
-    @property
+    @cached_property
     def worst(self) -> Tensor:
         """Per sample: right under every attack (the per-sample union of the attacks' successes)."""
         return torch.stack(list(self.correct.values())).all(0)
@@ -124,9 +126,9 @@ def measure_route(name: str, defense: DADDefense, attacks: Mapping[str, AttackSp
     ``batch_size``, seeded per batch as the evaluation seeds its batches (attack stream 0, judging stream 1)."""
     correct: dict[str, list[Tensor]] = {key: [] for key in attacks}
     only: list[Tensor] = []
+    named = [*attacks.items(), *([("", classifier_attack)] if classifier_attack is not None else [])]
     for i, start in enumerate(range(0, len(y), batch_size)):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        named = [*attacks.items(), *([("", classifier_attack)] if classifier_attack is not None else [])]
         for key, spec in named:
             x_adv = run_seeded(spec, target_of(spec, defense), xb, yb, chunk=i)
             with seeded(chunk_seed(spec.seed, i, stream=1), xb):

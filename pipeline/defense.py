@@ -74,13 +74,18 @@ def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense)
     select = cfg.defense.select
     if not select.routes:
         return []
-    built: dict[str, Purifier] = {"denoiser": defense.purifier, "identity": IdentityPurifier()}
-    for name, path in select.denoisers.items():
-        denoiser = load_denoiser(Path(path), "")  # another run's: no command of this run makes it
-        built[name] = DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
+
+    def build(name: str) -> Purifier:
+        if name == "denoiser":
+            return defense.purifier
+        if name == "identity":
+            return IdentityPurifier()
+        denoiser = load_denoiser(Path(select.denoisers[name]), "")  # another run's: no command of this run makes it
+        return DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
+
     only = select.classifier_attack
     images, labels = dm.split_tensors("selection")
-    return [RouteSelection({name: built[name] for name in select.routes},
+    return [RouteSelection({name: build(name) for name in select.routes},
                            {name: cfg.eval.attacks[name] for name in select.attack_names(cfg.eval.attacks)},
                            None if only is None else (only, cfg.eval.attacks[only]), images, labels,
                            cfg.defense.batch_size, cfg.eval.draws)]

@@ -53,7 +53,8 @@ from dad.runs import record_passes, run_chunks, run_settings
 if TYPE_CHECKING:
     from dad.defense import KnownRows
 
-__all__ = ["Loss", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective"]
+__all__ = ["Loss", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective",
+           "excesses_per_image", "largest_excess"]
 
 Loss = Literal["ce", "dlr"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "dlr")
@@ -137,17 +138,17 @@ class DefenseObjective:
         # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_draws)
         record_passes(count, 1 if self.objective == "evade_clean" else len(run_chunks(count, len(batch))))
         logits_clean, features = defense.classify_with_features(batch, known)
-        excesses = _excesses(defense.detect(with_filler(x_adv, self.filler), features), n)
+        excesses = excesses_per_image(defense.detect(with_filler(x_adv, self.filler), features), n)
         if self.objective == "evade_clean":
             hinge = sum(F.relu(e + self.margin) for e in excesses)
             return (classification_loss(logits_clean[:n], y, loss) - lam * hinge).expand(count, n)
         purified = defense.purify_runs(x_adv if known is not None else batch, count)
         logits_denoised = defense.logits_of_runs(purified)[:, :n]
         if self.objective == "evade_denoised":  # flagged by any test is enough
-            return _per_draw(logits_denoised, y, loss) - lam * F.relu(self.margin - _largest(excesses))
+            return _per_draw(logits_denoised, y, loss) - lam * F.relu(self.margin - largest_excess(excesses))
         passes = [1.0 - torch.sigmoid(e / self.temperature) for e in excesses]
         soft = 1.0 - torch.stack(torch.broadcast_tensors(*passes)).prod(0)
-        p = soft if self.objective == "evade_soft" else (_largest(excesses) > 0).to(soft) + soft - soft.detach()
+        p = soft if self.objective == "evade_soft" else (largest_excess(excesses) > 0).to(soft) + soft - soft.detach()
         probs = ((1.0 - p)[:, None] * logits_clean[:n].softmax(1)) + p[:, None] * logits_denoised.softmax(2)
         hinge = sum(F.relu(e + self.margin) for e in excesses)
         return _per_draw(probs.clamp_min(_TINY).log(), y, loss) - lam * hinge
@@ -165,7 +166,7 @@ def _per_draw(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
     return classification_loss(logits.reshape(runs * n, -1), y.repeat(runs), loss).view(runs, n)
 
 
-def _excesses(detection: Detection, n: int) -> list[Tensor]:
+def excesses_per_image(detection: Detection, n: int) -> list[Tensor]:
     """The relative excesses of the tests in force, per attacked image: the batch's (shared) and each image's."""
     found = []
     if detection.batch_excess is not None:
@@ -175,5 +176,6 @@ def _excesses(detection: Detection, n: int) -> list[Tensor]:
     return found
 
 
-def _largest(excesses: list[Tensor]) -> Tensor:
+def largest_excess(excesses: list[Tensor]) -> Tensor:
+    """Per image, the largest relative excess of the tests in force: above 0, the image is purified."""
     return torch.stack(excesses).amax(0)

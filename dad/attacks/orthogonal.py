@@ -23,6 +23,7 @@ wrong kept (:mod:`dad.attacks.judging`).
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +33,12 @@ from dad.attacks.catalog import register_attack
 from dad.attacks.common import (as_autograd_tensor, ascent_step, check_unit_range, gradients_enabled,
                                 preserve_mode, random_delta)
 from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run, with_filler
-from dad.attacks.objectives import classification_loss
+from dad.attacks.objectives import classification_loss, excesses_per_image, largest_excess
 from dad.attacks.spec import AttackSpec
 from dad.runs import record_passes, run_settings
+
+if TYPE_CHECKING:
+    from dad.defense import KnownRows
 
 __all__ = ["orthogonal_direction", "evasion_pgd"]
 
@@ -60,11 +64,11 @@ def orthogonal_direction(grad_f: Tensor, grad_d: Tensor, misclassified: Tensor, 
 
 
 def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: AttackSpec, loss: str,
-                filler: Tensor | None = None, orthogonal: bool = True) -> Tensor:
-    """One run of orthogonal (or selective) PGD on the batch ``x`` (the attacked images of ``cat(x, filler)``),
-    returning the judged iterate the defense gets most wrong (a settled one ends the run)."""
+                filler: Tensor | None = None, orthogonal: bool = True, known: KnownRows | None = None) -> Tensor:
+    """One run of orthogonal (or selective) PGD on the batch ``x`` (the attacked images of ``cat(x, filler)``;
+    ``known``: the filler with its classifier pass made, :meth:`~dad.defense.DADDefense.known_rows`), returning the
+    judged iterate the defense gets most wrong (a settled one ends the run)."""
     check_unit_range(x)
-    known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
     n = len(y)
     start = (x + random_delta(x, spec.eps, spec.norm) if spec.random_start else x).clamp(0.0, 1.0)
 
@@ -74,8 +78,7 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
         batch = x_adv if known is not None else with_filler(x_adv, filler)
         logits, features = defense.classify_with_features(batch, known)
         detection = defense.detect(with_filler(x_adv, filler), features)
-        excesses = [e.expand(n) if e.dim() == 0 else e[:n] for e in (detection.batch_excess, detection.sample_excess)
-                    if e is not None]
+        excesses = excesses_per_image(detection, n)
         hinges = [F.relu(detection.batch_excess + spec.margin)] if detection.batch_excess is not None else []
         if detection.sample_excess is not None:
             hinges.append(F.relu(detection.sample_excess[:n] + spec.margin).sum())
@@ -85,7 +88,7 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
         grad_d = torch.autograd.grad(hinge, x_adv)[0] if hinge is not None and hinge.requires_grad else \
             torch.zeros_like(x_adv)
         misclassified = logits[:n].argmax(1) != y
-        detected = torch.stack(excesses).amax(0) > 0 if excesses else torch.zeros_like(misclassified)
+        detected = largest_excess(excesses) > 0 if excesses else torch.zeros_like(misclassified)
         direction = orthogonal_direction(grad_f, grad_d, misclassified, detected, orthogonal)
         return ascent_step(x_adv.detach(), x, direction, spec.eps, spec.step_size, spec.norm)
 
@@ -100,7 +103,8 @@ def _attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: 
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
         judge = defense_judge(defense, y, spec.draws, filler)
-        run = partial(evasion_pgd, defense, judge, x, y, spec, filler=filler, orthogonal=orthogonal)
+        known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
+        run = partial(evasion_pgd, defense, judge, x, y, spec, filler=filler, orthogonal=orthogonal, known=known)
         return strongest_run(judge, [partial(run, loss) for loss in spec.losses for _ in range(spec.restarts)])
 
 
