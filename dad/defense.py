@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dad.detector import TARGET_FPR, MMDDetector, check_fpr
 from dad.io import atomic_torch_save
-from dad.networks import logits_and_features, network_specs
+from dad.networks import logits_and_features, model_spec, network_specs
 from dad.purification import Purifier
 from dad.routing import ROUTERS, Detection, Detectors, Router, Routing
 from dad.runs import record_passes, run_chunks
@@ -30,8 +30,9 @@ from dad.sample_detector import SampleDetector
 __all__ = ["DADDefense", "DefenseOutput", "KnownRows", "InvalidInputError", "check_images", "FORMAT", "VERSION"]
 
 FORMAT = "dad-defense"
-VERSION = 5
-"""The saved defense's format (5: one purifier of any kind, one router state per mode)."""
+VERSION = 6
+"""The saved defense's format (5: one purifier of any kind, one router state per mode; 6: a second classifier for
+the images the routing flags, optional)."""
 
 
 class InvalidInputError(ValueError):
@@ -87,14 +88,17 @@ class DADDefense(nn.Module):
         sample_detector: the per-sample detector (needed by the ``sample`` and ``both`` routings).
         routing: a mode of :data:`~dad.routing.ROUTERS`; settable on a built or loaded defense.
         target_fpr: the share of clean images the calibrated defense purifies (saved with it).
+        flagged_classifier: what classifies the purified images (e.g. an adversarially trained backbone behind a
+            standard ``classifier``: the clean route keeps the standard accuracy); None: ``classifier``.
     """
 
     def __init__(self, classifier: nn.Module, detector: MMDDetector, purifier: Purifier, *,
                  sample_detector: SampleDetector | None = None, routing: Routing = "batch",
-                 target_fpr: float = TARGET_FPR) -> None:
+                 target_fpr: float = TARGET_FPR, flagged_classifier: nn.Module | None = None) -> None:
         super().__init__()
         check_fpr(target_fpr)
         self.classifier = classifier
+        self.flagged_classifier = flagged_classifier
         self.detector = detector
         self.purifier = purifier
         self.sample_detector = sample_detector
@@ -134,7 +138,8 @@ class DADDefense(nn.Module):
             routing: the new defense's routing (None: this one's).
         """
         other = DADDefense(self.classifier, self.detector, purifier, sample_detector=self.sample_detector,
-                           routing=routing or self.routing, target_fpr=self.target_fpr)
+                           routing=routing or self.routing, target_fpr=self.target_fpr,
+                           flagged_classifier=self.flagged_classifier)
         other.routers = self.routers
         return other
 
@@ -148,9 +153,16 @@ class DADDefense(nn.Module):
         return self.detector.kernel.phi is self.classifier
 
     @property
+    def route_classifier(self) -> nn.Module:
+        """The classifier of the purified route: :attr:`flagged_classifier` where there is one."""
+        return self.classifier if self.flagged_classifier is None else self.flagged_classifier
+
+    @property
     def specs(self) -> dict[str, Any]:
-        """The classifier and the kernel as plain data (:func:`~dad.networks.network_specs`)."""
-        return network_specs(self.classifier, self.detector.kernel)
+        """The networks as plain data (:func:`~dad.networks.network_specs`; ``flagged_classifier``: a model spec or
+        None)."""
+        flagged = None if self.flagged_classifier is None else model_spec(self.flagged_classifier)
+        return {**network_specs(self.classifier, self.detector.kernel), "flagged_classifier": flagged}
 
     def purify(self, x: Tensor) -> Tensor:
         """The purifier's output for ``x`` (one draw of its randomness), images in [0, 1]."""
@@ -161,12 +173,12 @@ class DADDefense(nn.Module):
         return self.purifier.runs(x, count)
 
     def logits_of_runs(self, images: Tensor) -> Tensor:
-        """The classifier's logits of runs of images ``(R, m, ...)``, shape ``(R, m, K)``: the runs of a chunk
-        (:func:`~dad.runs.run_chunks`) in one pass."""
+        """The purified route's classifier's logits of runs of purified images ``(R, m, ...)``, shape ``(R, m, K)``:
+        the runs of a chunk (:func:`~dad.runs.run_chunks`) in one pass."""
         runs, m = images.shape[:2]
         parts, start = [], 0
         for size in run_chunks(runs, m):
-            parts.append(self.classifier(images[start:start + size].reshape(size * m, *images.shape[2:])))
+            parts.append(self.route_classifier(images[start:start + size].reshape(size * m, *images.shape[2:])))
             start += size
         return torch.cat(parts).view(runs, m, -1)
 

@@ -1,8 +1,9 @@
 """A saved defense read back: :func:`load_defense` rebuilds a :class:`~dad.defense.DADDefense` from its file.
 
 Every format version written so far loads: 1 (specs without the kernel part), 2 (batch routing only), 3 (the
-denoiser path only), 4 (a denoiser or a diffusion purifier, the joint thresholds under ``joint``) and 5 (one
-purifier of any kind, the routers' states under ``routers``); an older file is converted to the current layout
+denoiser path only), 4 (a denoiser or a diffusion purifier, the joint thresholds under ``joint``), 5 (one
+purifier of any kind, the routers' states under ``routers``) and 6 (a second classifier for flagged images,
+optional); an older file is converted to the current layout
 (:func:`upgrade`) before the networks are built. Anything else is a one-line
 :class:`~dad.io.IncompatibleFileError` naming the file and its version.
 """
@@ -19,14 +20,14 @@ from dad.defense import FORMAT, VERSION, DADDefense
 from dad.detector import MMDDetector
 from dad.diffusion import purifiers as _diffusion_kinds  # noqa: F401  (registers the diffusion purifiers)
 from dad.io import IncompatibleFileError, read_tagged
-from dad.networks import build_networks
+from dad.networks import build_model, build_networks
 from dad.purification import build_purifier
 from dad.routing import ROUTERS, BothRouter
 from dad.sample_detector import SampleDetector
 
 __all__ = ["load_defense", "upgrade", "with_router_states", "READABLE"]
 
-READABLE = (1, 2, 3, 4, VERSION)
+READABLE = (1, 2, 3, 4, 5, VERSION)
 
 
 def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     if payload["version"] < 3:  # no joint thresholds before per-sample routing
         state |= {f"joint.{k}": v for k, v in BothRouter().state_dict().items()}
     state = {(k.replace("joint.", "routers.both.", 1) if k.startswith("joint.") else k): v for k, v in state.items()}
-    networks = {"classifier": networks["classifier"], "kernel": networks["kernel"]}
+    networks = {"classifier": networks["classifier"], "kernel": networks["kernel"], "flagged_classifier": None}
     return {**payload, "version": VERSION, "networks": networks, "purifier": purifier, "state_dict": state}
 
 
@@ -83,6 +84,8 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
         payload = upgrade(payload)
         state = with_router_states(payload["state_dict"])
         classifier, kernel, _ = build_networks(payload["networks"])
+        flagged = payload["networks"]["flagged_classifier"]
+        flagged = None if flagged is None else build_model(flagged)
         detector = MMDDetector(kernel, torch.zeros_like(state["detector.reference"]))
         sample_detector = None
         if payload.get("sample_score") is not None:
@@ -90,7 +93,8 @@ def load_defense(path: str | os.PathLike[str], map_location: str | torch.device 
                                              torch.zeros_like(state["sample_detector.adversarial"]),
                                              payload["sample_score"])
         defense = DADDefense(classifier, detector, build_purifier(payload["purifier"], checkpoint),
-                             sample_detector=sample_detector, target_fpr=payload["target_fpr"])
+                             sample_detector=sample_detector, target_fpr=payload["target_fpr"],
+                             flagged_classifier=flagged)
         defense.eval()  # before loading: the detectors refresh their stored sets' features through a trained phi,
         defense.load_state_dict(state)  # whose batch norm must use its running statistics, not the stored set's
     except (KeyError, TypeError, ValueError) as err:

@@ -39,10 +39,11 @@ class RouteSelectionSettings:
 
     Attributes:
         routes: candidate routes, names of :data:`ROUTE_NAMES` or of ``denoisers`` (empty: no selection, the
-            run's denoiser). Needs ``data.selection_size`` held-out images.
+            run's denoiser; one: that route, kept without measuring). Two or more need ``data.selection_size``
+            held-out images.
         denoisers: more candidates, each a denoiser stage's checkpoint of another run by name (e.g. a denoiser
             trained against its route, ``denoiser.adv_steps``, next to the published one), put behind this run's
-            noise (``denoiser.noise_std``, ``denoiser.noise``) and classifier.
+            noise (``denoiser.noise_std``, ``denoiser.noise``) and purified route's classifier.
         attacks: full-white-box attacks of ``eval.attacks`` the routes are measured under, at their budgets (None:
             every attack of ``eval.attacks`` through the defense). The union matters: the two routes of a defense
             fail on different images, and an attacker picks per batch which one to attack, so a route measured
@@ -74,7 +75,7 @@ class RouteSelectionSettings:
     def check(self, attacks: Mapping[str, AttackSpec], selection_size: int) -> None:
         """Raise ``ValueError`` unless the named attacks are in ``attacks`` with the right threats and there are
         held-out images to select on."""
-        if not self.routes:
+        if len(self.routes) < 2:
             return
         if selection_size < 2:
             raise ValueError("`defense.select.routes` needs held-out images: set `data.selection_size` (images used "

@@ -95,14 +95,17 @@ def _purification(report: Mapping[str, Any]) -> str:
 
 
 def _route(report: Mapping[str, Any]) -> str:
-    """How the defense stage chose the route, if it chose: each candidate's validation worst case."""
+    """The flagged route's classifier where it is a second one, and how the defense stage chose the route, if it
+    chose: each candidate's validation worst case."""
+    flagged = report.get("flagged_classifier")
+    second = f"; a second classifier (`{flagged['name']}`) classifies flagged images" if flagged else ""
     chosen = report.get("route_selection")
     if not chosen:
-        return ""
+        return second
     routes = ", ".join(f"{name} {_ci(r['worst_case'], r['interval'])}" + (" tied" if r["tied"] else "")
                        for name, r in chosen["routes"].items())
     n = next(iter(chosen["routes"].values()))["n"]
-    return (f"; route `{chosen['chosen']}` kept by the defense stage: worst case under "
+    return (f"{second}; route `{chosen['chosen']}` kept by the defense stage: worst case under "
             f"{', '.join(chosen['attacks'])} on {n} held-out images: {routes}")
 
 

@@ -161,7 +161,7 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
         "sweep": sweep,
         "attacks": {name: {**s.as_dict(), "threat": suite.threats[name]} for name, s in suite.specs.items()},
         "routing": ctx.defense.routing, "defense_file": ctx.defense_file, "purifier": purifier_summary(ctx.defense),
-        "route_selection": ctx.defense.route_selection,
+        "route_selection": ctx.defense.route_selection, "flagged_classifier": ctx.defense.specs["flagged_classifier"],
         "draws": cfg.eval.draws, "num_test": suite.n, "num_test_defense": suite.n_defense, "num_classes": num_classes,
         "variant": ctx.variant,
     }

@@ -1,10 +1,11 @@
 """The run configuration: one typed section per stage, each defined once beside the code that consumes it.
 
-``run`` and ``defense`` are defined here; ``data`` is :class:`~datamodules.settings.DataSettings`,
-``classifier``/``kernel``/``denoiser``/``score`` the settings of their LightningModules, ``purifier`` the diffusion
-purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`), ``attack`` (the training AEs) an
-:class:`~dad.attacks.AttackSpec`, ``eval`` :class:`~pipeline.eval_settings.EvalSettings`, and ``trainer`` any
-argument of ``pytorch_lightning.Trainer`` (read from its signature). Every option has one name, one default and
+``run`` is defined here, ``defense`` in :mod:`pipeline.defense_settings`; ``data`` is
+:class:`~datamodules.settings.DataSettings`, ``classifier``/``kernel``/``denoiser``/``score`` the settings of their
+LightningModules, ``purifier`` the diffusion purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`),
+``attack`` (the training AEs) an :class:`~dad.attacks.AttackSpec`, ``eval``
+:class:`~pipeline.eval_settings.EvalSettings`, and ``trainer`` any argument of ``pytorch_lightning.Trainer`` (read
+from its signature). Every option has one name, one default and
 one check (the section's ``__post_init__``). Parsing uses jsonargparse, the library behind LightningCLI.
 """
 
@@ -23,12 +24,9 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from dad.attacks import AttackSpec
-from dad.detector import TARGET_FPR
 from dad.diffusion.selection import PurifierSettings
-from dad.route_selection import RouteSelectionSettings
-from dad.routing import Routing
-from dad.sample_detector import SampleScore
 from datamodules.settings import DataSettings
+from pipeline.defense_settings import DefenseSettings
 from pipeline.eval_settings import EvalSettings
 from lightning_modules.classifier import ClassifierSettings
 from lightning_modules.denoiser import DenoiserSettings
@@ -66,46 +64,6 @@ class RunSettings:
     @property
     def dir(self) -> Path:
         return Path(self.root) / self.name
-
-
-@dataclass(frozen=True)
-class DefenseSettings:
-    """The assembled defense: reference set, calibration and the inference batch size.
-
-    Attributes:
-        reference_size: clean reference images (drawn from the MMD set) each batch is tested against.
-        target_fpr: the detector's false-positive rate on clean batches (and images, per sample).
-        calibration_batches: random clean batches drawn per calibrated batch size.
-        batch_size: the inference (detection) batch; the evaluation attacks batches of this size.
-        routing: ``batch`` (the paper's: the batch's MMD score routes the whole batch), ``sample`` (each image
-            by its own score) or ``both``, or a baseline: ``never`` / ``always`` purify (see :mod:`dad.routing`);
-            saved with the defense.
-        sample_score: the per-sample score, ``witness`` or ``reference`` (see :mod:`dad.sample_detector`).
-        witness_size: images of the MMD set (and their training AEs) the witness keeps (None: all of them). A
-            score costs one product with the ``2 x witness_size`` stored images per batch, and the stored sets
-            are saved in ``defense.pt``; 500 by default so that ImageNet's MMD set is not stored whole.
-        select: the choice of the purified route (:class:`~dad.route_selection.RouteSelectionSettings`).
-    """
-
-    reference_size: int = 100
-    target_fpr: float = TARGET_FPR
-    calibration_batches: int = 1000
-    batch_size: int = 100
-    routing: Routing = "batch"
-    sample_score: SampleScore = "witness"
-    witness_size: int | None = 500
-    select: RouteSelectionSettings = field(default_factory=RouteSelectionSettings)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ConfigError(f"Expected `defense.target_fpr` in (0, 1), got {self.target_fpr}")
-        for name in ("reference_size", "batch_size"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"Expected `defense.{name}` >= 2, got {getattr(self, name)}")
-        if self.calibration_batches < 1:
-            raise ConfigError(f"Expected `defense.calibration_batches` >= 1, got {self.calibration_batches}")
-        if self.witness_size is not None and self.witness_size < 2:
-            raise ConfigError(f"Expected `defense.witness_size` >= 2, got {self.witness_size}")
 
 
 OWNED_TRAINER_ARGS: dict[str, str] = {

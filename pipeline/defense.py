@@ -6,18 +6,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks import RouteSelection, ThresholdCalibration
 from dad.defense import DADDefense
 from dad.detector import MMDDetector
+from dad.models import freeze
 from dad.purification import DenoiserPurifier, IdentityPurifier, Purifier
 from dad.sample_detector import SampleDetector
 from datamodules import DADDataModule
 from lightning_modules.evaluator import DefenseEvaluator
 from pipeline import trainer as trainers
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.networks import RunNetworks, load_denoiser
+from pipeline.networks import RunNetworks, load_classifier, load_denoiser
 from pipeline.paths import RunPaths
 from pipeline.trainer import FP32, run_device
 
@@ -54,8 +56,28 @@ def assemble_defense(cfg: PipelineConfig, paths: RunPaths, nets: RunNetworks, dm
     witness = (t.to(device) for t in _witness_sets(cfg, paths, dm, nets))
     sample_detector = SampleDetector(kernel, *witness, d.sample_score)
     purifier = DenoiserPurifier(nets.denoiser.to(device), cfg.denoiser.noise_std, cfg.denoiser.noise)
-    return DADDefense(nets.classifier.to(device), detector, purifier, sample_detector=sample_detector,
-                      routing=d.routing, target_fpr=d.target_fpr).eval()
+    classifier = nets.classifier.to(device)
+    flagged = None
+    if d.flagged_classifier is not None:
+        flagged = _flagged_classifier(Path(d.flagged_classifier), classifier, detector.reference[:2])
+    return DADDefense(classifier, detector, purifier, sample_detector=sample_detector, routing=d.routing,
+                      target_fpr=d.target_fpr, flagged_classifier=flagged).eval()
+
+
+def _flagged_classifier(path: Path, classifier: nn.Module, images: torch.Tensor) -> nn.Module:
+    """``defense.flagged_classifier``'s network on ``images``' device, frozen, checked against the run's classifier:
+    the same images in, the same classes out."""
+    flagged = freeze(load_classifier(path, "")).to(images.device)  # another run's: no command of this run makes it
+    with torch.no_grad():
+        try:
+            found, expected = flagged(images).shape, classifier(images).shape
+        except RuntimeError as err:
+            raise ConfigError(f"`defense.flagged_classifier` {path} does not take this run's images: "
+                              f"{str(err).splitlines()[0]}") from None
+    if found != expected:
+        raise ConfigError(f"`defense.flagged_classifier` {path} gives {found[1]} classes, this run's classifier "
+                          f"{expected[1]}")
+    return flagged
 
 
 def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
@@ -67,25 +89,26 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
     return sorted({cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size})
 
 
+def _route(cfg: PipelineConfig, defense: DADDefense, name: str) -> Purifier:
+    """The purifier of the route ``name``: the run's denoiser (``denoiser``), none: the backbone alone
+    (``identity``), or another run's denoiser (``defense.select.denoisers``)."""
+    if name == "denoiser":
+        return defense.purifier
+    if name == "identity":
+        return IdentityPurifier()
+    denoiser = load_denoiser(Path(cfg.defense.select.denoisers[name]), "")  # another run's: no command here makes it
+    return DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
+
+
 def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense) -> list[RouteSelection]:
-    """The callback choosing the defense's route among ``defense.select.routes`` (none when no route is named):
-    the run's denoiser (``denoiser``), the backbone alone (``identity``), or another run's denoiser
-    (``defense.select.denoisers``)."""
+    """The callback choosing the defense's route among ``defense.select.routes`` (none when fewer than two routes
+    are named: :func:`run_defense` keeps a single one as it is)."""
     select = cfg.defense.select
-    if not select.routes:
+    if len(select.routes) < 2:
         return []
-
-    def build(name: str) -> Purifier:
-        if name == "denoiser":
-            return defense.purifier
-        if name == "identity":
-            return IdentityPurifier()
-        denoiser = load_denoiser(Path(select.denoisers[name]), "")  # another run's: no command of this run makes it
-        return DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
-
     only = select.classifier_attack
     images, labels = dm.split_tensors("selection")
-    return [RouteSelection({name: build(name) for name in select.routes},
+    return [RouteSelection({name: _route(cfg, defense, name) for name in select.routes},
                            {name: cfg.eval.attacks[name] for name in select.attack_names(cfg.eval.attacks)},
                            None if only is None else (only, cfg.eval.attacks[only]), images, labels,
                            cfg.defense.batch_size, cfg.eval.draws)]
@@ -96,6 +119,8 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     """Assemble and calibrate the defense (and choose its route where ``defense.select`` names routes), save it,
     and return what ``done.json`` records."""
     defense = assemble_defense(cfg, paths, nets, dm, run_device(cfg.trainer))
+    if len(cfg.defense.select.routes) == 1:  # one route named: nothing to choose
+        defense.purifier = _route(cfg, defense, cfg.defense.select.routes[0]).to(defense.detector.reference.device)
     clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)
@@ -109,4 +134,5 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     return {"calibration": {str(b): r for b, r in results.get("batch", {}).items()},
             "sample_calibration": results.get("sample", {}),
             "joint_calibration": {str(b): r for b, r in results.get("both", {}).items()}, "routing": defense.routing,
-            "route_selection": defense.route_selection, "defense": str(paths.defense)}
+            "route_selection": defense.route_selection, "flagged_classifier": cfg.defense.flagged_classifier,
+            "defense": str(paths.defense)}

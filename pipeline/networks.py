@@ -23,12 +23,21 @@ from pipeline.checkpoints import checkpoint_networks, load_into, read_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.paths import RunPaths
 
-__all__ = ["RunNetworks", "load_denoiser", "stage_hint"]
+__all__ = ["RunNetworks", "load_classifier", "load_denoiser", "stage_hint"]
 
 
 def stage_hint(stage: str, cfg: PipelineConfig) -> str:
     """The command that makes ``stage``'s product for this run (for messages about a missing product)."""
     return f"python train.py {stage} --run.name {cfg.run.name} --run.root {cfg.run.root}"
+
+
+def load_classifier(path: Path, hint: str) -> ImageClassifier:
+    """The classifier of a classifier stage's checkpoint ``path`` (this run's, or another run's: the classifier of
+    the flagged route, ``defense.flagged_classifier``), not yet frozen; ``hint`` says how to make a missing one."""
+    ckpt = read_checkpoint(path, "classifier", hint)
+    model, _, _ = build_networks(checkpoint_networks(ckpt))
+    load_into(model, sub_state_dict(ckpt["state_dict"], "model"), path)
+    return model
 
 
 def load_denoiser(path: Path, hint: str) -> UNetDenoiser:
@@ -63,10 +72,7 @@ class RunNetworks:
     def classifier(self) -> ImageClassifier:
         """The trained classifier (frozen)."""
         if self._classifier is None:
-            ckpt = self._product("classifier")
-            model, _, _ = build_networks(checkpoint_networks(ckpt))
-            load_into(model, sub_state_dict(ckpt["state_dict"], "model"), self.paths.product("classifier"))
-            self._classifier = model
+            self._classifier = load_classifier(self.paths.product("classifier"), stage_hint("classifier", self.cfg))
         return freeze(self._classifier)
 
     @classifier.setter

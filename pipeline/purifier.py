@@ -54,7 +54,7 @@ def run_purifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: 
     device = run_device(cfg.trainer)  # the selection runs outside a Trainer: on the run's device
     model, schedule = nets.score
     base = load_defense(paths.defense).to(device)  # the calibrated defense: classifier, detectors, thresholds
-    classifier = base.classifier
+    classifier = base.route_classifier  # what classifies the purified images
     model, schedule = model.to(device), schedule.to(device)
     paired = nets.paired(dm, "denoiser", "val", None)
     clean, adversarial, labels = paired.triples("val")  # the denoiser stage's cache: made once

@@ -47,7 +47,8 @@ def test_settings_refuse_unknown_routes_and_attacks_of_the_wrong_threat():
     with pytest.raises(ValueError, match="selection_size"):
         settings.check(attacks, selection_size=0)
     with pytest.raises(ValueError, match="threat defense"):
-        RouteSelectionSettings(routes=["identity"], attacks=["pgd"]).check(attacks, 50)
+        RouteSelectionSettings(routes=["denoiser", "identity"], attacks=["pgd"]).check(attacks, 50)
+    RouteSelectionSettings(routes=["identity"], attacks=["pgd"]).check(attacks, 0)  # one route: nothing measured
 
 
 class _Snap(Purifier):

@@ -31,7 +31,7 @@ def _config(root: Path):  # type: ignore[no-untyped-def]
 def test_selection_needs_its_own_held_out_images(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     with pytest.raises(ConfigError, match="selection_size"):
-        replace(cfg, defense=replace(cfg.defense, select=RouteSelectionSettings(routes=["identity"],
+        replace(cfg, defense=replace(cfg.defense, select=RouteSelectionSettings(routes=["denoiser", "identity"],
                                                                                 attacks=["adaptive"])))
 
 
