@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.machine import RESULTS, configure_threads, load_run, machine_description, write_result
+from bench.machine import RESULTS, configure_threads, load_run, machine_description, median_ms, write_result
 from dad.attacks.registry import chunk_seed, seeded
 from dad.defense import DADDefense
 from dad.defense_file import load_defense
@@ -105,6 +105,15 @@ def _training_seconds(run: Path, report: dict[str, Any], flagged: str | None) ->
     return sum(seconds(run / stage) for stage in STAGES) + second
 
 
+def _clean_ms_per_image(defense: DADDefense, images: Tensor, batch_size: int) -> float:
+    """Milliseconds per clean test image through the defense (one draw, in its batches; median of 3 passes): what
+    a kernel with its own phi adds at inference."""
+    batches = [b for b in images.split(batch_size) if len(b) >= defense.router.min_batch]
+    count = sum(len(b) for b in batches)
+    with torch.no_grad():
+        return median_ms(lambda: [defense.forward_draws(b, 1, validate=False) for b in batches], 3) / count
+
+
 def row_summary(name: str, run: Path, report_name: str, threat: str,
                 transfer: dict[str, AttackState] | None) -> tuple[dict[str, Any], Tensor]:
     """One row, and its per-sample headline (for the paired differences)."""
@@ -122,10 +131,11 @@ def row_summary(name: str, run: Path, report_name: str, threat: str,
         "training_seconds": _training_seconds(run, report, cfg.defense.flagged_classifier),
         "flagged_classifier": cfg.defense.flagged_classifier, "evasion_success": None,
     }
+    defense = load_defense(paths.defense)
+    defense.routing = report["routing"]
+    images, labels = load_datamodule(cfg, paths).split_tensors("test")
+    row["clean_ms_per_image"] = _clean_ms_per_image(defense, images, cfg.defense.batch_size)
     if detecting:
-        defense = load_defense(paths.defense)
-        defense.routing = report["routing"]
-        _, labels = load_datamodule(cfg, paths).split_tensors("test")
         seeds = {k: int(v.get("seed", 0)) for k, v in report["attacks"].items()}
         row["evasion_success"] = evasion_success(defense, _evasion_states(run, report, report_name, threat), labels,
                                                  report["draws"], seeds)
