@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import AttackStateWriter, BatchesOnDevice, ProgressLog
 from dad.attacks import AttackSpec
+from dad.defense_file import load_defense
 from dad.io import atomic_torch_save, sha256_file
 from dad.models import create_model, freeze, load_classifier_weights
 from dad.runs import runs_settings
@@ -30,7 +31,7 @@ from pipeline.config import PipelineConfig
 from pipeline.eval_settings import TransferSettings
 from pipeline.trainer import FP32, trainer_arguments
 
-__all__ = ["run_attacks", "transfer_source", "trainer_kwargs", "mixed_name", "TRANSFER_PREFIX"]
+__all__ = ["run_attacks", "transfer_defenses", "transfer_source", "trainer_kwargs", "mixed_name", "TRANSFER_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,19 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
     return module
 
 
+def transfer_defenses(ctx: Context, spec: TransferSettings) -> dict[str, tuple[nn.Module, str]]:
+    """The other defenses attacks through the defense are crafted on, by name, on the run's device, each with its
+    file's hash (what the attack states are keyed by)."""
+    sources = {}
+    for name, path in spec.defenses.items():
+        source = load_defense(path, map_location=ctx.device, checkpoint=ctx.cfg.eval.purifier_checkpointing)
+        if source.image_shape != ctx.defense.image_shape:
+            raise ValueError(f"`eval.transfer.defenses.{name}` ({path}) takes images of shape {source.image_shape}, "
+                             f"this defense {ctx.defense.image_shape}")
+        sources[name] = (source, sha256_file(path))
+    return sources
+
+
 def transfer_source(ctx: Context, dm: DADDataModule, spec: TransferSettings) -> tuple[nn.Module, str]:
     """The model transfer AEs are crafted on: given weights, or a quick training (cached in eval_state/)."""
     classifier = ctx.defense.specs["classifier"]
@@ -100,7 +114,8 @@ def transfer_source(ctx: Context, dm: DADDataModule, spec: TransferSettings) -> 
         model = create_model(name, num_classes=num_classes, **kwargs)
         load_classifier_weights(model, spec.weights)
         return freeze(model), sha256_file(spec.weights)
-    key = state_key(transfer=asdict(spec), model=name, kwargs=kwargs, **ctx.key_parts)
+    own = {k: v for k, v in asdict(spec).items() if k not in ("defenses", "defense_attacks")}  # the source's settings
+    key = state_key(transfer=own, model=name, kwargs=kwargs, **ctx.key_parts)
     path = ctx.state_dir / "transfer_source.pt"
     module = ClassifierModule(create_model(name, num_classes=num_classes, **kwargs),
                               ClassifierSettings(model=name, epochs=spec.epochs, lr=spec.lr))

@@ -195,10 +195,15 @@ def _detection_tables(report: dict[str, Any]) -> list[str]:
                   "| attack | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
                   "| AUROC / TPR | "
                   + " | ".join(f"{_pct(sample['auroc'][n])} / {_pct(sample['tpr'][n])}" for n in names) + " |"]
-    if report.get("transfer"):
-        src = report["transfer"]["source"]
+    transfer = report.get("transfer") or {}
+    if transfer.get("source"):
+        src = transfer["source"]
         lines += ["", f"Transfer: AEs crafted on a separately trained {src['model']} (seed {src['seed']}, clean "
-                  f"accuracy {_pct(src['clean_acc'])}): " + ", ".join(report["transfer"]["attacks"]) + "."]
+                  f"accuracy {_pct(src['clean_acc'])}): " + ", ".join(transfer["attacks"]) + "."]
+    if transfer.get("defenses"):
+        files = ", ".join(f"{name} (`{path}`)" for name, path in transfer["defenses"].items())
+        lines += ["", f"Transfer from other defenses: AEs crafted through {files}, judged on this one: "
+                  + ", ".join(transfer["defense_attacks"]) + "."]
     return lines
 
 

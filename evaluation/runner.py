@@ -39,7 +39,7 @@ from dad.attacks import AttackSpec
 from dad.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from datamodules import DADDataModule
 from evaluation.analysis import fpr_check, fraction, pop_samples, worst_cases
-from evaluation.attacking import TRANSFER_PREFIX, mixed_name, run_attacks, transfer_source
+from evaluation.attacking import TRANSFER_PREFIX, mixed_name, run_attacks, transfer_defenses, transfer_source
 from evaluation.context import Context, open_context
 from evaluation.report import report_markdown, strict_json
 from evaluation.sanity import check_more_draws, run_sanity
@@ -71,9 +71,14 @@ class _Suite:
         return {name: (self.specs[a], p) for name, (a, p) in self.mixed_bases.items()}
 
     def split(self) -> tuple[dict[str, AttackSpec], dict[str, AttackSpec]]:
-        """The whole-batch attacks that do not go through the defense, and those that do."""
-        through = {name: s for name, s in self.specs.items() if self.threats[name] == "defense"}
+        """The whole-batch attacks that do not go through a defense, and those that do (this one's, or another's
+        for a transfer)."""
+        through = {name: s for name, s in self.specs.items() if s.threat == "defense"}
         return {name: s for name, s in self.specs.items() if name not in through}, through
+
+    def sources_of(self, attacks: Mapping[str, AttackSpec]) -> dict[str, tuple[nn.Module, str]]:
+        """The transfer sources of ``attacks``."""
+        return {name: source for name, source in self.sources.items() if name in attacks}
 
 
 def _suite(ctx: Context, dm: DADDataModule) -> _Suite:
@@ -94,6 +99,14 @@ def _suite(ctx: Context, dm: DADDataModule) -> _Suite:
         transfer = {"source": {**asdict(ev.transfer), "model": ev.transfer.model or
                                ctx.defense.specs["classifier"]["name"], "clean_acc": source_acc},
                     "attacks": [TRANSFER_PREFIX + a for a in ev.transfer.attacks]}
+    for source_name, source in transfer_defenses(ctx, ev.transfer).items():
+        for name in ev.transfer.defense_attacks:
+            key = f"{TRANSFER_PREFIX}{source_name}_{name}"
+            specs[key], threats[key], sources[key] = specs[name], "transfer", source
+    if ev.transfer.defenses:
+        transfer = {**(transfer or {}), "defenses": dict(ev.transfer.defenses),
+                    "defense_attacks": [f"{TRANSFER_PREFIX}{d}_{a}" for d in ev.transfer.defenses
+                                        for a in ev.transfer.defense_attacks]}
     mixed_bases = {mixed_name(a, p): (a, p) for a in ev.mixed_attacks for p in ev.mixed_fractions}
     n_defense = n if ev.max_test_defense is None else min(ev.max_test_defense, n)
     return _Suite(specs, threats, sources, mixed_bases, transfer, n, n_defense)
@@ -133,9 +146,9 @@ def evaluate(cfg: PipelineConfig, run_dir: str | Path | None = None) -> dict[str
     ctx, dm = open_context(cfg, run_dir)
     suite = _suite(ctx, dm)
     whole, through = suite.split()
-    first = run_attacks(ctx, whole, suite.n, sources=suite.sources, with_clean=True,
+    first = run_attacks(ctx, whole, suite.n, sources=suite.sources_of(whole), with_clean=True,
                         callbacks=[DetectionHistogramLogger()])
-    second = run_attacks(ctx, through, suite.n_defense, mixed=suite.mixed)
+    second = run_attacks(ctx, through, suite.n_defense, sources=suite.sources_of(through), mixed=suite.mixed)
     attacks_seconds = time.perf_counter() - start
     states = {**first.states, **second.states}
     results = {**first.results(), **second.results()}

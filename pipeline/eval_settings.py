@@ -42,7 +42,9 @@ def paper_attacks() -> dict[str, AttackSpec]:
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """The transfer evaluation: classifier-only attacks crafted on another model of the factory.
+    """The transfer evaluation: classifier-only attacks crafted on another model of the factory, and attacks through
+    the defense crafted on other defenses (masking checks: a route or a kernel whose gradients mislead the attacks
+    made on it still falls to AEs made on one whose gradients do not).
 
     Attributes:
         attacks: names of classifier-threat attacks of ``eval.attacks`` to re-craft on the source model
@@ -50,6 +52,11 @@ class TransferSettings:
         model, model_kwargs: the source architecture (None: the defended classifier's).
         weights: a trained source's weights file; None: trained here on the training split.
         epochs, lr, seed: the quick training of the source (Adam, cosine schedule).
+        defenses: other saved defenses by name (``defense.pt`` files, e.g. the same run with the published
+            denoiser, or with the standard kernel), each attacked under its saved routing.
+        defense_attacks: names of defense-threat attacks of ``eval.attacks`` crafted on each of ``defenses`` and
+            judged on this one (reported as ``transfer_<defense>_<attack>``, on the images of the attacks through
+            the defense).
     """
 
     attacks: list[str] = field(default_factory=list)
@@ -59,8 +66,13 @@ class TransferSettings:
     epochs: int = 3
     lr: float = 2e-3
     seed: int = 1
+    defenses: dict[str, str] = field(default_factory=dict)
+    defense_attacks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if bool(self.defenses) != bool(self.defense_attacks):
+            raise ValueError("`eval.transfer.defenses` and `eval.transfer.defense_attacks` go together: name the "
+                             "defenses and the attacks through the defense to craft on them")
         if self.epochs < 1:
             raise ValueError(f"Expected `eval.transfer.epochs` >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -148,6 +160,7 @@ class EvalSettings:
             raise ValueError(f"Expected `eval.defense` to name a .pt file of the run directory, got {self.defense!r}")
         threats = {name: spec.threat for name, spec in self.attacks.items()}
         for setting, names, allowed in (("eval.transfer.attacks", self.transfer.attacks, ("classifier",)),
+                                        ("eval.transfer.defense_attacks", self.transfer.defense_attacks, ("defense",)),
                                         ("eval.mixed_attacks", self.mixed_attacks, ("classifier", "defense")),
                                         ("eval.sanity_attack", [self.sanity_attack] * (self.sanity_attack is not None),
                                          ("defense",))):

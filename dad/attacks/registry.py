@@ -36,13 +36,11 @@ def run_attack(spec: AttackSpec, target: nn.Module, x: Tensor, y: Tensor, filler
 
 
 def target_of(spec: AttackSpec, defense: nn.Module, source: nn.Module | None = None) -> nn.Module:
-    """What ``spec`` attacks when a defense is evaluated: the defense's classifier (or a transfer ``source``)
-    for threat ``classifier``, the whole defense for threat ``defense``."""
-    if spec.threat == "classifier":
-        return source if source is not None else defense.classifier
+    """What ``spec`` attacks when a defense is evaluated: the defense's classifier for threat ``classifier``, the
+    whole defense for threat ``defense``, or a transfer ``source`` in its place (a model, or another defense)."""
     if source is not None:
-        raise ValueError("Transfer attacks are crafted on the source model: use threat 'classifier'")
-    return defense
+        return source
+    return defense.classifier if spec.threat == "classifier" else defense
 
 
 def chunk_seed(seed: int, chunk: int, stream: int = 0) -> int:
