@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from dad.attacks import AttackSpec, run_attack, run_seeded
+from dad.defense import VERSION
 from dad.defense_file import load_defense
 from dad.io import IncompatibleFileError
 from dad.diffusion import DiffusionPurifier, SSNIPurifier
@@ -171,7 +172,7 @@ def test_defense_files_with_a_purifier_reload_exactly_and_older_files_still_load
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
 
     payload = torch.load(paths.defense, weights_only=True)
-    assert payload["version"] == 5 and payload["purifier"]["kind"] == "denoiser"
+    assert payload["version"] == VERSION and payload["purifier"]["kind"] == "denoiser"
 
     purified = torch.load(paths.purified_defense("ssni_l"), weights_only=True)
     torch.save({**purified, "purifier": {**purified["purifier"], "kind": "other"}}, tmp_path / "kind.pt")
