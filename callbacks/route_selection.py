@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dad.attacks import AttackSpec
 from dad.purification import Purifier
-from dad.route_selection import choose_route, measure_route
+from dad.route_selection import select_route
 
 __all__ = ["RouteSelection"]
 
@@ -43,17 +43,7 @@ class RouteSelection(Callback):
         self.batch_size, self.draws = batch_size, draws
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        defense = pl_module.defense
-        device = defense.detector.reference.device
-        x, y = self.images.to(device), self.labels.to(device)
-        only = None if self.classifier_attack is None else self.classifier_attack[1]
-        chosen, table = choose_route([
-            measure_route(name, defense.with_purifier(purifier.to(device)), self.attacks, only, x, y,
-                          self.batch_size, self.draws)
-            for name, purifier in self.routes.items()])
-        defense.purifier = self.routes[chosen].to(device)
-        defense.route_selection = {"chosen": chosen, "routes": table, "attacks": list(self.attacks),
-                                   "classifier_attack": None if self.classifier_attack is None
-                                   else self.classifier_attack[0]}
-        log.info("route kept: %s (worst case on %d held-out images: %s)", chosen, len(y),
-                 ", ".join(f"{name} {r['worst_case']:.3f}" for name, r in table.items()))
+        record = select_route(pl_module.defense, self.routes, self.attacks, self.classifier_attack, self.images,
+                              self.labels, self.batch_size, self.draws)
+        log.info("route kept: %s (worst case on %d held-out images: %s)", record["chosen"], len(self.labels),
+                 ", ".join(f"{name} {r['worst_case']:.3f}" for name, r in record["routes"].items()))

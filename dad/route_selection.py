@@ -25,12 +25,18 @@ from torch import Tensor
 from dad.attacks import AttackSpec, chunk_seed, run_seeded, target_of
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
+from dad.diffusion.selection import KINDS
+from dad.purification import Purifier
 from dad.stats import accuracy_interval, paired_difference_interval
 
-__all__ = ["RouteSelectionSettings", "RouteEvidence", "measure_route", "choose_route", "ROUTE_NAMES"]
+__all__ = ["RouteSelectionSettings", "RouteEvidence", "measure_route", "choose_route", "select_route", "ROUTE_NAMES",
+           "DIFFUSION_ROUTES"]
 
 ROUTE_NAMES = ("denoiser", "identity")
 """Routes the defense stage can build: the run's own purifier (its denoiser) and the backbone alone."""
+
+DIFFUSION_ROUTES: tuple[str, ...] = KINDS
+"""Routes the purifier stage builds (``purifier.kinds``): with one of them named, the purifier stage chooses."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,10 @@ class RouteSelectionSettings:
     """The defense stage's choice of route (:mod:`dad.route_selection`), off by default.
 
     Attributes:
-        routes: candidate routes, names of :data:`ROUTE_NAMES` or of ``denoisers`` (empty: no selection, the
-            run's denoiser; one: that route, kept without measuring). Two or more need ``data.selection_size``
-            held-out images.
+        routes: candidate routes, names of :data:`ROUTE_NAMES`, of ``denoisers`` or of the diffusion purifiers
+            (:data:`DIFFUSION_ROUTES`, built by the purifier stage, which then makes the choice and rewrites
+            ``defense.pt``) (empty: no selection, the run's denoiser; one: that route, kept without measuring).
+            Two or more need ``data.selection_size`` held-out images.
         denoisers: more candidates, each a denoiser stage's checkpoint of another run by name (e.g. a denoiser
             trained against its route, ``denoiser.adv_steps``, next to the published one), put behind this run's
             noise (``denoiser.noise_std``, ``denoiser.noise``) and purified route's classifier.
@@ -60,11 +67,16 @@ class RouteSelectionSettings:
         clash = sorted(set(self.denoisers) & set(ROUTE_NAMES))
         if clash:
             raise ValueError(f"`defense.select.denoisers` names {clash}, which name built-in routes: rename them")
-        known = (*ROUTE_NAMES, *self.denoisers)
+        known = (*ROUTE_NAMES, *DIFFUSION_ROUTES, *self.denoisers)
         if set(self.routes) - set(known) or len(set(self.routes)) != len(self.routes):
             raise ValueError(f"Expected distinct `defense.select.routes` of {known}, got {self.routes}")
         if self.routes and self.attacks == []:
             raise ValueError("`defense.select.attacks` is empty: name the attacks through the defense to select by")
+
+    @property
+    def diffusion(self) -> list[str]:
+        """The diffusion purifiers among ``routes`` (the purifier stage's to build)."""
+        return [name for name in self.routes if name in DIFFUSION_ROUTES]
 
     def attack_names(self, attacks: Mapping[str, AttackSpec]) -> list[str]:
         """The names of the attacks the routes are measured under, among ``attacks`` (``eval.attacks``)."""
@@ -72,9 +84,13 @@ class RouteSelectionSettings:
             return list(self.attacks)
         return [name for name, spec in attacks.items() if spec.threat == "defense"]
 
-    def check(self, attacks: Mapping[str, AttackSpec], selection_size: int) -> None:
-        """Raise ``ValueError`` unless the named attacks are in ``attacks`` with the right threats and there are
-        held-out images to select on."""
+    def check(self, attacks: Mapping[str, AttackSpec], selection_size: int, built: Sequence[str] = ()) -> None:
+        """Raise ``ValueError`` unless the named diffusion purifiers are ``built`` (``purifier.kinds``), the named
+        attacks are in ``attacks`` with the right threats, and there are held-out images to select on."""
+        missing = [name for name in self.diffusion if name not in built]
+        if missing:
+            raise ValueError(f"`defense.select.routes` names {missing}: add them to `purifier.kinds` (the purifier "
+                             "stage builds them)")
         if len(self.routes) < 2:
             return
         if selection_size < 2:
@@ -142,6 +158,24 @@ def measure_route(name: str, defense: DADDefense, attacks: Mapping[str, AttackSp
     seconds = (time.perf_counter() - start_time) / (len(y) * draws)
     return RouteEvidence(name, {key: torch.cat(values).cpu() for key, values in correct.items()},
                          torch.cat(only).cpu() if only else None, seconds)
+
+
+def select_route(defense: DADDefense, routes: Mapping[str, Purifier], attacks: Mapping[str, AttackSpec],
+                 classifier_attack: tuple[str, AttackSpec] | None, x: Tensor, y: Tensor, batch_size: int,
+                 draws: int) -> dict[str, Any]:
+    """Measure each candidate purifier of ``routes`` behind ``defense`` on the held-out ``(x, y)``
+    (:func:`measure_route`), keep the chosen one as the defense's purifier (:func:`choose_route`) and return the
+    record kept in ``defense.route_selection``."""
+    device = defense.detector.reference.device
+    x, y = x.to(device), y.to(device)
+    only = None if classifier_attack is None else classifier_attack[1]
+    chosen, table = choose_route([
+        measure_route(name, defense.with_purifier(purifier.to(device)), attacks, only, x, y, batch_size, draws)
+        for name, purifier in routes.items()])
+    defense.purifier = routes[chosen].to(device)
+    defense.route_selection = {"chosen": chosen, "routes": table, "attacks": list(attacks),
+                               "classifier_attack": None if classifier_attack is None else classifier_attack[0]}
+    return defense.route_selection
 
 
 def choose_route(evidence: Sequence[RouteEvidence]) -> tuple[str, dict[str, Any]]:

@@ -111,7 +111,7 @@ class PipelineConfig:
             raise ConfigError(f"The purifiers reach timestep {top:g} (`purifier.t_star_grid` + `purifier.bias_grid`) "
                               f"but the score model trains up to `score.t_max`={self.score.t_max}: raise it")
         try:
-            self.defense.select.check(self.eval.attacks, self.data.selection_size)
+            self.defense.select.check(self.eval.attacks, self.data.selection_size, self.purifier.kinds)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         for name, spec in self.eval.attacks.items():

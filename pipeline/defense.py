@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ from pipeline.networks import RunNetworks, load_classifier, load_denoiser
 from pipeline.paths import RunPaths
 from pipeline.trainer import FP32, run_device
 
-__all__ = ["assemble_defense", "calibration_sizes", "route_selection", "run_defense"]
+__all__ = ["assemble_defense", "calibration_sizes", "route_purifier", "route_selection", "run_defense",
+           "selection_inputs"]
+
+log = logging.getLogger(__name__)
 
 
 def _reference(dm: DADDataModule, size: int, seed: int) -> torch.Tensor:
@@ -89,7 +93,7 @@ def calibration_sizes(cfg: PipelineConfig, dm: DADDataModule) -> list[int]:
     return sorted({cfg.defense.batch_size, *cfg.eval.detection_batch_sizes, n_test % cfg.defense.batch_size})
 
 
-def _route(cfg: PipelineConfig, defense: DADDefense, name: str) -> Purifier:
+def route_purifier(cfg: PipelineConfig, defense: DADDefense, name: str) -> Purifier:
     """The purifier of the route ``name``: the run's denoiser (``denoiser``), none: the backbone alone
     (``identity``), or another run's denoiser (``defense.select.denoisers``)."""
     if name == "denoiser":
@@ -100,18 +104,32 @@ def _route(cfg: PipelineConfig, defense: DADDefense, name: str) -> Purifier:
     return DenoiserPurifier(denoiser, cfg.denoiser.noise_std, cfg.denoiser.noise)
 
 
-def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense) -> list[RouteSelection]:
-    """The callback choosing the defense's route among ``defense.select.routes`` (none when fewer than two routes
-    are named: :func:`run_defense` keeps a single one as it is)."""
+def selection_inputs(cfg: PipelineConfig, dm: DADDataModule) -> dict[str, Any]:
+    """What a route selection is measured with: the attacks, the classifier-only tie-breaker, the held-out split,
+    the defense's batch and the evaluation's draws (the keyword arguments of
+    :func:`~dad.route_selection.select_route` but the defense and the routes)."""
     select = cfg.defense.select
-    if len(select.routes) < 2:
-        return []
     only = select.classifier_attack
     images, labels = dm.split_tensors("selection")
-    return [RouteSelection({name: _route(cfg, defense, name) for name in select.routes},
-                           {name: cfg.eval.attacks[name] for name in select.attack_names(cfg.eval.attacks)},
-                           None if only is None else (only, cfg.eval.attacks[only]), images, labels,
-                           cfg.defense.batch_size, cfg.eval.draws)]
+    return {"attacks": {name: cfg.eval.attacks[name] for name in select.attack_names(cfg.eval.attacks)},
+            "classifier_attack": None if only is None else (only, cfg.eval.attacks[only]), "x": images, "y": labels,
+            "batch_size": cfg.defense.batch_size, "draws": cfg.eval.draws}
+
+
+def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense) -> list[RouteSelection]:
+    """The callback choosing the defense's route among ``defense.select.routes``; none when fewer than two routes
+    are named (:func:`run_defense` keeps a single one as it is) or when a diffusion purifier is among them (the
+    purifier stage builds those, and chooses)."""
+    select = cfg.defense.select
+    if select.diffusion:
+        log.info("defense: the route among %s is chosen by the purifier stage (it builds %s)", select.routes,
+                 select.diffusion)
+    if len(select.routes) < 2 or select.diffusion:
+        return []
+    inputs = selection_inputs(cfg, dm)
+    return [RouteSelection({name: route_purifier(cfg, defense, name) for name in select.routes},
+                           inputs["attacks"], inputs["classifier_attack"], inputs["x"], inputs["y"],
+                           inputs["batch_size"], inputs["draws"])]
 
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
@@ -119,8 +137,9 @@ def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: R
     """Assemble and calibrate the defense (and choose its route where ``defense.select`` names routes), save it,
     and return what ``done.json`` records."""
     defense = assemble_defense(cfg, paths, nets, dm, run_device(cfg.trainer))
-    if len(cfg.defense.select.routes) == 1:  # one route named: nothing to choose
-        defense.purifier = _route(cfg, defense, cfg.defense.select.routes[0]).to(defense.detector.reference.device)
+    select = cfg.defense.select
+    if len(select.routes) == 1 and not select.diffusion:  # one route named: nothing to choose
+        defense.purifier = route_purifier(cfg, defense, select.routes[0]).to(defense.detector.reference.device)
     clean, _ = dm.split_tensors(dm.splits.calibration_split)
     calib = ThresholdCalibration(clean, calibration_sizes(cfg, dm), cfg.defense.target_fpr,
                                  cfg.defense.calibration_batches, cfg.run.seed)

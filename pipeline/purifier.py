@@ -9,7 +9,8 @@ same file is DAD with the diffusion purifier; ``defense.pt`` under ``never`` is 
 rule (an image counts only if right in all ``eval.draws`` purification runs), with the adversarial examples
 the earlier stages made of it (the training attack against the classifier, from the AE cache);
 SSNI's ``mu`` and ``tau`` come from the clean calibration split (``val`` when none is carved). The test split
-is never read.
+is never read. Where ``defense.select.routes`` names a diffusion purifier, this stage makes the route choice the
+defense stage left to it (every named route, on the held-out selection split) and rewrites ``defense.pt``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
+from dad.defense import DADDefense
 from dad.defense_file import load_defense
 from dad.diffusion import DiffusionPurifier
 from dad.purification import Purifier
 from dad.diffusion.selection import MAPPING_OF, select_bias, select_t_star
+from dad.route_selection import select_route
 from datamodules import DADDataModule
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.defense import route_purifier, selection_inputs
 from pipeline.networks import RunNetworks
 from pipeline.paths import RunPaths
 from pipeline.trainer import run_device
@@ -79,9 +83,30 @@ def run_purifier(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: 
                                                      (clean, labels), adversarial, cfg.run.seed, cfg.eval.draws)
         log.info("purifier: %s b = %g (%s)", kind, summary[kind]["bias"],
                  summary[kind]["candidates"][summary[kind]["bias"]])
+    summary["route_selection"] = _choose_route(cfg, paths, dm, base, purifiers)
     files = {}
     for kind in p.kinds:
         files[kind] = str(paths.purified_defense(kind))
         if rank_zero_only.rank == 0:
             base.with_purifier(purifiers[kind], "always").save(files[kind])
     return {**summary, "files": files}
+
+
+def _choose_route(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, base: DADDefense,
+                  purifiers: dict[str, Purifier]) -> dict[str, Any] | None:
+    """Where ``defense.select.routes`` names a diffusion purifier, the choice the defense stage left to this one:
+    every named route measured on the held-out selection split (:func:`~dad.route_selection.select_route`), the
+    kept one written into ``defense.pt`` with the record (a single named route is kept without measuring)."""
+    select = cfg.defense.select
+    if not select.diffusion:
+        return None
+    routes = {name: purifiers[name] if name in purifiers else route_purifier(cfg, base, name)
+              for name in select.routes}
+    if len(routes) == 1:
+        base.purifier = next(iter(routes.values())).to(base.detector.reference.device)
+    else:
+        select_route(base, routes, **selection_inputs(cfg, dm))
+        log.info("purifier: route kept: %s", base.route_selection["chosen"])
+    if rank_zero_only.rank == 0:
+        base.save(paths.defense)
+    return base.route_selection

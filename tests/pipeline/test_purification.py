@@ -18,6 +18,7 @@ from dad.defense_file import load_defense
 from dad.io import IncompatibleFileError
 from dad.diffusion import DiffusionPurifier, SSNIPurifier
 from dad.diffusion.selection import PurifierSettings
+from dad.route_selection import RouteSelectionSettings
 from evaluation.runner import evaluate
 from lightning_modules.score import ScoreSettings
 from pipeline.checkpoints import read_checkpoint
@@ -199,3 +200,25 @@ def test_bad_purification_settings_are_one_line_errors(trained: PipelineConfig, 
     assert "No saved defense" in capsys.readouterr().err
     assert main_eval(["--run", str(trained.run.dir), "--eval.defense", "../defense.pt"]) == 2
     assert "`eval.defense`" in capsys.readouterr().err
+
+
+def test_a_diffusion_purifier_is_a_route_the_purifier_stage_chooses(tmp_path: Path) -> None:
+    """``defense.select.routes`` naming a diffusion purifier: the defense stage leaves the choice, the purifier stage
+    measures every named route on the held-out split and rewrites ``defense.pt`` with the kept one."""
+    cfg = _config(tmp_path)
+    select = RouteSelectionSettings(routes=["denoiser", "fixed"], attacks=["adaptive"])
+    evaluation = replace(cfg.eval, attacks={"adaptive": cfg.eval.attacks["adaptive"],
+                                            "pgd_linf": cfg.eval.attacks["pgd_linf"]})
+    with pytest.raises(ConfigError, match="add them to `purifier.kinds`"):
+        replace(cfg, data=replace(cfg.data, selection_size=50), defense=replace(cfg.defense, select=select),
+                purifier=replace(PURIFIER, kinds=["ssni_n"]), eval=evaluation)
+    cfg = replace(cfg, data=replace(cfg.data, selection_size=50), defense=replace(cfg.defense, select=select),
+                  purifier=replace(PURIFIER, kinds=["fixed"]), eval=evaluation)
+    summaries = run_pipeline(cfg)
+    assert summaries["defense"]["route_selection"] is None  # left to the purifier stage
+    record = summaries["purifier"]["route_selection"]
+    assert set(record["routes"]) == {"denoiser", "fixed"} and all(r["n"] == 50 for r in record["routes"].values())
+    assert record["routes"][record["chosen"]]["tied"]
+    defense = load_defense(RunPaths(cfg.run.dir).defense)
+    kinds = {"denoiser": "denoiser", "fixed": "fixed"}
+    assert defense.purifier.spec()["kind"] == kinds[record["chosen"]] and defense.route_selection == record
