@@ -38,7 +38,7 @@ from evaluation.state import AttackState
 from pipeline.paths import STAGES
 from pipeline.stages import load_datamodule
 
-__all__ = ["main", "evasion_success", "row_summary"]
+__all__ = ["main", "evasion_success", "markdown", "row_summary"]
 
 NAME = "detector_robustness"
 
@@ -156,6 +156,34 @@ def _paired(rows: list[dict[str, Any]], samples: list[Tensor], compare: list[str
             row["vs"][other] = {"difference": d, "ci95": [lo, hi], "n": n}
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The rows of every dataset as Markdown tables (accuracies in %, evasion success as shares)."""
+    lines = []
+    for dataset, rows in result.items():
+        if dataset == "runs" or not rows:
+            continue
+        compare = list(rows[0]["vs"])
+        lines += [f"## {dataset} ({result['runs'][dataset]['threat']})", "",
+                  "| row | clean | worst case | evasion success: batch / sample | clean FPR | training s | ms / image "
+                  "| " + " | ".join(f"minus {name}" for name in compare) + " |",
+                  "| --- " * (7 + len(compare)) + "|"]
+        for row in rows:
+            evasion, (low, high) = row["evasion_success"], row["worst_case_ci95"]
+            cells = [row["name"], _pct(row["clean_acc"]),
+                     f"{_pct(row['worst_case'])} [{_pct(low)}, {_pct(high)}] (n={row['worst_case_n']})",
+                     "-" if evasion is None else f"{evasion['batch']:.3f} / {evasion['sample']:.3f}",
+                     _pct(row["clean_fpr"]), f"{row['training_seconds']:.0f}", f"{row['clean_ms_per_image']:.3f}",
+                     *(f"{100 * v['difference']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+                       for v in row["vs"].values())]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="the key of the result (digits, cifar10_cpu)")
@@ -190,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threat": args.threat, "transfer_from": args.transfer_from, "machine": machine_description(torch.device("cpu")),
         "threads": threads, "command": " ".join(["python -m bench.detector_robustness", *(argv or sys.argv[1:])])}
     write_result(NAME, result, RESULTS)
+    (RESULTS / f"{NAME}.md").write_text(markdown(result))
     return result
 
 

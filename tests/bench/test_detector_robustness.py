@@ -35,3 +35,15 @@ def test_evasion_success_is_the_share_unflagged_by_each_test_and_misclassified()
     assert abs(found["sample"] - float((~sample_flags & wrong).float().mean())) < 1e-6
     assert abs(found["batch"] - float((~batch_flags & wrong).float().mean())) < 1e-6
     assert defense.routing == "batch"  # the defense's own routing is left as it was
+
+
+def test_the_markdown_has_a_row_per_run_and_a_column_per_comparison() -> None:
+    from bench.detector_robustness import markdown
+
+    row = {"name": "DAD", "clean_acc": 0.99, "worst_case": 0.5, "worst_case_ci95": [0.4, 0.6], "worst_case_n": 200,
+           "evasion_success": {"batch": 0.25, "sample": 0.5}, "clean_fpr": 0.05, "training_seconds": 10.0,
+           "clean_ms_per_image": 0.1, "vs": {"alone": {"difference": -0.02, "ci95": [-0.05, 0.01], "n": 200}}}
+    table = markdown({"digits": [row, {**row, "name": "alone", "evasion_success": None, "clean_fpr": None}],
+                      "runs": {"digits": {"threat": "linf eps=0.2"}}, "cifar10_cpu": []})
+    assert "| DAD | 99.0 | 50.0 [40.0, 60.0] (n=200) | 0.250 / 0.500 | 5.0 | 10 | 0.100 | -2.0 [-5.0, +1.0] |" in table
+    assert "| alone | 99.0 | 50.0 [40.0, 60.0] (n=200) | - | - |" in table and "cifar10_cpu" not in table
