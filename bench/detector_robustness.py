@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.machine import RESULTS, configure_threads, load_run, machine_description, median_ms, write_result
+from bench.machine import (RESULTS, configure_threads, load_run, machine_description, median_ms, pct, stage_summary,
+                           write_result)
 from dad.attacks.registry import chunk_seed, seeded
 from dad.defense import DADDefense
 from dad.defense_file import load_defense
@@ -93,16 +94,15 @@ def evasion_success(defense: DADDefense, states: dict[str, AttackState], labels:
 def _training_seconds(run: Path, report: dict[str, Any], flagged: str | None) -> float:
     """What the row's defense cost to train: the classifier stage alone for a classifier alone (``never``: this
     run's; ``always`` with no purifier: the flagged classifier's), else every stage plus the flagged classifier's."""
-    def seconds(stage_dir: Path) -> float:
-        done = stage_dir / "done.json"
-        return float(json.loads(done.read_text()).get("seconds") or 0.0) if done.is_file() else 0.0
+    def seconds(stage_run: Path, stage: str) -> float:
+        return float(stage_summary(stage_run, stage).get("seconds") or 0.0)
 
-    second = seconds(Path(flagged).parent) if flagged else 0.0
+    second = seconds(Path(flagged).parents[1], "classifier") if flagged else 0.0  # RUN/classifier/best.ckpt
     if report["routing"] == "never":
-        return seconds(run / "classifier")
+        return seconds(run, "classifier")
     if report["routing"] == "always" and (report.get("purifier") or {}).get("kind") == "identity" and flagged:
         return second
-    return sum(seconds(run / stage) for stage in STAGES) + second
+    return sum(seconds(run, stage) for stage in STAGES) + second
 
 
 def _clean_ms_per_image(defense: DADDefense, images: Tensor, batch_size: int) -> float:
@@ -156,10 +156,6 @@ def _paired(rows: list[dict[str, Any]], samples: list[Tensor], compare: list[str
             row["vs"][other] = {"difference": d, "ci95": [lo, hi], "n": n}
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The rows of every dataset as Markdown tables (accuracies in %, evasion success as shares)."""
     lines = []
@@ -173,10 +169,10 @@ def markdown(result: dict[str, Any]) -> str:
                   "| --- " * (7 + len(compare)) + "|"]
         for row in rows:
             evasion, (low, high) = row["evasion_success"], row["worst_case_ci95"]
-            cells = [row["name"], _pct(row["clean_acc"]),
-                     f"{_pct(row['worst_case'])} [{_pct(low)}, {_pct(high)}] (n={row['worst_case_n']})",
+            cells = [row["name"], pct(row["clean_acc"]),
+                     f"{pct(row['worst_case'])} [{pct(low)}, {pct(high)}] (n={row['worst_case_n']})",
                      "-" if evasion is None else f"{evasion['batch']:.3f} / {evasion['sample']:.3f}",
-                     _pct(row["clean_fpr"]), f"{row['training_seconds']:.0f}", f"{row['clean_ms_per_image']:.3f}",
+                     pct(row["clean_fpr"]), f"{row['training_seconds']:.0f}", f"{row['clean_ms_per_image']:.3f}",
                      *(f"{100 * v['difference']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
                        for v in row["vs"].values())]
             lines.append("| " + " | ".join(cells) + " |")

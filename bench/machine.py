@@ -30,8 +30,8 @@ from pipeline.saved_config import load_saved_config
 from pipeline.paths import RunPaths
 from pipeline.trainer import quiet_third_party, run_device
 
-__all__ = ["machine_description", "write_result", "PeakMemory", "configure_threads", "synchronize", "median_ms",
-           "parse_with_overrides", "load_run", "start_run_bench"]
+__all__ = ["machine_description", "write_result", "stage_summary", "pct", "PeakMemory", "configure_threads",
+           "synchronize", "median_ms", "parse_with_overrides", "load_run", "start_run_bench"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -198,6 +198,17 @@ class PeakMemory:
             self._thread.join()
             self._peak = max(self._peak, _rss_bytes())
             self.peak_mib = (self._peak - self._base) / 2**20
+
+
+def stage_summary(run: Path, stage: str) -> dict[str, Any]:
+    """What a run's stage recorded in its ``done.json`` (empty when the stage has not finished)."""
+    done = RunPaths(run).done(stage)
+    return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def pct(value: float | None) -> str:
+    """A share as a percentage with one decimal, ``-`` for none (the result tables' cells)."""
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def load_run(run: Path, overrides: Sequence[str] = ()) -> tuple[PipelineConfig, RunPaths]:

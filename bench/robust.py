@@ -42,13 +42,13 @@ from typing import Any
 import torch
 
 
-from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides,
-                           write_result)
+from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides, pct,
+                           stage_summary, write_result)
 from dad.stats import paired_difference_interval
 from dad.training import TRAINING_METHODS
 from evaluation.runner import evaluate
 from pipeline.config import PipelineConfig, load_config
-from pipeline.paths import STAGES, RunPaths
+from pipeline.paths import STAGES
 from pipeline.stages import run_pipeline
 from pipeline.trainer import quiet_third_party, run_device
 
@@ -72,11 +72,6 @@ def _threat(report: dict[str, Any], requested: str | None) -> str:
 def _samples(run: Path, report_name: str, threat: str) -> torch.Tensor:
     samples = torch.load(run / f"{report_name}_samples.pt", weights_only=True)
     return samples[f"{threat}/headline/samples"]
-
-
-def _stage_summary(run: Path, stage: str) -> dict[str, Any]:
-    done = RunPaths(run).done(stage)
-    return json.loads(done.read_text()) if done.is_file() else {}
 
 
 def _row(method: str, setting: str, report: dict[str, Any], threat: str, autoattack: str,
@@ -106,8 +101,8 @@ def leaderboard_rows(run: Path, method: str, threat: str | None, autoattack: str
     with_dad = json.loads((run / "report.json").read_text())
     alone = json.loads((run / "report_never.json").read_text())
     threat = _threat(with_dad, threat)
-    classifier = _stage_summary(run, "classifier")
-    every_stage = sum(_stage_summary(run, s).get("seconds") or 0.0 for s in STAGES)
+    classifier = stage_summary(run, "classifier")
+    every_stage = sum(stage_summary(run, s).get("seconds") or 0.0 for s in STAGES)
     passes = classifier.get("backward_passes_per_sample")
     rows = [_row(method, "alone", alone, threat, autoattack, classifier.get("seconds") or 0.0, passes),
             _row(method, "with DAD", with_dad, threat, autoattack, every_stage, passes)]
@@ -125,10 +120,6 @@ def _evaluate_both(cfg: PipelineConfig) -> None:
         evaluate(replace(cfg, eval=replace(cfg.eval, routing="never", mixed_attacks=[])))
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
 def _ci(value: float | None, ci: list[float] | None) -> str:
     return "-" if value is None or ci is None else f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
@@ -144,7 +135,7 @@ def markdown(result: dict[str, Any]) -> str:
         setting = r["setting"] + (f" (route kept: {r['route']})" if r.get("route") else "")
         lines.append(f"| {label} | {setting} | {_ci(r['clean_acc'], r['clean_ci95'])} | "
                      f"{_ci(r['autoattack'], r['autoattack_ci95'])} | "
-                     f"{_ci(r['worst_case'], r['worst_case_ci95'])} (n={r['worst_case_n']}) | {_pct(r['clean_fpr'])} "
+                     f"{_ci(r['worst_case'], r['worst_case_ci95'])} (n={r['worst_case_n']}) | {pct(r['clean_fpr'])} "
                      f"| {r['training_seconds']:.0f} | {passes} |")
     lines += ["", "DAD's worst case minus the backbone's alone (paired 95% interval):", ""]
     for d in result["differences"]:
@@ -242,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         method_rows, difference = leaderboard_rows(cfg.run.dir, method, args.threat, args.autoattack)
         rows += method_rows
         differences.append(difference)
-        print(f"{method}: " + "; ".join(f"{r['setting']} clean {_pct(r['clean_acc'])}, worst {_pct(r['worst_case'])}"
+        print(f"{method}: " + "; ".join(f"{r['setting']} clean {pct(r['clean_acc'])}, worst {pct(r['worst_case'])}"
                                         for r in method_rows), flush=True)
     name = args.name or f"robust_leaderboard_{Path(args.config).stem}"
     result = {"config": args.config, "threat": differences[0]["threat"], "rows": rows, "differences": differences,

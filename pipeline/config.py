@@ -5,8 +5,8 @@
 LightningModules, ``purifier`` the diffusion purifiers' (:class:`~dad.diffusion.selection.PurifierSettings`),
 ``attack`` (the training AEs) an :class:`~dad.attacks.AttackSpec`, ``eval``
 :class:`~pipeline.eval_settings.EvalSettings`, and ``trainer`` any argument of ``pytorch_lightning.Trainer`` (read
-from its signature). Every option has one name, one default and
-one check (the section's ``__post_init__``). Parsing uses jsonargparse, the library behind LightningCLI.
+from its signature). Every option has one name, one default and one check (the section's ``__post_init__``).
+Parsing uses jsonargparse, the library behind LightningCLI.
 """
 
 from __future__ import annotations

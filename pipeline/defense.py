@@ -126,10 +126,8 @@ def route_selection(cfg: PipelineConfig, dm: DADDataModule, defense: DADDefense)
                  select.diffusion)
     if len(select.routes) < 2 or select.diffusion:
         return []
-    inputs = selection_inputs(cfg, dm)
     return [RouteSelection({name: route_purifier(cfg, defense, name) for name in select.routes},
-                           inputs["attacks"], inputs["classifier_attack"], inputs["x"], inputs["y"],
-                           inputs["batch_size"], inputs["draws"])]
+                           **selection_inputs(cfg, dm))]
 
 
 def run_defense(cfg: PipelineConfig, paths: RunPaths, dm: DADDataModule, nets: RunNetworks,
