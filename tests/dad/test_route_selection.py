@@ -106,3 +106,14 @@ def test_the_choice_keeps_the_backbone_against_a_weaker_route_and_a_stronger_rou
     assert chosen == expected, table
     backbone, other = (table[name]["worst_case"] for name in ("identity", candidate))
     assert (backbone > other + 0.3) if expected == "identity" else (other > backbone + 0.3), table
+
+
+def test_the_backbone_route_classifies_flagged_images_exactly_as_the_backbone_alone(digits):
+    """Why a defense that keeps ``identity`` cannot be less robust than its backbone: every image, flagged or not,
+    gets the backbone's logits in every draw, so any attack on it is an attack on the backbone."""
+    train_x, train_y, x, _ = digits
+    defense = _defense(train_x, train_y)  # routing ``always``: every image flagged and purified
+    with torch.no_grad():
+        out, alone = defense.forward_draws(x, 3), defense.classifier(x)
+    assert bool(out.flags.all())
+    torch.testing.assert_close(out.logits, alone.expand(3, *alone.shape), rtol=0.0, atol=1e-6)
