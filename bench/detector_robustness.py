@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.machine import (RESULTS, configure_threads, load_run, machine_description, median_ms, pct, stage_summary,
+from bench.machine import (RESULTS, configure_threads, load_run, machine_description, median_ms, pct, stage_seconds,
                            write_result)
 from dad.attacks.registry import chunk_seed, seeded
 from dad.defense import DADDefense
@@ -94,15 +94,12 @@ def evasion_success(defense: DADDefense, states: dict[str, AttackState], labels:
 def _training_seconds(run: Path, report: dict[str, Any], flagged: str | None) -> float:
     """What the row's defense cost to train: the classifier stage alone for a classifier alone (``never``: this
     run's; ``always`` with no purifier: the flagged classifier's), else every stage plus the flagged classifier's."""
-    def seconds(stage_run: Path, stage: str) -> float:
-        return float(stage_summary(stage_run, stage).get("seconds") or 0.0)
-
-    second = seconds(Path(flagged).parents[1], "classifier") if flagged else 0.0  # RUN/classifier/best.ckpt
+    second = stage_seconds(Path(flagged).parents[1], "classifier") if flagged else 0.0  # RUN/classifier/best.ckpt
     if report["routing"] == "never":
-        return seconds(run, "classifier")
+        return stage_seconds(run, "classifier")
     if report["routing"] == "always" and (report.get("purifier") or {}).get("kind") == "identity" and flagged:
         return second
-    return sum(seconds(run, stage) for stage in STAGES) + second
+    return sum(stage_seconds(run, stage) for stage in STAGES) + second
 
 
 def _clean_ms_per_image(defense: DADDefense, images: Tensor, batch_size: int) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench.machine import RESULTS, machine_description, write_result
+from bench.machine import RESULTS, machine_description, stage_summary, write_result
 
 __all__ = ["Step", "steps", "run_check"]
 
@@ -158,11 +158,8 @@ def _figures(work: Path, results: Path) -> dict[str, Any]:
     report = work / "fp32" / "report.json"
     if report.is_file():
         out["digits_eval_seconds"] = json.loads(report.read_text())["timings_s"]["eval"]
-    stages = {}
-    for stage in ("classifier", "kernel", "denoiser"):
-        done = work / "cifar10_cpu" / stage / "done.json"
-        if done.is_file():
-            stages[stage] = json.loads(done.read_text()).get("seconds")
+    stages = {stage: summary.get("seconds") for stage in ("classifier", "kernel", "denoiser")
+              if (summary := stage_summary(work / "cifar10_cpu", stage))}
     if stages:
         out["cifar10_cpu_training_seconds"] = {**stages, "total": sum(s for s in stages.values() if s is not None)}
     return out

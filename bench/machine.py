@@ -30,8 +30,8 @@ from pipeline.saved_config import load_saved_config
 from pipeline.paths import RunPaths
 from pipeline.trainer import quiet_third_party, run_device
 
-__all__ = ["machine_description", "write_result", "stage_summary", "pct", "PeakMemory", "configure_threads",
-           "synchronize", "median_ms", "parse_with_overrides", "load_run", "start_run_bench"]
+__all__ = ["machine_description", "write_result", "stage_summary", "stage_seconds", "pct", "PeakMemory",
+           "configure_threads", "synchronize", "median_ms", "parse_with_overrides", "load_run", "start_run_bench"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -204,6 +204,11 @@ def stage_summary(run: Path, stage: str) -> dict[str, Any]:
     """What a run's stage recorded in its ``done.json`` (empty when the stage has not finished)."""
     done = RunPaths(run).done(stage)
     return json.loads(done.read_text()) if done.is_file() else {}
+
+
+def stage_seconds(run: Path, stage: str) -> float:
+    """The seconds a run's stage took (0 when it has not finished or did not record them)."""
+    return float(stage_summary(run, stage).get("seconds") or 0.0)
 
 
 def pct(value: float | None) -> str:

@@ -43,7 +43,7 @@ import torch
 
 
 from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides, pct,
-                           stage_summary, write_result)
+                           stage_seconds, stage_summary, write_result)
 from dad.stats import paired_difference_interval
 from dad.training import TRAINING_METHODS
 from evaluation.runner import evaluate
@@ -101,10 +101,9 @@ def leaderboard_rows(run: Path, method: str, threat: str | None, autoattack: str
     with_dad = json.loads((run / "report.json").read_text())
     alone = json.loads((run / "report_never.json").read_text())
     threat = _threat(with_dad, threat)
-    classifier = stage_summary(run, "classifier")
-    every_stage = sum(stage_summary(run, s).get("seconds") or 0.0 for s in STAGES)
-    passes = classifier.get("backward_passes_per_sample")
-    rows = [_row(method, "alone", alone, threat, autoattack, classifier.get("seconds") or 0.0, passes),
+    passes = stage_summary(run, "classifier").get("backward_passes_per_sample")
+    every_stage = sum(stage_seconds(run, s) for s in STAGES)
+    rows = [_row(method, "alone", alone, threat, autoattack, stage_seconds(run, "classifier"), passes),
             _row(method, "with DAD", with_dad, threat, autoattack, every_stage, passes)]
     dad, backbone = _samples(run, "report", threat), _samples(run, "report_never", threat)
     n = min(len(dad), len(backbone))  # a folded headline covers the first sanity images only
