@@ -23,7 +23,8 @@ from dad.models import create_model, freeze, load_classifier_weights
 from dad.runs import runs_settings
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
-from evaluation.context import Context
+from evaluation.context import PROTOCOL, Context
+from evaluation.crafted import CraftedStore, module_digest
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
 from lightning_modules.evaluator import CLEAN, DefenseEvaluator
@@ -70,9 +71,11 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
         states[name] = AttackState.resume(ctx.state_path(name), key) if ctx.cfg.eval.resume else AttackState(key)
         if states[name].batches:
             log.info("%s: %d batches reused from %s", name, len(states[name].batches), ctx.state_path(name))
+    crafted = crafted_stores(ctx, attacks, sources)
     module = DefenseEvaluator(ctx.defense, attacks, states=states, with_clean=with_clean,
                               sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size,
-                              draws=ctx.cfg.eval.draws, mixed=mixed, filler=(ctx.fpr_pool, ctx.fpr_labels))
+                              draws=ctx.cfg.eval.draws, mixed=mixed, filler=(ctx.fpr_pool, ctx.fpr_labels),
+                              crafted=crafted)
     writer = AttackStateWriter({name: ctx.state_path(name) for name in names})
     progress = ProgressLog("attacks" if with_clean else "attacks through the defense" if mixed else "sanity re-runs")
     trainer = pl.Trainer(
@@ -86,7 +89,26 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
     with runs_settings(max_images=ctx.cfg.eval.max_run_images):
         trainer.test(module, dataloaders=loader, verbose=False)
     ctx.defense.to(ctx.device)  # the teardown moved it back to the CPU: the analysis runs on the run's device
+    for name, store in crafted.items():
+        if store.reads:
+            log.info("%s: the AEs of %d batches read from %s (crafted by an earlier evaluation of this run)", name,
+                     store.reads, store.folder)
     return module
+
+
+def crafted_stores(ctx: Context, attacks: Mapping[str, AttackSpec],
+                   sources: Mapping[str, tuple[nn.Module, str]]) -> dict[str, CraftedStore]:
+    """The crafted-AE store (:mod:`evaluation.crafted`) of every attack that does not see the defense: a
+    classifier-only attack, keyed by the classifier's weights, and a transfer attack, by its source's hash."""
+    target = {name: sources[name][1] for name in attacks if name in sources}
+    if any(spec.threat == "classifier" for name, spec in attacks.items() if name not in sources):
+        digest = module_digest(ctx.defense.classifier)
+        target.update({name: digest for name, spec in attacks.items()
+                       if spec.threat == "classifier" and name not in sources})
+    return {name: CraftedStore(ctx.paths.root / "crafted_aes",
+                               state_key(attack=attacks[name].as_dict(), target=digest, split=ctx.key_parts["split"],
+                                         batch_size=ctx.batch_size, protocol=PROTOCOL), read=ctx.cfg.eval.resume)
+            for name, digest in target.items()}
 
 
 def transfer_defenses(ctx: Context, spec: TransferSettings) -> dict[str, tuple[nn.Module, str]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -28,6 +28,7 @@ from dad.attacks.judging import with_filler
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
 from dad.runs import PassCount, counting_passes
+from lightning_modules.stores import CraftedAEs, RecordStore
 
 __all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM", "COST_FIELDS"]
 
@@ -40,28 +41,15 @@ attack stopped early)."""
 _COUNTS = ("n", "undefended", "dad", "dad_correct", "denoised", "batches", "flagged")
 
 
-class RecordStore(Protocol):
-    """Where the evaluator keeps each batch's record (:class:`evaluation.state.AttackState`)."""
-
-    key: str
-    batches: dict[int, dict[str, Tensor]]
-
-    def add(self, batch_idx: int, record: dict[str, Tensor]) -> None: ...
-
-    def merge_batches(self, key: str, batches: dict[int, dict[str, Tensor]]) -> None: ...
-
-    def per_batch(self, name: str) -> Tensor: ...
-
-
 class DefenseEvaluator(pl.LightningModule):
     """Runs the defense on clean test batches, on each configured attack and on each mixed-batch attack.
 
-    For every batch and every name it records, per sample (keyed by the sample's index in the test split),
-    whether the undefended classifier, DAD (in all ``draws``) and the denoiser path are right, and per batch
-    the detector's score and decision (one record store per name, see :class:`RecordStore`). The totals
-    are torchmetrics sums, so they are exact under DDP. A batch already present in a given store (same
-    batch index, same sample indices) is reused instead of attacked again: that is how an interrupted
-    evaluation resumes. Validation (the defense stage) only counts the clean batches.
+    For every batch and every name it records, per sample (keyed by the sample's index in the test split), whether
+    the undefended classifier, DAD (in all ``draws``) and the denoiser path are right, and per batch the detector's
+    score and decision (one record store per name, see :class:`RecordStore`). The totals are torchmetrics sums,
+    so they are exact under DDP. A batch already present in a given store (same batch index, same sample indices)
+    is reused instead of attacked again: that is how an interrupted evaluation resumes. Validation (the defense
+    stage) only counts the clean batches.
 
     Args:
         defense: the assembled :class:`~dad.defense.DADDefense`.
@@ -77,6 +65,8 @@ class DefenseEvaluator(pl.LightningModule):
         mixed: named mixed-batch attacks, ``name -> (spec, fraction of AEs per batch)``.
         filler: ``(images, labels)`` of every clean test image, indexed like the test split (mixed batches'
             filler is drawn from it, never from the batch's own images).
+        crafted: per attack name, where its AEs are kept across evaluations (only for attacks that do not see this
+            defense: classifier-only and transfer attacks); a batch found there is judged, not attacked again.
     """
 
     def __init__(
@@ -91,6 +81,7 @@ class DefenseEvaluator(pl.LightningModule):
         draws: int = 3,
         mixed: Mapping[str, tuple[AttackSpec, float]] | None = None,
         filler: tuple[Tensor, Tensor] | None = None,
+        crafted: Mapping[str, CraftedAEs] | None = None,
     ) -> None:
         super().__init__()
         if draws < 1:
@@ -116,6 +107,10 @@ class DefenseEvaluator(pl.LightningModule):
         self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric(nan_strategy="disable")
                                            for slot in self._slot.values() for key in _COUNTS})
         self.states = dict(states or {})
+        self.crafted = dict(crafted or {})
+        if any(n not in self.attacks or self.attacks[n].threat == "defense" and n not in (sources or {})
+               for n in crafted or {}):
+            raise ValueError("Only attacks that do not see the defense (classifier-only, transfer) reuse crafted AEs")
         self.dirty: set[str] = set()
         self._totals: dict[str, dict[str, float]] | None = None  # the counts read at the end of the last epoch
         self._cost = PassCount()  # what the attacks of the record being made ran of the defense
@@ -136,15 +131,9 @@ class DefenseEvaluator(pl.LightningModule):
         correct = (predicted[:, :n] == y).long().sum(0)
         denoised = (self.defense.logits_of_runs(self.defense.purify_runs(x, self.draws)).argmax(2) == y).all(0)
         filler_acc = (predicted[:, n:] == filler_y).float().mean() if filler is not None else torch.tensor(float("nan"))
-        return {
-            "undefended": self.defense.classifier(x).argmax(1) == y,
-            "dad": correct == self.draws,
-            "dad_correct": correct,
-            "denoised": denoised,
-            "score": out.score.detach().reshape(()),
-            "flagged": out.flags.float().mean(),
-            "filler_acc": filler_acc,
-        }
+        return {"undefended": self.defense.classifier(x).argmax(1) == y, "dad": correct == self.draws,
+                "dad_correct": correct, "denoised": denoised, "score": out.score.detach().reshape(()),
+                "flagged": out.flags.float().mean(), "filler_acc": filler_acc}
 
     def _record(self, x_adv: Tensor, y: Tensor, index: Tensor, judged: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"index": index, "x_adv": x_adv.detach() if self.keep_images else x_adv.new_empty(0),
@@ -223,8 +212,7 @@ class DefenseEvaluator(pl.LightningModule):
             spec, fraction = self.mixed[name]
             record = self._mixed(spec, fraction, x, y, index, batch_idx)
         else:
-            source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
-            x_adv = x if name == CLEAN else self.attack(self.attacks[name], x, y, batch_idx, source)
+            x_adv = x if name == CLEAN else self._crafted_or_attack(name, x, y, index, batch_idx)
             # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
             seed = 0 if name == CLEAN else self.attacks[name].seed
             with seeded(chunk_seed(seed, batch_idx, stream=1), x):
@@ -233,6 +221,17 @@ class DefenseEvaluator(pl.LightningModule):
             torch.cuda.synchronize(x.device)
         record["seconds"] = torch.tensor(time.perf_counter() - start)
         return {**record, **{key: torch.tensor(float(getattr(self._cost, key))) for key in COST_FIELDS}}
+
+    def _crafted_or_attack(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> Tensor:
+        """The AEs of attack ``name`` on the batch: read from its crafted store if there, else crafted (and kept)."""
+        store = self.crafted.get(name)
+        x_adv = store.load(batch_idx, index, x) if store is not None else None
+        if x_adv is None:
+            source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
+            x_adv = self.attack(self.attacks[name], x, y, batch_idx, source)
+            if store is not None:
+                store.save(batch_idx, index, x_adv)
+        return x_adv
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = self._unpack(batch, batch_idx)

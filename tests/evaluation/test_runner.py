@@ -206,11 +206,18 @@ def test_interrupted_attack_resumes_from_its_finished_batches(evaluated: tuple[P
 
 
 def test_the_classifier_alone_is_a_routing_of_the_same_harness(
-        evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+        evaluated: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _copy(evaluated, tmp_path)
     cfg = replace(cfg, eval=replace(cfg.eval, routing="never", transfer=TransferSettings(), mixed_attacks=[]))
+    counter = _Counter()
+    monkeypatch.setattr(evaluator_module, "run_seeded", counter)
     report = evaluate(cfg)
     run = tmp_path / "tiny"
+    # the classifier-only AEs of the defense's evaluation are read, not crafted again, and judged by this routing
+    assert counter.calls and not any(c["threat"] == "classifier" for c in counter.calls)
+    own, alone = (run / folder / "pgd_linf.pt" for folder in ("eval_state", "eval_state_never"))
+    assert torch.equal(AttackState.from_disk(own, _key(own)).gather("x_adv"),
+                       AttackState.from_disk(alone, _key(alone)).gather("x_adv"))
     assert (run / "report_never.json").is_file() and (run / "report_never_samples.pt").is_file()
     assert report["routing"] == "never" and (run / "eval_state_never" / "pgd_linf.pt").is_file()
     assert _key(run / "eval_state" / "pgd_linf.pt") != _key(run / "eval_state_never" / "pgd_linf.pt")  # both kept
