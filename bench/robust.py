@@ -22,6 +22,11 @@ worst case minus the backbone's with its paired 95% interval (Newcombe) on the i
 Any other ``--<section>.<option> VALUE`` is a configuration override, as with ``train.py`` (e.g. ``--run.name
 digits_robust_route --denoiser.adv_steps 5``: the leaderboard with the denoiser trained against its route).
 
+``--route-rows`` makes the route leaderboard of :mod:`bench.route_rows` instead (alone, DAD with the denoiser
+trained against its route, DAD with the route the defense stage selected; ``--published`` adds DAD with the
+published denoiser), e.g. ``--route-rows --run.name cifar10_cpu_robust_route --data.selection_size 200
+--denoiser.adv_steps 5 --defense.select.routes '[denoiser, identity]'``.
+
 Methods run as separate invocations (one per process or per session, each with its own ``--name``) become one
 table with ``--merge``, which reads the saved results and reruns nothing:
 
@@ -39,16 +44,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-from bench.machine import (RESULTS, configure_threads, machine_description, parse_with_overrides, pct,
-                           stage_seconds, stage_summary, write_result)
-from dad.stats import paired_difference_interval
+from bench.leaderboard import evaluate_unless_saved, leaderboard_rows
+from bench.machine import RESULTS, configure_threads, machine_description, parse_with_overrides, pct, write_result
+from bench.route_rows import route_method
 from dad.training import TRAINING_METHODS
-from evaluation.runner import evaluate
-from pipeline.config import PipelineConfig, load_config
-from pipeline.paths import STAGES
+from pipeline.config import load_config
 from pipeline.stages import run_pipeline
 from pipeline.trainer import quiet_third_party, run_device
 
@@ -57,66 +57,6 @@ __all__ = ["main", "leaderboard_rows", "merge"]
 _LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "trades": "TRADES", "fat": "FAT", "fat_trades": "FAT-TRADES",
            "gairat": "GAIRAT", "gair_fat": "GAIR-FAT"}
 _ORDER = {method: i for i, method in enumerate(TRAINING_METHODS)}  # the table's row order: the registry's
-
-
-def _threat(report: dict[str, Any], requested: str | None) -> str:
-    """The threat model of the table: ``requested``, else the report's first Linf one."""
-    labels = list(report["worst_case"])
-    if requested is not None:
-        if requested not in labels:
-            raise ValueError(f"No threat model {requested!r} in the report; it has {labels}")
-        return requested
-    return next((label for label in labels if label.startswith("linf")), labels[0])
-
-
-def _samples(run: Path, report_name: str, threat: str) -> torch.Tensor:
-    samples = torch.load(run / f"{report_name}_samples.pt", weights_only=True)
-    return samples[f"{threat}/headline/samples"]
-
-
-def _row(method: str, setting: str, report: dict[str, Any], threat: str, autoattack: str,
-         seconds: float, passes: float | None) -> dict[str, Any]:
-    clean, worst = report["clean_acc"], report["worst_case"][threat]["headline"]
-    aa = report["robust_acc"].get(autoattack)
-    chosen = report.get("route_selection") if setting == "with DAD" else None
-    return {
-        "method": method, "setting": setting,
-        "clean_acc": clean["dad"], "clean_ci95": clean["dad_ci95"],
-        "autoattack": aa["dad"] if aa else None, "autoattack_ci95": aa["dad_ci95"] if aa else None,
-        "worst_case": worst["dad"], "worst_case_ci95": worst["ci95"], "worst_case_n": worst["n"],
-        "worst_case_source": worst["source"],
-        "clean_fpr": report["detection"]["clean_purified"] if setting == "with DAD" else None,
-        "training_seconds": seconds, "backward_passes_per_sample": passes,
-        "route": chosen["chosen"] if chosen else None,  # the defense stage's choice, with its validation numbers
-        "route_validation": {name: {key: r[key] for key in ("worst_case", "interval", "classifier_only", "tied")}
-                             for name, r in chosen["routes"].items()} if chosen else None,
-    }
-
-
-Rows = list[dict[str, Any]]
-
-
-def leaderboard_rows(run: Path, method: str, threat: str | None, autoattack: str) -> tuple[Rows, dict[str, Any]]:
-    """The two rows of one method's run (alone, with DAD) and DAD's worst case minus the backbone's."""
-    with_dad = json.loads((run / "report.json").read_text())
-    alone = json.loads((run / "report_never.json").read_text())
-    threat = _threat(with_dad, threat)
-    passes = stage_summary(run, "classifier").get("backward_passes_per_sample")
-    every_stage = sum(stage_seconds(run, s) for s in STAGES)
-    rows = [_row(method, "alone", alone, threat, autoattack, stage_seconds(run, "classifier"), passes),
-            _row(method, "with DAD", with_dad, threat, autoattack, every_stage, passes)]
-    dad, backbone = _samples(run, "report", threat), _samples(run, "report_never", threat)
-    n = min(len(dad), len(backbone))  # a folded headline covers the first sanity images only
-    difference, low, high = paired_difference_interval(dad[:n], backbone[:n])
-    return rows, {"method": method, "threat": threat, "n": n, "dad_minus_alone": difference, "ci95": [low, high]}
-
-
-def _evaluate_both(cfg: PipelineConfig) -> None:
-    run = cfg.run.dir
-    if not (run / "report.json").is_file():
-        evaluate(cfg)
-    if not (run / "report_never.json").is_file():
-        evaluate(replace(cfg, eval=replace(cfg.eval, routing="never", mixed_attacks=[])))
 
 
 def _ci(value: float | None, ci: list[float] | None) -> str:
@@ -131,16 +71,24 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         passes = "-" if r["backward_passes_per_sample"] is None else f"{r['backward_passes_per_sample']:.2f}"
         label = _LABELS.get(r["method"], r["method"])
-        setting = r["setting"] + (f" (route kept: {r['route']})" if r.get("route") else "")
+        setting = r["setting"] + (f" (route kept: {r['route']})" if r.get("route") else "") + (
+            ": the backbone's logits, = alone by construction" if r.get("measured") is False else "")
         lines.append(f"| {label} | {setting} | {_ci(r['clean_acc'], r['clean_ci95'])} | "
                      f"{_ci(r['autoattack'], r['autoattack_ci95'])} | "
                      f"{_ci(r['worst_case'], r['worst_case_ci95'])} (n={r['worst_case_n']}) | {pct(r['clean_fpr'])} "
                      f"| {r['training_seconds']:.0f} | {passes} |")
     lines += ["", "DAD's worst case minus the backbone's alone (paired 95% interval):", ""]
     for d in result["differences"]:
-        lines.append(f"- {_LABELS.get(d['method'], d['method'])}: {100 * d['dad_minus_alone']:+.1f} "
-                     f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] points (n={d['n']})")
+        others = "".join(f"; {label} {_points(d[key + '_minus_alone'], d[key + '_ci95'])}"
+                         for key, label in (("published", "published denoiser"), ("selected", "selected route"))
+                         if key + "_minus_alone" in d)
+        lines.append(f"- {_LABELS.get(d['method'], d['method'])}: {_points(d['dad_minus_alone'], d['ci95'])} points "
+                     f"(n={d['n']}){others}")
     return "\n".join(lines) + "\n"
+
+
+def _points(value: float, ci: list[float]) -> str:
+    return f"{100 * value:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
 
 def merge(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -205,7 +153,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default=None, help="result name (default: robust_leaderboard_<config stem>)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                         help="merge these saved results (bench/results/NAME.json) into --name; runs nothing")
+    parser.add_argument("--route-rows", action="store_true",
+                        help="the route leaderboard (bench.route_rows): alone, DAD with the route-trained denoiser and "
+                             "with the selected route, the published route's AEs transferred as a masking check")
+    parser.add_argument("--published", action="store_true",
+                        help="with --route-rows, also evaluate DAD with the published denoiser (a row of its own)")
     args, overrides = parse_with_overrides(parser, argv)
+    if args.published and not args.route_rows:
+        parser.error("--published is a row of --route-rows")
     if args.merge is not None:
         if args.name is None:
             parser.error("--merge needs --name (the merged result's name)")
@@ -226,10 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = replace(base, run=replace(base.run, name=f"{base.run.name}_{method}"),
                       classifier=replace(base.classifier, training=method))
         start = time.perf_counter()
-        run_pipeline(cfg)
-        _evaluate_both(cfg)
+        if args.route_rows:
+            method_rows, difference = route_method(cfg, method, args.threat, args.autoattack, args.published)
+        else:
+            run_pipeline(cfg)
+            evaluate_unless_saved(cfg)
+            evaluate_unless_saved(cfg, "never")
+            method_rows, difference = leaderboard_rows(cfg.run.dir, method, args.threat, args.autoattack)
         seconds[method] = time.perf_counter() - start
-        method_rows, difference = leaderboard_rows(cfg.run.dir, method, args.threat, args.autoattack)
         rows += method_rows
         differences.append(difference)
         print(f"{method}: " + "; ".join(f"{r['setting']} clean {pct(r['clean_acc'])}, worst {pct(r['worst_case'])}"

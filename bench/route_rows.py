@@ -1,0 +1,114 @@
+"""The route leaderboard of one robust backbone (``python -m bench.robust --route-rows``): the backbone alone, DAD
+with the denoiser trained against its route, DAD with the route the defense stage selected, and optionally DAD with
+the published denoiser.
+
+The method's run trains its denoiser against the purified route (``denoiser.adv_steps``) and lets its defense stage
+choose among ``defense.select.routes`` (e.g. ``[denoiser, identity]``). Beside it, sibling runs share its
+classifier, kernel and training AEs (copied, never retrained):
+
+* ``<run>_published``: the same backbone and kernel with the published denoiser (``denoiser.adv_steps 0``, no
+  selection). Its ``evade_denoised`` and ``autoattack_rand`` AEs, transferred to the route-trained defense
+  (``eval.transfer.defenses``), are the masking check: a route whose gradients mislead the attacks through it
+  would fall to AEs crafted on another. With ``published=True`` it is also evaluated, a row of its own.
+* ``<run>_routekept``: where the selection kept another route, the defense with the route-trained denoiser anyway
+  (``defense.select.routes []``), so that the route-trained row is measured whatever the selection chose.
+
+The selected row is the run's own defense. Where the selection kept the route-trained denoiser it is that row's
+evaluation. Where it kept the backbone alone (``identity``), the defense classifies every image with the backbone's
+logits in every draw (``tests/dad/test_route_selection.py``), so every attack meets the backbone alone: the row
+takes the backbone's accuracies (``"measured": False``) and the clean FPR of its detector, which is the
+route-trained defense's (the same kernel and calibration).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.leaderboard import Rows, evaluate_unless_saved, leaderboard_rows
+from bench.machine import stage_seconds, stage_summary
+from pipeline.config import ConfigError, PipelineConfig
+from pipeline.paths import STAGES
+from pipeline.stages import run_pipeline
+
+__all__ = ["route_method", "sibling", "BACKBONE_PRODUCTS", "TRANSFERRED"]
+
+BACKBONE_PRODUCTS = ("splits.json", "classifier", "kernel", "aes")
+"""What a sibling run copies from the method's run: everything before the denoiser."""
+TRANSFERRED = ("evade_denoised", "autoattack_rand")
+"""Attacks through the defense crafted on the published route and transferred (where the suite has them)."""
+
+
+def sibling(cfg: PipelineConfig, suffix: str, products: tuple[str, ...], adv_steps: int | None = None
+            ) -> PipelineConfig:
+    """The run ``<name>_<suffix>`` beside ``cfg``'s, holding copies of its finished ``products`` (skipped by the
+    pipeline, never retrained), without route selection and with ``denoiser.adv_steps`` set where given."""
+    source = cfg.run.dir
+    sib = replace(cfg, run=replace(cfg.run, name=f"{cfg.run.name}_{suffix}"),
+                  defense=replace(cfg.defense, select=replace(cfg.defense.select, routes=[])),
+                  denoiser=cfg.denoiser if adv_steps is None else replace(cfg.denoiser, adv_steps=adv_steps))
+    for name in products:
+        target = sib.run.dir / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+            copy(source / name, target)
+    return sib
+
+
+def _with_transfer(cfg: PipelineConfig, published: Path) -> PipelineConfig:
+    attacks = [name for name in TRANSFERRED if name in cfg.eval.attacks]
+    transfer = replace(cfg.eval.transfer, defenses={**cfg.eval.transfer.defenses, "published": str(published)},
+                       defense_attacks=list(dict.fromkeys([*cfg.eval.transfer.defense_attacks, *attacks])))
+    return replace(cfg, eval=replace(cfg.eval, transfer=transfer))
+
+
+def run_route_method(cfg: PipelineConfig, published: bool) -> dict[str, Path]:
+    """Train and evaluate what the rows need; the directories of ``alone``, ``route_trained``, ``published``."""
+    if len(cfg.defense.select.routes) < 2 or "denoiser" not in cfg.defense.select.routes:
+        raise ConfigError("--route-rows needs the defense stage to choose among routes that include the route-trained "
+                          f"denoiser (e.g. --defense.select.routes '[denoiser, identity]'), got "
+                          f"{cfg.defense.select.routes}")
+    run_pipeline(cfg)
+    pub = sibling(cfg, "published", BACKBONE_PRODUCTS, adv_steps=0)
+    run_pipeline(pub)
+    chosen = stage_summary(cfg.run.dir, "defense")["route_selection"]["chosen"]
+    route = cfg if chosen == "denoiser" else sibling(cfg, "routekept", (*BACKBONE_PRODUCTS, "denoiser"))
+    run_pipeline(route)
+    evaluate_unless_saved(cfg, "never")
+    evaluate_unless_saved(_with_transfer(route, pub.run.dir / "defense.pt"))
+    if published:
+        evaluate_unless_saved(pub)
+    return {"alone": cfg.run.dir, "route_trained": route.run.dir, **({"published": pub.run.dir} if published else {})}
+
+
+def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattack: str,
+                 published: bool = False) -> tuple[Rows, dict[str, Any]]:
+    """The rows of one method (alone, [published,] route-trained, selected) and the paired differences."""
+    runs = run_route_method(cfg, published)
+    rows, difference = leaderboard_rows(runs["route_trained"], method, threat, autoattack, alone_run=runs["alone"],
+                                        setting="with DAD, route-trained denoiser")
+    selection = stage_summary(runs["alone"], "defense")["route_selection"]
+    alone, trained = rows
+    trained.update(route=None, route_validation=None)
+    if selection["chosen"] == "denoiser":
+        selected = {**trained, "measured": True}
+        difference.update(selected_minus_alone=difference["dad_minus_alone"], selected_ci95=difference["ci95"])
+    else:  # the backbone's logits for every image: the backbone's accuracies, the detector's FPR
+        selected = {**alone, "clean_fpr": trained["clean_fpr"], "measured": False,
+                    "training_seconds": sum(stage_seconds(runs["alone"], stage) for stage in STAGES)}
+        difference.update(selected_minus_alone=0.0, selected_ci95=[0.0, 0.0])
+    evidence = ("worst_case", "interval", "classifier_only", "tied")
+    selected.update(setting="with DAD, selected route", route=selection["chosen"],
+                    route_validation={name: {key: r[key] for key in evidence}
+                                      for name, r in selection["routes"].items()})
+    rows = [alone, trained, selected]
+    if published:
+        pub_rows, pub_difference = leaderboard_rows(runs["published"], method, threat, autoattack,
+                                                    alone_run=runs["alone"], setting="with DAD, published denoiser")
+        rows.insert(1, pub_rows[1])
+        difference.update(published_minus_alone=pub_difference["dad_minus_alone"],
+                          published_ci95=pub_difference["ci95"])
+    return rows, difference

@@ -1,0 +1,72 @@
+"""bench/robust.py --route-rows on a tiny run: the sibling runs share the backbone, the published route's AEs are
+transferred, and the selected row follows the defense stage's choice."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.route_rows import route_method
+from dad.attacks import AttackSpec
+from dad.route_selection import RouteSelectionSettings
+from pipeline.config import ConfigError
+from pipeline.paths import RunPaths
+from tests.conftest import TINY_ATTACK, tiny_config
+
+
+def _config(root: Path):  # type: ignore[no-untyped-def]
+    cfg = tiny_config(root, name="lb_route_standard")
+    attacks = {"pgd_linf": AttackSpec(**TINY_ATTACK),
+               "autoattack_rand": AttackSpec(**TINY_ATTACK, threat="defense", eot_samples=2)}
+    evaluation = replace(cfg.eval, attacks=attacks, max_test=40, max_test_defense=25, mixed_attacks=[],
+                         sanity_samples=25, sweep_factors=[0.5, 1.0])
+    return replace(cfg, data=replace(cfg.data, selection_size=50), eval=evaluation,
+                   denoiser=replace(cfg.denoiser, adv_steps=1, adv_eps=0.2, adv_step_size=0.1),
+                   defense=replace(cfg.defense, select=RouteSelectionSettings(routes=["denoiser", "identity"])))
+
+
+def _same(row: dict, other: dict) -> bool:  # type: ignore[type-arg]
+    return all(row[k] == other[k] for k in ("clean_acc", "autoattack", "worst_case", "worst_case_n"))
+
+
+def test_route_rows_share_the_backbone_transfer_the_published_route_and_follow_the_choice(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    rows, difference = route_method(cfg, "standard", None, "pgd_linf")
+    run, published = cfg.run.dir, tmp_path / "lb_route_standard_published"
+    assert [r["setting"] for r in rows] == ["alone", "with DAD, route-trained denoiser", "with DAD, selected route"]
+    for product in ("classifier/done.json", "kernel/done.json", "splits.json"):  # copied, never retrained
+        assert (published / product).read_bytes() == (run / product).read_bytes()
+    assert "adv_steps: 0" in (published / "config.yaml").read_text()
+    chosen = json.loads(RunPaths(run).done("defense").read_text())["route_selection"]["chosen"]
+    route_run = run if chosen == "denoiser" else tmp_path / "lb_route_standard_routekept"
+    report = json.loads((route_run / "report.json").read_text())
+    assert "transfer_published_autoattack_rand" in report["robust_acc"]  # the masking check
+    alone, trained, selected = rows
+    assert selected["route"] == chosen and set(selected["route_validation"]) == {"denoiser", "identity"}
+    assert _same(selected, trained if chosen == "denoiser" else alone)
+    assert selected["measured"] == (chosen == "denoiser") and selected["clean_fpr"] == trained["clean_fpr"]
+
+    # the other choice: the rows follow what the defense stage recorded
+    done = RunPaths(run).done("defense")
+    summary = json.loads(done.read_text())
+    other = "identity" if chosen == "denoiser" else "denoiser"
+    summary["route_selection"]["chosen"] = other
+    done.write_text(json.dumps(summary))
+    if other == "identity":  # the run's defense.pt keeps the denoiser: the routekept sibling measures it
+        rows_again, again = route_method(cfg, "standard", None, "pgd_linf")
+        assert (tmp_path / "lb_route_standard_routekept" / "report.json").is_file()
+        assert _same(rows_again[2], rows_again[0]) and not rows_again[2]["measured"]
+        assert again["selected_minus_alone"] == 0.0
+    else:
+        rows_again, again = route_method(cfg, "standard", None, "pgd_linf")
+        assert _same(rows_again[2], rows_again[1]) and rows_again[2]["measured"]
+        assert again["selected_minus_alone"] == again["dad_minus_alone"]
+
+
+def test_route_rows_need_a_selection_that_includes_the_route_trained_denoiser(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="--route-rows"):
+        route_method(cfg, "standard", None, "pgd_linf")
