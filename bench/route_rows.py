@@ -13,6 +13,9 @@ classifier, kernel and training AEs (copied, never retrained):
 * ``<run>_routekept``: where the selection kept another route, the defense with the route-trained denoiser anyway
   (``defense.select.routes []``), so that the route-trained row is measured whatever the selection chose.
 
+The siblings' evaluations judge the classifier-only AEs the backbone's evaluation crafted (``crafted_aes/``, keyed
+by the classifier's weights: the same network), instead of running AutoAttack on it again.
+
 The selected row is the run's own defense. Where the selection kept the route-trained denoiser it is that row's
 evaluation. Where it kept the backbone alone (``identity``), the defense classifies every image with the backbone's
 logits in every draw (``tests/dad/test_route_selection.py``), so every attack meets the backbone alone: the row
@@ -78,6 +81,9 @@ def run_route_method(cfg: PipelineConfig, published: bool) -> dict[str, Path]:
     route = cfg if chosen == "denoiser" else sibling(cfg, "routekept", (*BACKBONE_PRODUCTS, "denoiser"))
     run_pipeline(route)
     evaluate_unless_saved(cfg, "never")
+    for other in {route.run.dir, pub.run.dir} - {cfg.run.dir}:  # the same classifier: its AEs are crafted once
+        if (cfg.run.dir / "crafted_aes").is_dir():
+            shutil.copytree(cfg.run.dir / "crafted_aes", other / "crafted_aes", dirs_exist_ok=True)
     evaluate_unless_saved(_with_transfer(route, pub.run.dir / "defense.pt"))
     if published:
         evaluate_unless_saved(pub)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import lightning_modules.evaluator as evaluator_module
 from bench.route_rows import route_method
 from dad.attacks import AttackSpec
 from dad.route_selection import RouteSelectionSettings
@@ -32,9 +33,22 @@ def _same(row: dict, other: dict) -> bool:  # type: ignore[type-arg]
     return all(row[k] == other[k] for k in ("clean_acc", "autoattack", "worst_case", "worst_case_n"))
 
 
-def test_route_rows_share_the_backbone_transfer_the_published_route_and_follow_the_choice(tmp_path: Path) -> None:
+def test_route_rows_share_the_backbone_transfer_the_published_route_and_follow_the_choice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path)
+    crafted: list[tuple[object, ...]] = []
+    real = evaluator_module.run_seeded
+
+    def counting(spec, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if spec.threat == "classifier":
+            crafted.append((spec.eps, spec.steps, kwargs["chunk"]))
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "run_seeded", counting)
     rows, difference = route_method(cfg, "standard", None, "pgd_linf")
+    # the classifier-only AEs (pgd_linf on 2 batches, its eps sweep) are crafted once for the backbone's and the
+    # defense's evaluations: the second judges them
+    assert len(crafted) >= 2 and len(set(crafted)) == len(crafted)
     run, published = cfg.run.dir, tmp_path / "lb_route_standard_published"
     assert [r["setting"] for r in rows] == ["alone", "with DAD, route-trained denoiser", "with DAD, selected route"]
     for product in ("classifier/done.json", "kernel/done.json", "splits.json"):  # copied, never retrained
