@@ -158,9 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "with the selected route, the published route's AEs transferred as a masking check")
     parser.add_argument("--published", action="store_true",
                         help="with --route-rows, also evaluate DAD with the published denoiser (a row of its own)")
+    parser.add_argument("--select-published", action="store_true",
+                        help="with --route-rows, the published denoiser is a candidate of the defense stage's "
+                             "selection")
     args, overrides = parse_with_overrides(parser, argv)
-    if args.published and not args.route_rows:
-        parser.error("--published is a row of --route-rows")
+    if (args.published or args.select_published) and not args.route_rows:
+        parser.error("--published and --select-published are options of --route-rows")
     if args.merge is not None:
         if args.name is None:
             parser.error("--merge needs --name (the merged result's name)")
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       classifier=replace(base.classifier, training=method))
         start = time.perf_counter()
         if args.route_rows:
-            method_rows, difference = route_method(cfg, method, args.threat, args.autoattack, args.published)
+            method_rows, difference = route_method(cfg, method, args.threat, args.autoattack, args.published,
+                                                   args.select_published)
         else:
             run_pipeline(cfg)
             evaluate_unless_saved(cfg)

@@ -16,11 +16,15 @@ classifier, kernel and training AEs (copied, never retrained):
 The siblings' evaluations judge the classifier-only AEs the backbone's evaluation crafted (``crafted_aes/``, keyed
 by the classifier's weights: the same network), instead of running AutoAttack on it again.
 
+With ``select_published`` the published denoiser is also a candidate of the selection (``defense.select.denoisers``),
+so the published sibling is trained first, from the run's classifier and kernel.
+
 The selected row is the run's own defense. Where the selection kept the route-trained denoiser it is that row's
-evaluation. Where it kept the backbone alone (``identity``), the defense classifies every image with the backbone's
-logits in every draw (``tests/dad/test_route_selection.py``), so every attack meets the backbone alone: the row
-takes the backbone's accuracies (``"measured": False``) and the clean FPR of its detector, which is the
-route-trained defense's (the same kernel and calibration).
+evaluation; where it kept another purifier (the published denoiser), the run's defense is evaluated. Where it kept
+the backbone alone (``identity``), the defense classifies every image with the backbone's logits in every draw
+(``tests/dad/test_route_selection.py``), so every attack meets the backbone alone: the row takes the backbone's
+accuracies (``"measured": False``) and the clean FPR of its detector, which is the route-trained defense's (the
+same kernel and calibration).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from typing import Any
 from bench.leaderboard import Rows, evaluate_unless_saved, leaderboard_rows
 from bench.machine import stage_seconds, stage_summary
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.paths import STAGES
+from pipeline.paths import STAGES, RunPaths
 from pipeline.stages import run_pipeline
 
-__all__ = ["route_method", "sibling", "BACKBONE_PRODUCTS", "TRANSFERRED"]
+__all__ = ["route_method", "run_route_method", "sibling", "with_published_candidate", "BACKBONE_PRODUCTS",
+           "TRANSFERRED"]
 
 BACKBONE_PRODUCTS = ("splits.json", "classifier", "kernel", "aes")
 """What a sibling run copies from the method's run: everything before the denoiser."""
@@ -68,32 +73,57 @@ def _with_transfer(cfg: PipelineConfig, published: Path) -> PipelineConfig:
     return replace(cfg, eval=replace(cfg.eval, transfer=transfer))
 
 
-def run_route_method(cfg: PipelineConfig, published: bool) -> dict[str, Path]:
-    """Train and evaluate what the rows need; the directories of ``alone``, ``route_trained``, ``published``."""
+def with_published_candidate(cfg: PipelineConfig, denoiser: Path) -> PipelineConfig:
+    """``cfg`` with the published denoiser (a denoiser stage's checkpoint) among the defense stage's routes."""
+    select = cfg.defense.select
+    if "published" in select.routes:
+        return cfg
+    select = replace(select, routes=[*select.routes, "published"], denoisers={**select.denoisers,
+                                                                              "published": str(denoiser)})
+    return replace(cfg, defense=replace(cfg.defense, select=select))
+
+
+def _share_crafted(source: Path, targets: set[Path]) -> None:
+    """Copy the classifier-only AEs crafted in ``source`` to sibling runs of the same classifier."""
+    for target in targets - {source}:
+        if (source / "crafted_aes").is_dir():
+            shutil.copytree(source / "crafted_aes", target / "crafted_aes", dirs_exist_ok=True)
+
+
+def run_route_method(cfg: PipelineConfig, published: bool = False,
+                     select_published: bool = False) -> dict[str, Path | None]:
+    """Train and evaluate what the rows need (``select_published``: the published denoiser is a candidate of the
+    selection too); the directories of ``alone``, ``route_trained``, ``selected`` (None where the selected row
+    is another's) and ``published`` (None unless evaluated)."""
     if len(cfg.defense.select.routes) < 2 or "denoiser" not in cfg.defense.select.routes:
         raise ConfigError("--route-rows needs the defense stage to choose among routes that include the route-trained "
                           f"denoiser (e.g. --defense.select.routes '[denoiser, identity]'), got "
                           f"{cfg.defense.select.routes}")
-    run_pipeline(cfg)
+    run_pipeline(cfg, until="kernel")  # the published sibling needs the backbone and kernel
     pub = sibling(cfg, "published", BACKBONE_PRODUCTS, adv_steps=0)
     run_pipeline(pub)
+    if select_published:
+        cfg = with_published_candidate(cfg, RunPaths(pub.run.dir).product("denoiser"))
+    run_pipeline(cfg)
     chosen = stage_summary(cfg.run.dir, "defense")["route_selection"]["chosen"]
     route = cfg if chosen == "denoiser" else sibling(cfg, "routekept", (*BACKBONE_PRODUCTS, "denoiser"))
     run_pipeline(route)
     evaluate_unless_saved(cfg, "never")
-    for other in {route.run.dir, pub.run.dir} - {cfg.run.dir}:  # the same classifier: its AEs are crafted once
-        if (cfg.run.dir / "crafted_aes").is_dir():
-            shutil.copytree(cfg.run.dir / "crafted_aes", other / "crafted_aes", dirs_exist_ok=True)
+    _share_crafted(cfg.run.dir, {route.run.dir, pub.run.dir})
     evaluate_unless_saved(_with_transfer(route, pub.run.dir / "defense.pt"))
+    selected = chosen not in ("denoiser", "identity")  # another purifier: the run's own defense is measured
+    if selected:
+        evaluate_unless_saved(cfg)
     if published:
         evaluate_unless_saved(pub)
-    return {"alone": cfg.run.dir, "route_trained": route.run.dir, **({"published": pub.run.dir} if published else {})}
+    return {"alone": cfg.run.dir, "route_trained": route.run.dir, "selected": cfg.run.dir if selected else None,
+            "published": pub.run.dir if published else None}
 
 
-def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattack: str,
-                 published: bool = False) -> tuple[Rows, dict[str, Any]]:
+def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattack: str, published: bool = False,
+                 select_published: bool = False) -> tuple[Rows, dict[str, Any]]:
     """The rows of one method (alone, [published,] route-trained, selected) and the paired differences."""
-    runs = run_route_method(cfg, published)
+    runs = run_route_method(cfg, published, select_published)
     rows, difference = leaderboard_rows(runs["route_trained"], method, threat, autoattack, alone_run=runs["alone"],
                                         setting="with DAD, route-trained denoiser")
     selection = stage_summary(runs["alone"], "defense")["route_selection"]
@@ -102,16 +132,20 @@ def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattac
     if selection["chosen"] == "denoiser":
         selected = {**trained, "measured": True}
         difference.update(selected_minus_alone=difference["dad_minus_alone"], selected_ci95=difference["ci95"])
-    else:  # the backbone's logits for every image: the backbone's accuracies, the detector's FPR
+    elif selection["chosen"] == "identity":  # the backbone's logits for every image: its accuracies, the detector's FPR
         selected = {**alone, "clean_fpr": trained["clean_fpr"], "measured": False,
                     "training_seconds": sum(stage_seconds(runs["alone"], stage) for stage in STAGES)}
         difference.update(selected_minus_alone=0.0, selected_ci95=[0.0, 0.0])
+    else:
+        own_rows, own = leaderboard_rows(runs["selected"], method, threat, autoattack)
+        selected = {**own_rows[1], "measured": True}
+        difference.update(selected_minus_alone=own["dad_minus_alone"], selected_ci95=own["ci95"])
     evidence = ("worst_case", "interval", "classifier_only", "tied")
     selected.update(setting="with DAD, selected route", route=selection["chosen"],
                     route_validation={name: {key: r[key] for key in evidence}
                                       for name, r in selection["routes"].items()})
     rows = [alone, trained, selected]
-    if published:
+    if runs["published"] is not None:
         pub_rows, pub_difference = leaderboard_rows(runs["published"], method, threat, autoattack,
                                                     alone_run=runs["alone"], setting="with DAD, published denoiser")
         rows.insert(1, pub_rows[1])

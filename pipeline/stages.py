@@ -106,8 +106,12 @@ def run_stage(cfg: PipelineConfig, stage: str, ckpt_path: str | None = None, net
     return summary
 
 
-def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last") -> dict[str, dict[str, Any]]:
-    """Run every unfinished stage in order; finished ones (``done.json`` present) are skipped."""
+def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last",
+                 until: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run every unfinished stage in order, up to ``until`` (included; None: every stage); finished ones
+    (``done.json`` present) are skipped."""
+    if until is not None and until not in STAGES:
+        raise ValueError(f"Expected `until` among {STAGES}, got {until!r}")
     paths = RunPaths(cfg.run.dir)
     nets = RunNetworks(cfg, paths)
     dm: DADDataModule | None = None
@@ -119,7 +123,9 @@ def run_pipeline(cfg: PipelineConfig, ckpt_path: str | None = "last") -> dict[st
         if done.is_file() and (stage in ("defense", "purifier") or paths.product(stage).is_file()):
             log.info("%s: finished earlier, skipping (%s)", stage, done)
             summaries[stage] = json.loads(done.read_text())
-            continue
-        dm = dm or load_datamodule(cfg, paths)
-        summaries[stage] = run_stage(cfg, stage, ckpt_path, nets, dm)
+        else:
+            dm = dm or load_datamodule(cfg, paths)
+            summaries[stage] = run_stage(cfg, stage, ckpt_path, nets, dm)
+        if stage == until:
+            break
     return summaries

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lightning_modules.evaluator as evaluator_module
-from bench.route_rows import route_method
+from bench.route_rows import route_method, run_route_method
 from dad.attacks import AttackSpec
 from dad.route_selection import RouteSelectionSettings
 from pipeline.config import ConfigError
@@ -63,21 +63,29 @@ def test_route_rows_share_the_backbone_transfer_the_published_route_and_follow_t
     assert _same(selected, trained if chosen == "denoiser" else alone)
     assert selected["measured"] == (chosen == "denoiser") and selected["clean_fpr"] == trained["clean_fpr"]
 
-    # the other choice: the rows follow what the defense stage recorded
-    done = RunPaths(run).done("defense")
+
+@pytest.mark.parametrize("chosen", ["denoiser", "identity", "published"])
+def test_the_selected_row_follows_the_recorded_choice(tmp_path: Path, chosen: str) -> None:
+    """With the published denoiser among the candidates, whatever the defense stage recorded as its choice: the
+    route-trained denoiser (that row), the backbone (its numbers, not re-measured) or the published one (the run's
+    defense evaluated)."""
+    cfg = _config(tmp_path)
+    run_route_method(cfg, select_published=True)
+    done = RunPaths(cfg.run.dir).done("defense")
     summary = json.loads(done.read_text())
-    other = "identity" if chosen == "denoiser" else "denoiser"
-    summary["route_selection"]["chosen"] = other
+    assert set(summary["route_selection"]["routes"]) == {"denoiser", "identity", "published"}
+    summary["route_selection"]["chosen"] = chosen
     done.write_text(json.dumps(summary))
-    if other == "identity":  # the run's defense.pt keeps the denoiser: the routekept sibling measures it
-        rows_again, again = route_method(cfg, "standard", None, "pgd_linf")
-        assert (tmp_path / "lb_route_standard_routekept" / "report.json").is_file()
-        assert _same(rows_again[2], rows_again[0]) and not rows_again[2]["measured"]
-        assert again["selected_minus_alone"] == 0.0
+    (alone, trained, selected), difference = route_method(cfg, "standard", None, "pgd_linf", select_published=True)
+    assert selected["route"] == chosen and selected["measured"] == (chosen != "identity")
+    assert chosen == "denoiser" or (tmp_path / "lb_route_standard_routekept" / "report.json").is_file()
+    if chosen == "denoiser":
+        assert _same(selected, trained) and difference["selected_minus_alone"] == difference["dad_minus_alone"]
+    elif chosen == "identity":
+        assert _same(selected, alone) and difference["selected_ci95"] == [0.0, 0.0]
     else:
-        rows_again, again = route_method(cfg, "standard", None, "pgd_linf")
-        assert _same(rows_again[2], rows_again[1]) and rows_again[2]["measured"]
-        assert again["selected_minus_alone"] == again["dad_minus_alone"]
+        report = json.loads((cfg.run.dir / "report.json").read_text())
+        assert selected["worst_case"] == report["worst_case"]["linf eps=0.2"]["headline"]["dad"]
 
 
 def test_route_rows_need_a_selection_that_includes_the_route_trained_denoiser(tmp_path: Path) -> None:

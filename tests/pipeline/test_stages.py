@@ -15,6 +15,7 @@ from pipeline.checkpoints import read_checkpoint, sub_state_dict
 from pipeline.paths import RunPaths
 from pipeline.networks import RunNetworks
 from pipeline.stages import run_pipeline, run_stage
+from tests.conftest import tiny_config
 
 
 def _assert_fraction(value: float) -> None:
@@ -124,3 +125,13 @@ def test_the_evasion_aware_kernel_stage_trains_against_its_own_crafted_examples(
     assert torch.isfinite(torch.tensor([summary["j_start"], summary["j_end"]])).all()
     ckpt = read_checkpoint(RunPaths(cfg.run.dir).product("kernel"), "kernel")
     assert ckpt["hyper_parameters"]["settings"]["adversarial"] is True
+
+
+def test_the_pipeline_stops_after_the_stage_it_is_asked_to(tmp_path):
+    cfg = tiny_config(tmp_path)
+    summaries = run_pipeline(cfg, until="kernel")
+    paths = RunPaths(cfg.run.dir)
+    assert list(summaries) == ["classifier", "kernel"] and not paths.done("denoiser").exists()
+    assert list(run_pipeline(cfg, until="kernel")) == ["classifier", "kernel"]  # finished stages count too
+    with pytest.raises(ValueError, match="until"):
+        run_pipeline(cfg, until="kernels")
