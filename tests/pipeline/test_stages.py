@@ -95,8 +95,6 @@ def test_kernel_stage_resumes_from_last_checkpoint(tiny, tmp_path, monkeypatch):
     reference = run_stage(tiny, "kernel")  # uninterrupted
     ref_state = read_checkpoint(RunPaths(tiny.run.dir).last("kernel"), "kernel")
 
-    from tests.conftest import tiny_config
-
     cfg = tiny_config(tmp_path / "b")
     run_stage(cfg, "classifier")
     real_trainer = trainers.stage_trainer
