@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--select-published", action="store_true",
                         help="with --route-rows, the published denoiser is a candidate of the defense stage's "
                              "selection")
+    parser.add_argument("--parallel-evals", action="store_true",
+                        help="with --route-rows, the backbone-alone evaluation in a second process (on 2 cores, "
+                             "give each process one thread: --threads 1)")
     args, overrides = parse_with_overrides(parser, argv)
-    if (args.published or args.select_published) and not args.route_rows:
-        parser.error("--published and --select-published are options of --route-rows")
+    if (args.published or args.select_published or args.parallel_evals) and not args.route_rows:
+        parser.error("--published, --select-published and --parallel-evals are options of --route-rows")
     if args.merge is not None:
         if args.name is None:
             parser.error("--merge needs --name (the merged result's name)")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         if args.route_rows:
             method_rows, difference = route_method(cfg, method, args.threat, args.autoattack, args.published,
-                                                   args.select_published)
+                                                   args.select_published, args.parallel_evals)
         else:
             run_pipeline(cfg)
             evaluate_unless_saved(cfg)

@@ -14,7 +14,9 @@ classifier, kernel and training AEs (copied, never retrained):
   (``defense.select.routes []``), so that the route-trained row is measured whatever the selection chose.
 
 The siblings' evaluations judge the classifier-only AEs the backbone's evaluation crafted (``crafted_aes/``, keyed
-by the classifier's weights: the same network), instead of running AutoAttack on it again.
+by the classifier's weights: the same network, linked), instead of running AutoAttack on it again. With
+``parallel`` the backbone-alone evaluation runs in a second process while this one trains the siblings and
+evaluates the defense (on 2 cores: one thread each, ``--threads 1``).
 
 With ``select_published`` the published denoiser is also a candidate of the selection (``defense.select.denoisers``),
 so the published sibling is trained first, from the run's classifier and kernel.
@@ -29,16 +31,21 @@ same kernel and calibration).
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.process
 import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.leaderboard import Rows, evaluate_unless_saved, leaderboard_rows
-from bench.machine import stage_seconds, stage_summary
+from bench.machine import configure_threads, stage_seconds, stage_summary
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.paths import STAGES, RunPaths
 from pipeline.stages import run_pipeline
+from pipeline.trainer import quiet_third_party
 
 __all__ = ["route_method", "run_route_method", "sibling", "with_published_candidate", "BACKBONE_PRODUCTS",
            "TRANSFERRED"]
@@ -84,17 +91,45 @@ def with_published_candidate(cfg: PipelineConfig, denoiser: Path) -> PipelineCon
 
 
 def _share_crafted(source: Path, targets: set[Path]) -> None:
-    """Copy the classifier-only AEs crafted in ``source`` to sibling runs of the same classifier."""
+    """Sibling runs of the same classifier use ``source``'s store of classifier-only AEs (a link: AEs an evaluation
+    running beside them crafts are read as they come; one saved there before is merged into it)."""
+    store = source / "crafted_aes"
+    store.mkdir(parents=True, exist_ok=True)
     for target in targets - {source}:
-        if (source / "crafted_aes").is_dir():
-            shutil.copytree(source / "crafted_aes", target / "crafted_aes", dirs_exist_ok=True)
+        link = target / "crafted_aes"
+        if link.is_dir() and not link.is_symlink():
+            shutil.copytree(link, store, dirs_exist_ok=True)
+            shutil.rmtree(link)
+        if not link.exists():
+            link.symlink_to(store.resolve(), target_is_directory=True)
 
 
-def run_route_method(cfg: PipelineConfig, published: bool = False,
-                     select_published: bool = False) -> dict[str, Path | None]:
+def _evaluate_alone(cfg: PipelineConfig, threads: int) -> None:
+    """The backbone-alone evaluation in a process of its own (``threads`` intra-op threads)."""
+    configure_threads(threads)
+    quiet_third_party()
+    evaluate_unless_saved(cfg, "never")
+
+
+def _start_alone(cfg: PipelineConfig) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(target=_evaluate_alone, args=(cfg, torch.get_num_threads()),
+                                                           name="backbone-alone evaluation")
+    process.start()
+    return process
+
+
+def _join(process: multiprocessing.process.BaseProcess) -> None:
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"The {process.name} failed (exit code {process.exitcode}): see its log above")
+
+
+def run_route_method(cfg: PipelineConfig, published: bool = False, select_published: bool = False,
+                     parallel: bool = False) -> dict[str, Path | None]:
     """Train and evaluate what the rows need (``select_published``: the published denoiser is a candidate of the
-    selection too); the directories of ``alone``, ``route_trained``, ``selected`` (None where the selected row
-    is another's) and ``published`` (None unless evaluated)."""
+    selection too; ``parallel``: the backbone-alone evaluation in a second process, beside the sibling runs'
+    training and the defense's evaluation); the directories of ``alone``, ``route_trained``, ``selected`` (None
+    where the selected row is another's) and ``published`` (None unless evaluated)."""
     if len(cfg.defense.select.routes) < 2 or "denoiser" not in cfg.defense.select.routes:
         raise ConfigError("--route-rows needs the defense stage to choose among routes that include the route-trained "
                           f"denoiser (e.g. --defense.select.routes '[denoiser, identity]'), got "
@@ -105,25 +140,31 @@ def run_route_method(cfg: PipelineConfig, published: bool = False,
     if select_published:
         cfg = with_published_candidate(cfg, RunPaths(pub.run.dir).product("denoiser"))
     run_pipeline(cfg)
+    _share_crafted(cfg.run.dir, {pub.run.dir})
+    alone = _start_alone(cfg) if parallel and not (cfg.run.dir / "report_never.json").is_file() else None
     chosen = stage_summary(cfg.run.dir, "defense")["route_selection"]["chosen"]
     route = cfg if chosen == "denoiser" else sibling(cfg, "routekept", (*BACKBONE_PRODUCTS, "denoiser"))
+    _share_crafted(cfg.run.dir, {route.run.dir})
     run_pipeline(route)
-    evaluate_unless_saved(cfg, "never")
-    _share_crafted(cfg.run.dir, {route.run.dir, pub.run.dir})
+    if alone is None:
+        evaluate_unless_saved(cfg, "never")
     evaluate_unless_saved(_with_transfer(route, pub.run.dir / "defense.pt"))
     selected = chosen not in ("denoiser", "identity")  # another purifier: the run's own defense is measured
     if selected:
         evaluate_unless_saved(cfg)
     if published:
         evaluate_unless_saved(pub)
+    if alone is not None:
+        _join(alone)
     return {"alone": cfg.run.dir, "route_trained": route.run.dir, "selected": cfg.run.dir if selected else None,
             "published": pub.run.dir if published else None}
 
 
 def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattack: str, published: bool = False,
-                 select_published: bool = False) -> tuple[Rows, dict[str, Any]]:
-    """The rows of one method (alone, [published,] route-trained, selected) and the paired differences."""
-    runs = run_route_method(cfg, published, select_published)
+                 select_published: bool = False, parallel: bool = False) -> tuple[Rows, dict[str, Any]]:
+    """The rows of one method (alone, [published,] route-trained, selected) and the paired differences
+    (:func:`run_route_method` runs what they need)."""
+    runs = run_route_method(cfg, published, select_published, parallel)
     rows, difference = leaderboard_rows(runs["route_trained"], method, threat, autoattack, alone_run=runs["alone"],
                                         setting="with DAD, route-trained denoiser")
     selection = stage_summary(runs["alone"], "defense")["route_selection"]
