@@ -6,12 +6,11 @@ cover."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from dataclasses import replace
 
 from bench.machine import stage_seconds, stage_summary
 from dad.stats import paired_difference_interval

@@ -125,11 +125,12 @@ def _join(process: multiprocessing.process.BaseProcess) -> None:
 
 
 def run_route_method(cfg: PipelineConfig, published: bool = False, select_published: bool = False,
-                     parallel: bool = False) -> dict[str, Path | None]:
+                     parallel: bool = False) -> tuple[dict[str, Path | None], dict[str, Any]]:
     """Train and evaluate what the rows need (``select_published``: the published denoiser is a candidate of the
     selection too; ``parallel``: the backbone-alone evaluation in a second process, beside the sibling runs'
     training and the defense's evaluation); the directories of ``alone``, ``route_trained``, ``selected`` (None
-    where the selected row is another's) and ``published`` (None unless evaluated)."""
+    where the selected row is another's) and ``published`` (None unless evaluated), and the defense stage's
+    record of its choice."""
     if len(cfg.defense.select.routes) < 2 or "denoiser" not in cfg.defense.select.routes:
         raise ConfigError("--route-rows needs the defense stage to choose among routes that include the route-trained "
                           f"denoiser (e.g. --defense.select.routes '[denoiser, identity]'), got "
@@ -142,7 +143,8 @@ def run_route_method(cfg: PipelineConfig, published: bool = False, select_publis
     run_pipeline(cfg)
     _share_crafted(cfg.run.dir, {pub.run.dir})
     alone = _start_alone(cfg) if parallel and not (cfg.run.dir / "report_never.json").is_file() else None
-    chosen = stage_summary(cfg.run.dir, "defense")["route_selection"]["chosen"]
+    selection = stage_summary(cfg.run.dir, "defense")["route_selection"]
+    chosen = selection["chosen"]
     route = cfg if chosen == "denoiser" else sibling(cfg, "routekept", (*BACKBONE_PRODUCTS, "denoiser"))
     _share_crafted(cfg.run.dir, {route.run.dir})
     run_pipeline(route)
@@ -157,17 +159,16 @@ def run_route_method(cfg: PipelineConfig, published: bool = False, select_publis
     if alone is not None:
         _join(alone)
     return {"alone": cfg.run.dir, "route_trained": route.run.dir, "selected": cfg.run.dir if selected else None,
-            "published": pub.run.dir if published else None}
+            "published": pub.run.dir if published else None}, selection
 
 
 def route_method(cfg: PipelineConfig, method: str, threat: str | None, autoattack: str, published: bool = False,
                  select_published: bool = False, parallel: bool = False) -> tuple[Rows, dict[str, Any]]:
     """The rows of one method (alone, [published,] route-trained, selected) and the paired differences
     (:func:`run_route_method` runs what they need)."""
-    runs = run_route_method(cfg, published, select_published, parallel)
+    runs, selection = run_route_method(cfg, published, select_published, parallel)
     rows, difference = leaderboard_rows(runs["route_trained"], method, threat, autoattack, alone_run=runs["alone"],
                                         setting="with DAD, route-trained denoiser")
-    selection = stage_summary(runs["alone"], "defense")["route_selection"]
     alone, trained = rows
     trained.update(route=None, route_validation=None)
     if selection["chosen"] == "denoiser":

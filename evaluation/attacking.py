@@ -23,7 +23,7 @@ from dad.models import create_model, freeze, load_classifier_weights
 from dad.runs import runs_settings
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
-from evaluation.context import PROTOCOL, Context
+from evaluation.context import Context
 from evaluation.crafted import CraftedStore, module_digest
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -100,15 +100,19 @@ def crafted_stores(ctx: Context, attacks: Mapping[str, AttackSpec],
                    sources: Mapping[str, tuple[nn.Module, str]]) -> dict[str, CraftedStore]:
     """The crafted-AE store (:mod:`evaluation.crafted`) of every attack that does not see the defense: a
     classifier-only attack, keyed by the classifier's weights, and a transfer attack, by its source's hash."""
-    target = {name: sources[name][1] for name in attacks if name in sources}
-    if any(spec.threat == "classifier" for name, spec in attacks.items() if name not in sources):
-        digest = module_digest(ctx.defense.classifier)
-        target.update({name: digest for name, spec in attacks.items()
-                       if spec.threat == "classifier" and name not in sources})
+    classifier: str | None = None  # the classifier's digest, computed once where needed
+    targets = {}
+    for name, spec in attacks.items():
+        if name in sources:
+            targets[name] = sources[name][1]
+        elif spec.threat == "classifier":
+            classifier = classifier or module_digest(ctx.defense.classifier)
+            targets[name] = classifier
+    shared = {part: ctx.key_parts[part] for part in ("split", "batch_size", "protocol")}  # not the defense's parts
     return {name: CraftedStore(ctx.paths.root / "crafted_aes",
-                               state_key(attack=attacks[name].as_dict(), target=digest, split=ctx.key_parts["split"],
-                                         batch_size=ctx.batch_size, protocol=PROTOCOL), read=ctx.cfg.eval.resume)
-            for name, digest in target.items()}
+                               state_key(attack=attacks[name].as_dict(), target=target, **shared),
+                               read=ctx.cfg.eval.resume)
+            for name, target in targets.items()}
 
 
 def transfer_defenses(ctx: Context, spec: TransferSettings) -> dict[str, tuple[nn.Module, str]]:
