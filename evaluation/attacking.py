@@ -54,9 +54,11 @@ def trainer_kwargs(cfg: PipelineConfig) -> dict[str, Any]:
 def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
                 sources: Mapping[str, tuple[nn.Module, str]] | None = None, with_clean: bool = False,
                 mixed: Mapping[str, tuple[AttackSpec, float]] | None = None,
-                callbacks: list[Callback] | None = None) -> DefenseEvaluator:
-    """Run attacks (and mixed-batch attacks) over the first ``n`` test images, resuming saved states."""
-    sources, mixed = dict(sources or {}), dict(mixed or {})
+                callbacks: list[Callback] | None = None,
+                starts: Mapping[str, AttackState] | None = None) -> DefenseEvaluator:
+    """Run attacks (and mixed-batch attacks) over the first ``n`` test images, resuming saved states; an attack of
+    ``starts`` starts its runs from that state's AEs (its own state keyed by that state's key too)."""
+    sources, mixed, starts = dict(sources or {}), dict(mixed or {}), dict(starts or {})
     names = [CLEAN] * with_clean + list(attacks) + list(mixed)
     states = {}
     for name in names:
@@ -67,7 +69,7 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
         else:
             config = attacks[name].as_dict()
         key = state_key(attack=config, source=sources[name][1] if name in sources else None, draws=ctx.cfg.eval.draws,
-                        **ctx.key_parts)
+                        **ctx.key_parts, **({"start": starts[name].key} if name in starts else {}))
         states[name] = AttackState.resume(ctx.state_path(name), key) if ctx.cfg.eval.resume else AttackState(key)
         if states[name].batches:
             log.info("%s: %d batches reused from %s", name, len(states[name].batches), ctx.state_path(name))
@@ -75,7 +77,7 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
     module = DefenseEvaluator(ctx.defense, attacks, states=states, with_clean=with_clean,
                               sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size,
                               draws=ctx.cfg.eval.draws, mixed=mixed, filler=(ctx.fpr_pool, ctx.fpr_labels),
-                              crafted=crafted)
+                              crafted=crafted, starts=starts)
     writer = AttackStateWriter({name: ctx.state_path(name) for name in names})
     progress = ProgressLog("attacks" if with_clean else "attacks through the defense" if mixed else "sanity re-runs")
     trainer = pl.Trainer(

@@ -118,8 +118,8 @@ def _sanity(ctx: Context, suite: _Suite, states: Mapping[str, AttackState], dad:
     FPR detail)``."""
     ev, b, defense = ctx.cfg.eval, ctx.batch_size, ctx.defense
 
-    def rerun(attacks: Mapping[str, AttackSpec], count: int) -> dict[str, dict[str, Tensor]]:
-        module = run_attacks(ctx, attacks, count)
+    def rerun(attacks: Mapping[str, AttackSpec], count: int, starts: Mapping[str, str]) -> dict[str, dict[str, Tensor]]:
+        module = run_attacks(ctx, attacks, count, starts={name: states[start] for name, start in starts.items()})
         return {key: {name: module.states[name].gather(key) for name in attacks} for key in ("dad", "undefended")}
 
     probe_name = next(iter(suite.split()[1]), CLEAN)

@@ -1,15 +1,16 @@
 """The evaluation's sanity phase: gradient, randomness and strength checks, the eps sweep, and the folding.
 
-The strongest full-white-box attack of the primary threat model (that of the first full-white-box attack,
-or ``eval.sanity_attack``) is re-run on the first ``eval.sanity_samples`` test images with twice the steps,
-twice the EOT samples (when its gradient passes through randomness; else the strongest attack that needs
-EOT is), another random restart, at other ``eps`` (:func:`dad.sanity.attack_checks`) and, for a detector-evasion
-attack with a penalty schedule, with ten times its largest weight added to the schedule. Where a stronger
-variant finds errors that no full-set attack found on those images, its result is *folded* into the
-worst case: the headline of the threat model becomes the lower of the full-set figure and the subset's
-union over every attack and variant (:func:`evaluation.analysis.worst_cases`). The same attack's AEs on that
-subset are also judged again with twice the draws (:func:`check_more_draws`): more purification runs must not
-find errors beyond noise that the ``R``-draw rule missed.
+The strongest full-white-box attack of the primary threat model (that of the first full-white-box attack, or
+``eval.sanity_attack``) is re-run on the first ``eval.sanity_samples`` test images with twice the steps (its AEs of
+the main run continued for as many steps again: half the cost of a run from scratch), twice the EOT samples (when
+its gradient passes through randomness; else the strongest attack that needs EOT is), another random restart, at
+other ``eps`` (:func:`dad.sanity.attack_checks`) and, for a detector-evasion attack with a penalty schedule, with
+ten times its largest weight added to the schedule. Where a stronger variant finds errors that no full-set attack
+found on those images, its result is *folded* into the worst case: the headline of the threat model becomes the
+lower of the full-set figure and the subset's union over every attack and variant
+(:func:`evaluation.analysis.worst_cases`). The same attack's AEs on that subset are also judged again with twice
+the draws (:func:`check_more_draws`): more purification runs must not find errors beyond noise that the ``R``-draw
+rule missed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from evaluation.analysis import fraction, threat_groups, threat_label, union
 
 __all__ = ["SanityOutcome", "run_sanity", "check_more_draws"]
 
-Runner = Callable[[Mapping[str, AttackSpec], int], dict[str, dict[str, Tensor]]]
-"""``run(attacks, n)`` -> ``{"dad": {name: correct}, "undefended": {name: correct}}`` on the first ``n`` images."""
+Runner = Callable[[Mapping[str, AttackSpec], int, Mapping[str, str]], dict[str, dict[str, Tensor]]]
+"""``run(attacks, n, starts)`` -> ``{"dad": {name: correct}, "undefended": {name: correct}}`` on the first ``n``
+images; an attack named in ``starts`` starts from the main evaluation's AEs of the attack it maps to."""
 SanityOutcome = tuple[dict[str, CheckResult], dict[str, Any], dict[str, dict[str, Any]]]
 
 
@@ -123,7 +125,8 @@ def run_sanity(
         name="pgd", threat="classifier", norm=base.norm, eps=base.eps, step_size=base.step_size, steps=base.steps,
         seed=base.seed)
     sweep_names = {f: f"sweep__classifier__eps{f:g}" for f in sorted({*sweep_factors, 1.0})}
-    runs = {v: base.scaled(*run_) for run_, v in variants.items()}
+    more_steps = variants[(1.0, 2, 1, 0)]  # continues the main run's AEs: ``steps`` more steps, 2x in all
+    runs = {v: base if v == more_steps else base.scaled(*run_) for run_, v in variants.items()}
     runs |= {v: sweep_base.scaled(f * base.eps / sweep_base.eps) for f, v in sweep_names.items()}
     eot_name = None
     if randomized and not base.needs_eot:  # the EOT check then runs on the strongest attack that needs EOT
@@ -133,7 +136,7 @@ def run_sanity(
     heavier = _heavier_penalties(base)
     if heavier is not None:
         runs[f"sanity__{name}__lambdas_x10"] = heavier
-    extra = run(runs, n_sub)
+    extra = run(runs, n_sub, {more_steps: name})
 
     def robust(eps_factor: float, steps_factor: int, eot_factor: int, seed_offset: int) -> Tensor:
         run_ = (eps_factor, steps_factor, eot_factor, seed_offset)
@@ -141,6 +144,8 @@ def run_sanity(
 
     strength, sweep = attack_checks(robust, num_classes, base.eps, sweep_factors, randomized and base.needs_eot, z)
     checks |= {key: CheckResult(c.passed, f"{name}: {c.detail}") for key, c in strength.items()}
+    checks["more_steps"] = CheckResult(checks["more_steps"].passed, f"{checks['more_steps'].detail} (its AEs "
+                                       f"continued for {base.steps} more steps)")
     stronger = [v for run_, v in variants.items() if run_[0] == 1.0]
     if eot_name is not None:
         more_eot = check_unchanged("2x EOT samples", dad[eot_name][:n_sub],

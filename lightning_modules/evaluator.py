@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from dad.attacks import AttackSpec, chunk_seed, run_seeded, target_of
+from dad.attacks.common import starting_from
 from dad.attacks.judging import with_filler
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
 from dad.runs import PassCount, counting_passes
-from lightning_modules.stores import CraftedAEs, RecordStore
+from lightning_modules.stores import CraftedAEs, RecordStore, stored_aes
 
 __all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM", "COST_FIELDS"]
 
@@ -67,6 +68,8 @@ class DefenseEvaluator(pl.LightningModule):
             filler is drawn from it, never from the batch's own images).
         crafted: per attack name, where its AEs are kept across evaluations (only for attacks that do not see this
             defense: classifier-only and transfer attacks); a batch found there is judged, not attacked again.
+        starts: per attack name, the records whose AEs its runs start from (a re-run continuing the main run's
+            AEs for more steps, :func:`~dad.attacks.common.starting_from`).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class DefenseEvaluator(pl.LightningModule):
         mixed: Mapping[str, tuple[AttackSpec, float]] | None = None,
         filler: tuple[Tensor, Tensor] | None = None,
         crafted: Mapping[str, CraftedAEs] | None = None,
+        starts: Mapping[str, RecordStore] | None = None,
     ) -> None:
         super().__init__()
         if draws < 1:
@@ -94,20 +98,17 @@ class DefenseEvaluator(pl.LightningModule):
             raise ValueError(f"`{CLEAN}` is reserved for the clean images; rename that attack")
         if self.mixed and (filler is None or batch_size is None):
             raise ValueError("Mixed-batch attacks need the `filler` pool and the `batch_size`")
-        self.filler_pool = filler
-        self.draws = draws
-        self.keep_images = keep_images
+        self.filler_pool, self.draws, self.keep_images = filler, draws, keep_images
         self.names = [CLEAN] * with_clean + list(self.attacks) + list(self.mixed)
         # ModuleDict keys cannot hold every attack name (dots): counts and sources are stored by position
         self._slot = {name: f"m{i}" for i, name in enumerate(self.names)}
-        unknown = set(sources or {}) - set(self.attacks)
-        if unknown:
-            raise ValueError(f"Sources given for unknown attacks {sorted(unknown)}")
+        if set(sources or {}) - set(self.attacks):
+            raise ValueError(f"Sources given for unknown attacks {sorted(set(sources or {}) - set(self.attacks))}")
         self.sources = nn.ModuleDict({self._slot[name]: model for name, model in (sources or {}).items()})
         self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric(nan_strategy="disable")
                                            for slot in self._slot.values() for key in _COUNTS})
         self.states = dict(states or {})
-        self.crafted = dict(crafted or {})
+        self.crafted, self.starts = dict(crafted or {}), dict(starts or {})
         if any(n not in self.attacks or self.attacks[n].threat == "defense" and n not in (sources or {})
                for n in crafted or {}):
             raise ValueError("Only attacks that do not see the defense (classifier-only, transfer) reuse crafted AEs")
@@ -147,13 +148,15 @@ class DefenseEvaluator(pl.LightningModule):
         c[f"{slot}__batches"].update(record["batches"].float().to(self.device))
         c[f"{slot}__flagged"].update(record["flagged"].float().to(self.device) * record["batches"].to(self.device))
 
-    def attack(self, spec: AttackSpec, x: Tensor, y: Tensor, batch_idx: int,
-               source: nn.Module | None = None, filler: Tensor | None = None) -> Tensor:
+    def attack(self, spec: AttackSpec, x: Tensor, y: Tensor, batch_idx: int, source: nn.Module | None = None,
+               filler: Tensor | None = None, start: Tensor | None = None) -> Tensor:
         """AEs of one batch under ``spec``, seeded by its seed and the batch index (:func:`~dad.attacks.run_seeded`)
-        exactly as training AEs are: a classifier-threat attack targets the classifier (or ``source``). What it ran
-        of the defense is added to the batch's cost (:mod:`dad.runs`)."""
-        with counting_passes() as count:
+        exactly as training AEs are: a classifier-threat attack targets the classifier (or ``source``); its runs
+        start from ``start`` if given. What it ran of the defense is added to the batch's cost (:mod:`dad.runs`)."""
+        with counting_passes() as count, starting_from(start) as warm:
             x_adv = run_seeded(spec, target_of(spec, self.defense, source), x, y, chunk=batch_idx, filler=filler)
+        if warm is not None and not warm.used:
+            raise ValueError(f"The {spec.name} attack ({spec.threat}) cannot start from stored AEs")
         self._cost.passes += count.passes
         self._cost.programs += count.programs
         self._cost.stops += count.stops > 0
@@ -228,7 +231,8 @@ class DefenseEvaluator(pl.LightningModule):
         x_adv = store.load(batch_idx, index, x) if store is not None else None
         if x_adv is None:
             source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
-            x_adv = self.attack(self.attacks[name], x, y, batch_idx, source)
+            x_adv = self.attack(self.attacks[name], x, y, batch_idx, source,
+                                start=stored_aes(self.starts.get(name), batch_idx, index, x))
             if store is not None:
                 store.save(batch_idx, index, x_adv)
         return x_adv

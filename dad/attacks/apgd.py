@@ -38,7 +38,7 @@ from dad.attacks.common import (
     normalized_step,
     preserve_mode,
     project,
-    random_delta,
+    start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
 from dad.attacks.judging import Judge, defense_judge, error_rates, judged_steps, settled, strongest_batch, strongest_run
@@ -97,7 +97,8 @@ def apgd(
         steps: iterations (>= 1).
         norm: ``linf`` or ``l2``.
         eot_samples: evaluations averaged per iteration (>= 1).
-        random_start: start from a random point of the ball (else from ``x``).
+        random_start: start from a random point of the ball (else from ``x``); a warm start in force
+            (:func:`~dad.attacks.common.starting_from`) replaces either.
         generator: random generator of the start.
         stop_when_settled: return the first judged batch that is wrong for every sample in every draw
             (:func:`~dad.attacks.judging.settled`); only where ``judge`` is the model the AEs are evaluated on.
@@ -115,7 +116,7 @@ def apgd(
     def project_ball(z: Tensor) -> Tensor:
         return (x + project(z - x, eps, norm)).clamp(0.0, 1.0).detach()
 
-    start = x + random_delta(x, eps, norm, generator) if random_start else x
+    start = start_point(x, eps, norm, random_start, generator)
     current = project_ball(start)
     value, grad = eot_value_and_gradient(objective, current, eot_samples)
     rates = judge(current)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -162,6 +164,53 @@ def random_delta(x: Tensor, eps: float, norm: Norm, generator: torch.Generator |
     direction = direction / _per_sample(_l2_norms(direction).clamp_min(_L2_FLOOR), x)
     radius = eps * torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=x.device)
     return direction * _per_sample(radius, x)
+
+
+@dataclass
+class WarmStart:
+    """AEs an attack's runs start from instead of a random point (:func:`starting_from`); ``used`` says whether an
+    attack did."""
+
+    points: Tensor
+    used: bool = False
+
+
+_WARM_START: ContextVar[WarmStart | None] = ContextVar("warm_start", default=None)
+
+
+@contextmanager
+def starting_from(points: Tensor | None) -> Iterator[WarmStart | None]:
+    """Attacks in the block start every run from ``points`` (AEs of the same clean batch, e.g. another run's
+    result: that run continued for more steps) instead of a random point of the ball; None changes nothing. The
+    caller checks :attr:`WarmStart.used` afterwards: an attack that cannot start from given points ignores them."""
+    warm = None if points is None else WarmStart(points)
+    token = _WARM_START.set(warm)
+    try:
+        yield warm
+    finally:
+        _WARM_START.reset(token)
+
+
+def warm_start(x: Tensor, eps: float, norm: Norm) -> Tensor | None:
+    """The warm start in force (:func:`starting_from`) for an attack on ``x``, projected onto the ``eps``-ball
+    around ``x`` and into ``[0, 1]`` (marked used); None outside such a block."""
+    warm = _WARM_START.get()
+    if warm is None:
+        return None
+    if warm.points.shape != x.shape:
+        raise ValueError(f"Expected a warm start of the batch's shape {tuple(x.shape)}, got {tuple(warm.points.shape)}")
+    warm.used = True
+    return (x + project(warm.points.to(x) - x, eps, norm)).clamp(0.0, 1.0)
+
+
+def start_point(x: Tensor, eps: float, norm: Norm, random_start: bool,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Where a run of a gradient attack on ``x`` starts: the :func:`warm_start` in force, else ``x`` plus a random
+    perturbation (:func:`random_delta`, not yet clamped) or ``x`` itself."""
+    warm = warm_start(x, eps, norm)
+    if warm is not None:
+        return warm
+    return x + random_delta(x, eps, norm, generator) if random_start else x
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from dad.attacks.common import (
     gradients_enabled,
     Norm,
     preserve_mode,
-    random_delta,
+    start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
 from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run
@@ -62,7 +62,8 @@ def defense_pgd(
         objective: per-sample values to maximise (:data:`~dad.attacks.objectives.PerSample`).
         judge: per-sample error rates of the real defense on a whole batch.
         x: clean batch in [0, 1].
-        eps, step_size, steps, norm, random_start, eot_samples, generator: as in PGD.
+        eps, step_size, steps, norm, random_start, eot_samples, generator: as in PGD (a warm start in force,
+            :func:`~dad.attacks.common.starting_from`, replaces the random start).
 
     Returns:
         Detached AEs of the shape of ``x``, in [0, 1] and within ``eps`` of ``x``.
@@ -73,13 +74,12 @@ def defense_pgd(
     check_at_least_one("steps", steps)
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
-    delta = random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
 
     def step(x_adv: Tensor) -> Tensor:
         grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
         return ascent_step(x_adv, x, grad, eps, step_size, norm)
 
-    return judged_ascent(judge, (x + delta).clamp(0.0, 1.0), steps, step)
+    return judged_ascent(judge, start_point(x, eps, norm, random_start, generator).clamp(0.0, 1.0), steps, step)
 
 
 @register_attack("pgd", "defense")

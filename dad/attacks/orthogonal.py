@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from dad.attacks.catalog import register_attack
 from dad.attacks.common import (as_autograd_tensor, ascent_step, check_unit_range, gradients_enabled,
-                                preserve_mode, random_delta)
+                                preserve_mode, start_point)
 from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run, with_filler
 from dad.attacks.objectives import classification_loss, excesses_per_image, largest_excess
 from dad.attacks.spec import AttackSpec
@@ -70,7 +70,7 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
     judged iterate the defense gets most wrong (a settled one ends the run)."""
     check_unit_range(x)
     n = len(y)
-    start = (x + random_delta(x, spec.eps, spec.norm) if spec.random_start else x).clamp(0.0, 1.0)
+    start = start_point(x, spec.eps, spec.norm, spec.random_start).clamp(0.0, 1.0)
 
     def step(x_adv: Tensor) -> Tensor:
         x_adv = x_adv.detach().requires_grad_(True)

@@ -2,10 +2,11 @@
 
 Paper: 'Square Attack: a query-efficient black-box adversarial attack via random search'
 (https://arxiv.org/abs/1912.00049). Random search over square windows of ``+-eps`` values: start from
-vertical stripes, then at every query replace one random square (per image, the same sign per channel) and
-keep it where the image's margin ``z_y - max_{j!=y} z_j`` (averaged over ``eot_samples`` passes of a
-randomised model) went down. The square's side shrinks on AutoAttack's schedule from ``p_init = 0.8`` of
-the pixels. If a gradient-free attack finds errors the gradient attacks miss, their gradients are masked.
+vertical stripes (or a warm start, :func:`~dad.attacks.common.starting_from`), then at every query replace one
+random square (per image, the same sign per channel) and keep it where the image's margin
+``z_y - max_{j!=y} z_j`` (averaged over ``eot_samples`` passes of a randomised model) went down. The square's
+side shrinks on AutoAttack's schedule from ``p_init = 0.8`` of the pixels. If a gradient-free attack finds errors
+the gradient attacks miss, their gradients are masked.
 
 Every query is a whole batch (a batch-level defense such as DAD routes the batch it sees); only images
 not yet misclassified are changed, and the batch returned is the one ``judge`` (the real defense, on the
@@ -30,6 +31,7 @@ from dad.attacks.common import (
     check_unit_range,
     margin,
     preserve_mode,
+    warm_start,
 )
 from dad.attacks.judging import Judge, defense_judge, error_rates, settled, with_filler
 from dad.attacks.catalog import register_attack
@@ -109,7 +111,9 @@ def square(
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
     b, c, h, w = x.shape
-    current = (x + eps * _signs((b, c, 1, w), x, generator)).clamp(0.0, 1.0)
+    current = warm_start(x, eps, "linf")
+    if current is None:
+        current = (x + eps * _signs((b, c, 1, w), x, generator)).clamp(0.0, 1.0)
     current_margin = margins(current, eot_samples)
     judged = judged_queries(queries)
     rates = judge(current)

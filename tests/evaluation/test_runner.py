@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import dad.attacks.common as attack_common
 import lightning_modules.evaluator as evaluator_module
 from bench.robust import leaderboard_rows
 from dad.attacks import AttackSpec
@@ -147,6 +148,32 @@ def test_report_schema(evaluated: tuple[Path, dict[str, Any]]) -> None:
     state = AttackState.from_disk(state_file, _key(state_file))
     assert sorted(state.batches) == [0, 1]  # 50 images attacked through the defense, in batches of 25
     assert state.gather("dad").float().mean().item() == pytest.approx(report["robust_acc"]["adaptive"]["dad"])
+
+
+def test_the_more_steps_check_continues_the_main_runs_aes(
+        evaluated: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sanity attack's 2x-steps re-run starts every batch from the main run's AEs of that batch and runs the
+    configured steps again (2x in all, at half the cost of a run from scratch); it reproduces the first evaluation's
+    result."""
+    cfg = _copy(evaluated, tmp_path)
+    run = tmp_path / "tiny"
+    name, spec_steps = "sanity__adaptive__eps1_steps2_eot1_seed0", ATTACKS["adaptive"]["steps"]
+    (run / "eval_state" / f"{name}.pt").unlink()
+    starts: list[torch.Tensor | None] = []
+    real = evaluator_module.run_seeded
+
+    def recording(spec: AttackSpec, *args: Any, **kwargs: Any) -> torch.Tensor:
+        warm = attack_common._WARM_START.get()
+        starts.append(None if warm is None else warm.points.clone())
+        assert spec.steps == spec_steps  # the configured steps, not twice them
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "run_seeded", recording)
+    report = evaluate(cfg)
+    main = AttackState.from_disk(run / "eval_state" / "adaptive.pt", _key(run / "eval_state" / "adaptive.pt"))
+    assert len(starts) == 1 and torch.equal(starts[0], main.batches[0]["x_adv"])  # 25 sanity images: one batch
+    assert report["sanity"]["more_steps"]["detail"].endswith(f"(its AEs continued for {spec_steps} more steps)")
+    assert report["sanity"] == evaluated[1]["sanity"]  # the re-run reproduces the first evaluation's
 
 
 def _key(path: Path) -> str:
