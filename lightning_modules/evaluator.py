@@ -102,8 +102,8 @@ class DefenseEvaluator(pl.LightningModule):
         self.names = [CLEAN] * with_clean + list(self.attacks) + list(self.mixed)
         # ModuleDict keys cannot hold every attack name (dots): counts and sources are stored by position
         self._slot = {name: f"m{i}" for i, name in enumerate(self.names)}
-        if set(sources or {}) - set(self.attacks):
-            raise ValueError(f"Sources given for unknown attacks {sorted(set(sources or {}) - set(self.attacks))}")
+        if unknown := sorted(set(sources or {}) - set(self.attacks)):
+            raise ValueError(f"Sources given for unknown attacks {unknown}")
         self.sources = nn.ModuleDict({self._slot[name]: model for name, model in (sources or {}).items()})
         self.counts = torch.nn.ModuleDict({f"{slot}__{key}": SumMetric(nan_strategy="disable")
                                            for slot in self._slot.values() for key in _COUNTS})
