@@ -229,11 +229,11 @@ class DADDefense(nn.Module):
         detection = self.detect(batch, features)
         first = len(batch) if first is None else first
         record_passes(draws, len(run_chunks(draws, first)))
-        stacked = self._routed_draws(batch[:first], logits[:first], detection.flags[:first], draws)
+        stacked = self.routed_draws(batch[:first], logits[:first], detection.flags[:first], draws)
         return DefenseOutput(logits=stacked, score=detection.score, adversarial=detection.flags.any(),
                              flags=detection.flags)
 
-    def _routed_draws(self, x: Tensor, logits: Tensor, flags: Tensor, draws: int) -> Tensor:
+    def routed_draws(self, x: Tensor, logits: Tensor, flags: Tensor, draws: int) -> Tensor:
         """``draws`` passes' logits ``(draws, B, K)`` given the clean path's ``logits`` and the routing's ``flags``.
 
         On an accelerator every image is purified and the routing selects with ``torch.where`` (no host

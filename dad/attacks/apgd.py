@@ -22,8 +22,6 @@ Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor, nn
 
@@ -41,8 +39,9 @@ from dad.attacks.common import (
     start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
-from dad.attacks.judging import Judge, defense_judge, error_rates, judged_steps, settled, strongest_batch, strongest_run
-from dad.attacks.objectives import PerSample, classification_loss, defense_objective
+from dad.attacks.judging import Judge, error_rates, judged_steps, settled, strongest_batch
+from dad.attacks.objectives import DefenseObjective, PerSample, classification_loss
+from dad.attacks.run_stack import attack_runs, flat_runs
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -82,10 +81,17 @@ def apgd(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     stop_when_settled: bool = True,
+    runs: int = 1,
 ) -> Tensor:
     """Maximise ``objective`` over the ``eps``-ball around ``x`` (and [0, 1]) with APGD; return the best judged batch.
 
     Long because APGD's momentum, step-size halving at its checkpoints and judging are one loop (Croce and Hein 2020).
+
+    ``runs > 1`` makes that many independent runs along a leading dimension of one tensor program (each from its own
+    start): ``objective`` and ``judge`` then take the stack ``(runs, B, ...)`` (values and rates ``(runs, B)``),
+    each run judged as its own batch, and the result is ``(runs, B, ...)``, each run's best judged batch; one run
+    :func:`~dad.attacks.judging.settled` ends them all. Inside, the runs are one flat batch of ``runs x B`` samples:
+    APGD's step sizes, momentum and checkpoints are per sample, only the judged batches are per run.
 
     Args:
         objective: per-sample values to maximise (their sum is differentiated); may be random (EOT).
@@ -102,6 +108,7 @@ def apgd(
         generator: random generator of the start.
         stop_when_settled: return the first judged batch that is wrong for every sample in every draw
             (:func:`~dad.attacks.judging.settled`); only where ``judge`` is the model the AEs are evaluated on.
+        runs: independent runs made at once (see above).
 
     Returns:
         Detached AEs of the shape of ``x``, in [0, 1] and within ``eps`` of ``x``. The caller handles the
@@ -113,16 +120,27 @@ def apgd(
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
 
+    check_at_least_one("runs", runs)
+    clean = x
+    x = x.repeat(runs, *([1] * (x.dim() - 1)))
+    objective, judge = flat_runs(objective, judge, runs)
+
     def project_ball(z: Tensor) -> Tensor:
         return (x + project(z - x, eps, norm)).clamp(0.0, 1.0).detach()
 
-    start = start_point(x, eps, norm, random_start, generator)
+    def per_run(values: Tensor) -> Tensor:  # a per-run value (runs,) for each of the runs x B samples
+        return values.repeat_interleave(len(clean))
+
+    def shaped(z: Tensor) -> Tensor:  # the flat runs x B samples as the stack of runs (one run: the batch)
+        return z if runs == 1 else z.view(runs, *clean.shape)
+
+    start = torch.cat([start_point(clean, eps, norm, random_start, generator) for _ in range(runs)])
     current = project_ball(start)
     value, grad = eot_value_and_gradient(objective, current, eot_samples)
     rates = judge(current)
-    if stop_when_settled and settled(rates):
-        return current
-    best_batch, best_errors = current, rates.sum()
+    if stop_when_settled and settled(rates, runs):
+        return shaped(current)
+    best_batch, best_errors = current, rates.view(runs, -1).sum(1)
     best_point, best_value, best_grad = current.clone(), value.clone(), grad.clone()
     step = torch.full((len(x),), 2.0 * eps, dtype=x.dtype, device=x.device)
     previous = current
@@ -144,11 +162,12 @@ def apgd(
         best_value = torch.where(improved, new_value, best_value)
         if k + 1 in judged:
             rates = judge(candidate)
-            if stop_when_settled and settled(rates):
-                return candidate
-            better = rates.sum() >= best_errors
-            best_batch = torch.where(better, candidate, best_batch)
-            best_errors = torch.where(better, rates.sum(), best_errors)
+            if stop_when_settled and settled(rates, runs):
+                return shaped(candidate)
+            errors = rates.view(runs, -1).sum(1)
+            better = errors >= best_errors
+            best_batch = torch.where(_per_sample(per_run(better), x), candidate, best_batch)
+            best_errors = torch.where(better, errors, best_errors)
         previous, current, value, grad = current, candidate, new_value, new_grad
         if k + 1 in marks and k + 1 > last_mark:
             too_few = successes < _RHO * (k + 1 - last_mark)
@@ -160,7 +179,8 @@ def apgd(
             previous = torch.where(_per_sample(halve, x), best_point, previous)
             successes.zero_()
             last_mark, value_at_mark, step_at_mark = k + 1, best_value.clone(), step.clone()
-    return torch.where(judge(best_point).sum() > best_errors, best_point, best_batch).detach()
+    final = judge(best_point).view(runs, -1).sum(1) > best_errors
+    return shaped(torch.where(_per_sample(per_run(final), x), best_point, best_batch).detach())
 
 
 @register_attack("apgd", "classifier")
@@ -189,11 +209,8 @@ def apgd_defense_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tens
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        judge = defense_judge(defense, y, spec.draws, filler)
+        def engine(objective: DefenseObjective, judge: Judge, runs: int) -> Tensor:
+            return apgd(objective, judge, x, spec.eps, spec.steps, spec.norm, spec.eot_samples, spec.random_start,
+                        runs=runs)
 
-        def run(loss: str, lam: float) -> Tensor:
-            objective = defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler)
-            return apgd(objective, judge, x, spec.eps, spec.steps, spec.norm, spec.eot_samples, spec.random_start)
-
-        return strongest_run(judge, [partial(run, loss, lam) for loss in spec.losses for lam in spec.schedule
-                                     for _ in range(spec.restarts)])
+        return attack_runs(spec, defense, x, y, filler, engine)

@@ -13,8 +13,6 @@ Distance measure: Linf or L2. Inputs and outputs are images in ``[0, 1]``.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor, nn
 
@@ -31,8 +29,9 @@ from dad.attacks.common import (
     start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
-from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run
-from dad.attacks.objectives import PerSample, defense_objective
+from dad.attacks.judging import Judge, judged_ascent
+from dad.attacks.objectives import DefenseObjective, PerSample
+from dad.attacks.run_stack import attack_runs, flat_runs
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -50,6 +49,7 @@ def defense_pgd(
     random_start: bool = True,
     eot_samples: int = 1,
     generator: torch.Generator | None = None,
+    runs: int = 1,
 ) -> Tensor:
     """PGD with EOT on ``objective``, returning the iterate the defense gets most wrong.
 
@@ -64,9 +64,12 @@ def defense_pgd(
         x: clean batch in [0, 1].
         eps, step_size, steps, norm, random_start, eot_samples, generator: as in PGD (a warm start in force,
             :func:`~dad.attacks.common.starting_from`, replaces the random start).
+        runs: independent runs along a leading dimension, each from its own start: ``objective`` and ``judge``
+            then take the stack ``(runs, B, ...)`` (:mod:`dad.attacks.run_stack`).
 
     Returns:
-        Detached AEs of the shape of ``x``, in [0, 1] and within ``eps`` of ``x``.
+        Detached AEs of the shape of ``x`` (``(runs, *x.shape)`` for several runs), in [0, 1] and within ``eps`` of
+        ``x``.
     """
     norm = check_norm(norm)
     check_positive("eps", eps)
@@ -75,27 +78,30 @@ def defense_pgd(
     check_at_least_one("eot_samples", eot_samples)
     check_unit_range(x)
 
+    check_at_least_one("runs", runs)
+    clean, x = x, x.repeat(runs, *([1] * (x.dim() - 1)))
+    objective, judge = flat_runs(objective, judge, runs)
+
     def step(x_adv: Tensor) -> Tensor:
         grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
         return ascent_step(x_adv, x, grad, eps, step_size, norm)
 
-    return judged_ascent(judge, start_point(x, eps, norm, random_start, generator).clamp(0.0, 1.0), steps, step)
+    start = torch.cat([start_point(clean, eps, norm, random_start, generator) for _ in range(runs)])
+    found = judged_ascent(judge, start.clamp(0.0, 1.0), steps, step, runs)
+    return found if runs == 1 else found.view(runs, *clean.shape)
 
 
 @register_attack("pgd", "defense")
 def defense_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor,
                        filler: Tensor | None = None) -> Tensor:
     """PGD through the defense on ``spec.objective`` with the ``spec.loss`` term(s): one run per loss, weight of
-    ``spec.schedule`` and restart, the strongest batch kept. Modes and gradients of the defense are restored."""
+    ``spec.schedule`` and restart (stacked along a leading dimension, :mod:`dad.attacks.run_stack`), the strongest
+    batch kept. Modes and gradients of the defense are restored."""
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        judge = defense_judge(defense, y, spec.draws, filler)
+        def engine(objective: DefenseObjective, judge: Judge, runs: int) -> Tensor:
+            return defense_pgd(objective, judge, x, spec.eps, spec.step_size, spec.steps, spec.norm,
+                               spec.random_start, spec.eot_samples, runs=runs)
 
-        def run(loss: str, lam: float) -> Tensor:
-            objective = defense_objective(defense, y, spec.objective, lam, loss, spec.temperature, spec.margin, filler)
-            return defense_pgd(objective, judge, x, spec.eps, spec.step_size, spec.steps, spec.norm, spec.random_start,
-                               spec.eot_samples)
-
-        return strongest_run(judge, [partial(run, loss, lam) for loss in spec.losses for lam in spec.schedule
-                                     for _ in range(spec.restarts)])
+        return attack_runs(spec, defense, x, y, filler, engine)

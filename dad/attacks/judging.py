@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks.common import check_at_least_one
+from dad.defense_runs import forward_runs, is_runs
 from dad.runs import record_stop, run_settings
 
 __all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "settled", "strongest_batch",
@@ -48,7 +49,8 @@ def error_rates(model: nn.Module, x: Tensor, y: Tensor, draws: int = 1, filler: 
 def defense_judge(defense: nn.Module, y: Tensor, draws: int, filler: Tensor | None = None) -> Judge:
     """The judge of an attack through ``defense``: :func:`error_rates` over ``draws`` draws on ``cat(x, filler)``;
     batched (:mod:`dad.runs`), without host synchronisation on an accelerator, the filler's classifier pass made once
-    for the whole attack."""
+    for the whole attack, and a stack of runs ``(R, n, ...)`` judged run by run in one program
+    (:mod:`dad.defense_runs`)."""
     check_at_least_one("draws", draws)
     if not run_settings().batched:
         return lambda z: error_rates(defense, z, y, draws, filler)
@@ -56,8 +58,11 @@ def defense_judge(defense: nn.Module, y: Tensor, draws: int, filler: Tensor | No
 
     @torch.no_grad()
     def judge(z: Tensor) -> Tensor:  # the attack's iterates are valid images: no checks, no host syncs
-        logits = defense.forward_draws(z, draws, known, validate=False, first=len(y)).logits
-        return (logits.argmax(2) != y).float().mean(0)
+        if is_runs(defense, z):  # a stack of runs (R, n, ...), each judged as its own batch: rates (R, n)
+            logits = forward_runs(defense, z, draws, known, first=len(y)).logits
+        else:
+            logits = defense.forward_draws(z, draws, known, validate=False, first=len(y)).logits
+        return (logits.argmax(-1) != y).float().mean(0)
 
     return judge
 
@@ -74,32 +79,35 @@ def judged_steps(steps: int, every: int = 10) -> set[int]:
     return {k for k in range(1, steps + 1) if k % stride == 0} | {steps}
 
 
-def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tensor], Tensor]) -> Tensor:
+def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tensor], Tensor], runs: int = 1) -> Tensor:
     """``steps`` iterations ``x_adv = step(x_adv)`` from the start ``x_adv``, judged at the start and after the steps
     of :func:`judged_steps`: the judged iterate with the most errors is returned (ties go to the later one), a
-    :func:`settled` one at once."""
+    :func:`settled` one at once. With ``runs`` batches stacked in ``x_adv`` (flat, ``runs x B`` samples, ``judge``
+    giving their rates), each run keeps its own best judged batch and one settled run ends them all."""
     rates = judge(x_adv)
-    if settled(rates):
+    if settled(rates, runs):
         return x_adv.detach()
-    best, best_errors = x_adv, rates.sum()
+    best, best_errors = x_adv, rates.view(runs, -1).sum(1)
     judged = judged_steps(steps)
     for k in range(1, steps + 1):
         x_adv = step(x_adv).detach()
         if k in judged:
             rates = judge(x_adv)
-            if settled(rates):
+            if settled(rates, runs):
                 return x_adv
-            errors = rates.sum()
+            errors = rates.view(runs, -1).sum(1)
             better = errors >= best_errors
-            best, best_errors = torch.where(better, x_adv, best), torch.where(better, errors, best_errors)
+            mask = better.repeat_interleave(len(x_adv) // runs).view(-1, *([1] * (x_adv.dim() - 1)))
+            best, best_errors = torch.where(mask, x_adv, best), torch.where(better, errors, best_errors)
     return best.detach()
 
 
-def settled(rates: Tensor) -> bool:
+def settled(rates: Tensor, runs: int = 1) -> bool:
     """Whether an attack stops on a batch judged with per-sample error ``rates``: every sample wrong in every draw
-    (no candidate can do better), and early stopping on (:class:`~dad.runs.RunSettings`). A host sync: attacks ask
-    at their judged steps only."""
-    if run_settings().early_stop and bool((rates >= 1.0).all()):
+    (no candidate can do better), and early stopping on (:class:`~dad.runs.RunSettings`); for ``runs`` batches
+    stacked along ``rates``' first dimension, whether one of them is. A host sync: attacks ask at their judged steps
+    only."""
+    if run_settings().early_stop and bool((rates.reshape(runs, -1) >= 1.0).all(1).any()):
         record_stop()
         return True
     return False

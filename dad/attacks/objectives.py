@@ -37,26 +37,28 @@ counts the attacked images only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dad.attacks.common import check_positive
-from dad.attacks.judging import with_filler
 from dad.attacks.spec import DEFENSE_OBJECTIVES
+from dad.defense_runs import classify_runs, forward_runs, is_runs
 from dad.routing import Detection
 from dad.runs import record_passes, run_chunks, run_settings
 
 if TYPE_CHECKING:
     from dad.defense import KnownRows
 
-__all__ = ["Loss", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective",
+__all__ = ["Loss", "Losses", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective",
            "excesses_per_image", "largest_excess"]
 
 Loss = Literal["ce", "dlr"]
+Losses = Union[Loss, Sequence[Loss]]
+"""One loss kind, or one per run of a stack of runs (:mod:`dad.defense_runs`)."""
 LOSS_KINDS: tuple[str, ...] = ("ce", "dlr")
 PerSample = Callable[[Tensor], Tensor]
 """``objective(x_adv)`` -> per-sample values ``(n,)`` to maximise (their sum is the batch objective)."""
@@ -103,11 +105,11 @@ class DefenseObjective:
         filler: clean images in the same batch (mixed batches); None: the attacked images are the batch.
     """
 
-    def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: float, loss: Loss = "ce",
+    def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: float | Tensor, loss: Losses = "ce",
                  temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> None:
         if objective not in DEFENSE_OBJECTIVES:
             raise ValueError(f"Expected `objective` in {DEFENSE_OBJECTIVES}, got {objective!r}")
-        if lam < 0:
+        if bool((lam < 0).any()) if isinstance(lam, Tensor) else lam < 0:
             raise ValueError(f"Expected `lam` >= 0, got {lam}")
         check_positive("temperature", temperature)
         self.defense, self.y, self.objective, self.lam, self.loss = defense, y, objective, lam, loss
@@ -119,60 +121,81 @@ class DefenseObjective:
         return self.draws(x_adv, 1)[0]
 
     def draws(self, x_adv: Tensor, count: int) -> Tensor:
-        """Per-sample values under ``count`` independent draws, shape ``(count, n)``."""
+        """Per-sample values under ``count`` independent draws, shape ``(count, n)``; for runs ``x_adv`` of shape
+        ``(R, n, ...)`` (batched only, :mod:`dad.defense_runs`), ``(count, R, n)``."""
         if not run_settings().batched:
             return torch.stack([self._values(x_adv, 1, None)[0] for _ in range(count)])
         return self._values(x_adv, count, self.known)
 
     def _values(self, x_adv: Tensor, count: int, known: KnownRows | None) -> Tensor:
-        n, y, lam, loss, defense = len(x_adv), self.y, self.lam, self.loss, self.defense
-        batch = x_adv if known is not None else with_filler(x_adv, self.filler)
+        runs = is_runs(self.defense, x_adv)
+        values = self._run_values(x_adv if runs else x_adv[None], count, known)
+        return values if runs else values[:, 0]
+
+    def _run_values(self, x: Tensor, count: int, known: KnownRows | None) -> Tensor:
+        """Values ``(count, R, n)`` of the runs ``x`` ``(R, n, ...)``, each run its own batch (one batch: R = 1)."""
+        defense, y, loss, (r, n) = self.defense, self.y, self.loss, x.shape[:2]
+        if known is None and self.filler is not None:  # looped: the filler is passed again with every call
+            x = torch.cat([x, self.filler.to(x).expand(r, *self.filler.shape)], 1)
+        full = x if known is None else torch.cat([x, known.images.to(x).expand(r, *known.images.shape)], 1)
         if self.objective in ("adaptive", "evade_eps"):
-            out = defense.forward_draws(batch, count, known, validate=False, first=n if known is not None else None)
-            values = _per_draw(out.logits[:, :n], y, loss)
+            out = forward_runs(defense, x, count, known, first=n)
+            values = _per_draw(out.logits, y, loss)
             if self.objective == "adaptive":
-                return values + lam * out.score
+                return values + self._weighted(out.score)[..., None]
+            if r > 1:
+                raise ValueError("The evade_eps objective takes one batch at a time, not a stack of runs")
             purifier = getattr(defense, "purifier", None)  # lower what the purifier keys on, where it keys on one
-            term = purifier.adaptive_term(with_filler(x_adv, self.filler)) if purifier is not None else None
-            return values if term is None else values - lam * term[:n]
-        # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_draws)
-        record_passes(count, 1 if self.objective == "evade_clean" else len(run_chunks(count, len(batch))))
-        logits_clean, features = defense.classify_with_features(batch, known)
-        excesses = excesses_per_image(defense.detect(with_filler(x_adv, self.filler), features), n)
+            term = purifier.adaptive_term(full[0]) if purifier is not None else None
+            return values if term is None else values - self._weighted(term[:n])
+        # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_runs)
+        record_passes(count * r, 1 if self.objective == "evade_clean" else len(run_chunks(count, r * x.shape[1])))
+        logits_clean, features = classify_runs(defense, x, known)
+        excesses = excesses_per_image(defense.detect(full, features), n)
+        logits_clean = logits_clean[:, :n]
         if self.objective == "evade_clean":
             hinge = sum(F.relu(e + self.margin) for e in excesses)
-            return (classification_loss(logits_clean[:n], y, loss) - lam * hinge).expand(count, n)
-        purified = defense.purify_runs(x_adv if known is not None else batch, count)
-        logits_denoised = defense.logits_of_runs(purified)[:, :n]
+            return (_per_draw(logits_clean[None], y, loss)[0] - self._weighted(hinge)).expand(count, r, n)
+        purified = defense.purify_runs(x.flatten(0, 1), count)
+        logits_denoised = defense.logits_of_runs(purified).view(count, r, x.shape[1], -1)[:, :, :n]
         if self.objective == "evade_denoised":  # flagged by any test is enough
-            return _per_draw(logits_denoised, y, loss) - lam * F.relu(self.margin - largest_excess(excesses))
+            return _per_draw(logits_denoised, y, loss) - self._weighted(F.relu(self.margin - largest_excess(excesses)))
         passes = [1.0 - torch.sigmoid(e / self.temperature) for e in excesses]
         soft = 1.0 - torch.stack(torch.broadcast_tensors(*passes)).prod(0)
         p = soft if self.objective == "evade_soft" else (largest_excess(excesses) > 0).to(soft) + soft - soft.detach()
-        probs = ((1.0 - p)[:, None] * logits_clean[:n].softmax(1)) + p[:, None] * logits_denoised.softmax(2)
+        probs = (1.0 - p)[..., None] * logits_clean.softmax(-1) + p[..., None] * logits_denoised.softmax(-1)
         hinge = sum(F.relu(e + self.margin) for e in excesses)
-        return _per_draw(probs.clamp_min(_TINY).log(), y, loss) - lam * hinge
+        return _per_draw(probs.clamp_min(_TINY).log(), y, loss) - self._weighted(hinge)
+
+    def _weighted(self, term: Tensor) -> Tensor:
+        """``lam`` times a per-run (``(R,)`` or ``(R, n)``) or a single batch's term: each run its own weight."""
+        if isinstance(self.lam, Tensor) and self.lam.dim() > 0:
+            return self.lam.to(term).view(-1, *([1] * (term.dim() - 1))) * term
+        return self.lam * term
 
 
-def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: float, loss: Loss = "ce",
+def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: float | Tensor, loss: Losses = "ce",
                       temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> DefenseObjective:
     """The :class:`DefenseObjective` of these settings (the arguments are its own)."""
     return DefenseObjective(defense, y, objective, lam, loss, temperature, margin, filler)
 
 
-def _per_draw(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
-    """:func:`classification_loss` of logits ``(R, n, K)`` per draw: shape ``(R, n)``."""
-    runs, n = logits.shape[:2]
-    return classification_loss(logits.reshape(runs * n, -1), y.repeat(runs), loss).view(runs, n)
+def _per_draw(logits: Tensor, y: Tensor, loss: Losses) -> Tensor:
+    """:func:`classification_loss` of logits ``(D, n, K)`` per draw, shape ``(D, n)``; of runs' logits ``(D, R, n, K)``,
+    shape ``(D, R, n)``, with one loss kind for all runs or one per run (``loss`` a sequence of ``R`` kinds)."""
+    if not isinstance(loss, str):
+        return torch.stack([_per_draw(logits[:, r], y, kind) for r, kind in enumerate(loss)], 1)
+    return classification_loss(logits.reshape(-1, logits.shape[-1]), y.repeat(logits[..., 0].numel() // len(y)),
+                               loss).view(logits.shape[:-1])
 
 
 def excesses_per_image(detection: Detection, n: int) -> list[Tensor]:
     """The relative excesses of the tests in force, per attacked image: the batch's (shared) and each image's."""
     found = []
-    if detection.batch_excess is not None:
-        found.append(detection.batch_excess.expand(n))
+    if detection.batch_excess is not None:  # a batch's () or runs' (R,): per image (n,) or (R, n)
+        found.append(detection.batch_excess[..., None].expand(*detection.batch_excess.shape, n))
     if detection.sample_excess is not None:
-        found.append(detection.sample_excess[:n])
+        found.append(detection.sample_excess[..., :n])
     return found
 
 

@@ -1,0 +1,101 @@
+"""An attack's independent runs through the defense along a leading dimension, instead of one after another.
+
+The runs of an attack through the defense (a loss of ``ce+dlr``, a penalty weight of its schedule, a restart)
+differ only in their start and their objective's settings. Stacked, ``R`` runs are one tensor program: their images
+go through the networks together while each run is judged as its own detector batch (:mod:`dad.defense_runs`), in
+chunks of runs that keep a pass under :attr:`~dad.runs.RunSettings.max_images` images. The strongest batch is kept
+as :func:`~dad.attacks.judging.strongest_run` keeps it (the runs' order and ties unchanged), and a settled run
+ends the attack. Under :func:`~dad.runs.looped_runs` the runs run one after another (the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from dad.attacks.judging import Judge, defense_judge, settled, strongest_batch, strongest_run
+from dad.attacks.objectives import DefenseObjective, defense_objective
+from dad.attacks.spec import AttackSpec
+from dad.runs import run_chunks, run_settings
+
+__all__ = ["RunSetting", "Engine", "stacks_runs", "flat_runs", "stacked_runs", "attack_runs"]
+
+RunSetting = tuple[str, float]
+"""One run's settings: its loss kind and its penalty weight."""
+Engine = Callable[[DefenseObjective, Judge, int], Tensor]
+"""``engine(objective, judge, runs)``: one attack's ascent (APGD, PGD) of ``runs`` stacked runs, their AEs
+``(runs, B, ...)`` (``(B, ...)`` for one run)."""
+
+
+def stacks_runs(defense: nn.Module, objective: str, runs: int) -> bool:
+    """Whether an attack's ``runs`` through ``defense`` go along a leading dimension: batched runs
+    (:mod:`dad.runs`), more than one, a defense that routes stacks of runs and an objective that takes them."""
+    return run_settings().batched and runs > 1 and hasattr(defense, "routed_draws") and objective != "evade_eps"
+
+
+class _FlatObjective:
+    """A stack-of-runs objective as a function of the flat ``(R x B, ...)`` batch (values ``(R x B,)``)."""
+
+    def __init__(self, objective: DefenseObjective, runs: int) -> None:
+        self.objective, self.runs = objective, runs
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.draws(z, 1)[0]
+
+    def draws(self, z: Tensor, count: int) -> Tensor:
+        return self.objective.draws(z.view(self.runs, -1, *z.shape[1:]), count).flatten(1)
+
+
+def flat_runs(objective: Callable[[Tensor], Tensor], judge: Judge,
+              runs: int) -> tuple[Callable[[Tensor], Tensor], Judge]:
+    """``objective`` and ``judge`` of a stack of ``runs`` batches ``(runs, B, ...)`` as functions of the flat
+    ``(runs x B, ...)`` batch an attack's per-sample loop works on (unchanged for one run)."""
+    if runs == 1:
+        return objective, judge
+    if not isinstance(objective, DefenseObjective):
+        raise TypeError(f"Stacked runs need a DefenseObjective, got {type(objective).__name__}")
+
+    def flat_judge(z: Tensor) -> Tensor:
+        return judge(z.view(runs, -1, *z.shape[1:])).flatten()
+
+    return _FlatObjective(objective, runs), flat_judge
+
+
+def stacked_runs(judge: Judge, settings: Sequence[RunSetting], run: Callable[[tuple[str, ...], Tensor], Tensor],
+                 x: Tensor) -> Tensor:
+    """The strongest batch of the runs ``settings`` on the clean batch ``x``, made by ``run(losses, lams)`` (a
+    chunk's stack ``(R, B, ...)``, or ``(B, ...)`` for one run) chunk by chunk; the first settled run is returned at
+    once, as :func:`~dad.attacks.judging.strongest_run` returns it."""
+    candidates, rates, start = [], [], 0
+    for size in run_chunks(len(settings), len(x)):
+        part = settings[start:start + size]
+        start += size
+        lams = torch.tensor([lam for _, lam in part], dtype=x.dtype, device=x.device)
+        stack = run(tuple(loss for loss, _ in part), lams)
+        stack = stack if size > 1 else stack[None]
+        found = judge(stack)
+        if settled(found, size):
+            return stack[int((found >= 1.0).all(1).int().argmax())]
+        candidates += list(stack)
+        rates.append(found)
+    return strongest_batch(judge, candidates, torch.cat(rates))
+
+
+def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,
+                engine: Engine) -> Tensor:
+    """The strongest batch of an attack's runs through ``defense`` (one per loss of ``spec.loss``, weight of
+    ``spec.schedule`` and restart; the candidates judged whole over ``spec.draws`` draws), made by ``engine``:
+    stacked where :func:`stacks_runs`, else one after another."""
+    judge = defense_judge(defense, y, spec.draws, filler)
+    settings = [(loss, lam) for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)]
+
+    def run(losses: tuple[str, ...] | str, lams: Tensor | float) -> Tensor:
+        objective = defense_objective(defense, y, spec.objective, lams, losses, spec.temperature, spec.margin, filler)
+        return engine(objective, judge, 1 if isinstance(losses, str) else len(losses))
+
+    if stacks_runs(defense, spec.objective, len(settings)):
+        return stacked_runs(judge, settings, run, x)
+    return strongest_run(judge, [partial(run, loss, lam) for loss, lam in settings])

@@ -1,0 +1,70 @@
+"""Independent runs of the defense along a leading dimension: ``R`` batches at once, each its own detector batch.
+
+An attack's restarts, penalty weights and losses are independent runs on different iterates of the same clean
+batch. Here their images go through the classifier and the purifier as one tensor program of ``R x B`` images (in
+chunks of at most :attr:`~dad.runs.RunSettings.max_images` images), while each run is decided as its own detector
+batch of ``B`` images (its own MMD score against its own threshold, :meth:`~dad.routing.Router.decide`), never as
+one batch of ``R x B``: a run sees exactly the defense a lone batch sees.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dad.networks import logits_and_features
+from dad.runs import record_passes, run_chunks
+
+if TYPE_CHECKING:
+    from dad.defense import DADDefense, DefenseOutput, KnownRows
+
+__all__ = ["is_runs", "classify_runs", "forward_runs"]
+
+
+def is_runs(defense: DADDefense, x: Tensor) -> bool:
+    """Whether ``x`` is a stack of runs ``(R, B, *image_shape)`` rather than one batch ``(B, *image_shape)``."""
+    return x.dim() == len(defense.image_shape) + 2
+
+
+def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
+    """The classifier's logits ``(R, n (+ m), K)`` and the detector's features of the runs ``x`` ``(R, n, ...)``,
+    then each run's ``known`` rows (``m`` of them, passed once for all runs); the images of a chunk of runs in
+    one pass."""
+    runs, n = x.shape[:2]
+    parts, start = [], 0
+    for size in run_chunks(runs, n):
+        parts.append(logits_and_features(defense.classifier, defense.detector.kernel,
+                                         x[start:start + size].flatten(0, 1)))
+        start += size
+    logits = torch.cat([p[0] for p in parts]).view(runs, n, -1)
+    features = torch.cat([p[1] for p in parts])
+    features = features.view(runs, n, *features.shape[1:])
+    if known is None:
+        return logits, features
+    return (torch.cat([logits, known.logits.to(logits).expand(runs, *known.logits.shape)], 1),
+            torch.cat([features, known.features.to(features).expand(runs, *known.features.shape)], 1))
+
+
+def forward_runs(defense: DADDefense, x: Tensor, draws: int, known: KnownRows | None = None,
+                 first: int | None = None) -> DefenseOutput:
+    """``draws`` independent passes of the defense on each run's batch ``cat(x[r], known.images)``, ``x`` of shape
+    ``(R, n, ...)``: logits ``(draws, R, first, K)`` (the runs' ``first`` images; all by default), score ``(R,)``,
+    flags ``(R, n (+ m))``. Run ``r`` gets what :meth:`~dad.defense.DADDefense.forward_draws` gives its batch
+    alone; the inputs are an attack's iterates, valid by construction (not checked)."""
+    from dad.defense import DefenseOutput
+
+    if draws < 1:
+        raise ValueError(f"Expected `draws` >= 1, got {draws}")
+    runs, n = x.shape[:2]
+    x = x.to(defense.detector.reference.dtype)
+    batch = x if known is None else torch.cat([x, known.images.to(x).expand(runs, *known.images.shape)], 1)
+    logits, features = classify_runs(defense, x, known)
+    detection = defense.detect(batch, features)
+    first = batch.shape[1] if first is None else first
+    record_passes(draws * runs, len(run_chunks(draws, runs * first)))
+    flat = defense.routed_draws(batch[:, :first].flatten(0, 1), logits[:, :first].flatten(0, 1),
+                                detection.flags[:, :first].flatten(), draws)
+    return DefenseOutput(logits=flat.view(draws, runs, first, -1), score=detection.score,
+                         adversarial=detection.flags.any(1), flags=detection.flags)
