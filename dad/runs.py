@@ -1,15 +1,15 @@
 """Independent runs of a random computation: along a leading dimension of one tensor program, or one after another.
 
-The EOT samples of an attack's objective, the noise draws of a judged batch, the purifications of a flagged
-batch and an attack's runs (its losses, penalty weights and restarts: :mod:`dad.attacks.run_stack`, each run its own
-detector batch, :mod:`dad.defense_runs`) are independent runs of the same computation. Batched (the default), they go through the networks as one
-batch of at most :attr:`RunSettings.max_images` images (a memory cap: more runs go in chunks), the deterministic
-part (the classifier's pass on the batch, the detectors) computed once, and an attack stops on a batch once every
-sample is wrong in every draw of its judge (:attr:`RunSettings.early_stop`). :func:`looped_runs` switches back to
-the reference: one call per run and every budget spent, what the batched programs are tested and timed against
-(``python -m bench.attack_speed``). On the CPU both draw the same random numbers in the same order where a run's
-noise has a multiple of 16 elements (the images of every dataset here), so their values agree up to the order of
-floating-point sums; chunks draw the same numbers as one batch.
+The EOT samples of an attack's objective, the noise draws of a judged batch, the purifications of a flagged batch
+and an attack's runs (its losses, penalty weights and restarts: :mod:`dad.attacks.run_stack`, each run its own
+detector batch, :mod:`dad.defense_runs`) are independent runs of the same computation. Batched (the default), they
+go through the networks as one batch of at most :attr:`RunSettings.max_images` images (a memory cap: more runs go in
+chunks), the deterministic part (the classifier's pass on the batch, the detectors) computed once, and an attack
+stops on a batch once every sample is wrong in every draw of its judge (:attr:`RunSettings.early_stop`).
+:func:`looped_runs` switches back to the reference: one call per run and every budget spent, what the batched
+programs are tested and timed against (``python -m bench.attack_speed``). On the CPU both draw the same random
+numbers in the same order where a run's noise has a multiple of 16 elements (the images of every dataset here), so
+their values agree up to the order of floating-point sums; chunks draw the same numbers as one batch.
 
 :func:`counting_passes` counts what the defense ran: ``passes`` (single-draw evaluations of the defense, what the
 loop makes) and ``programs`` (the tensor programs that made them: one per chunk of batched runs).

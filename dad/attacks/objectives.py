@@ -53,12 +53,14 @@ from dad.runs import record_passes, run_chunks, run_settings
 if TYPE_CHECKING:
     from dad.defense import KnownRows
 
-__all__ = ["Loss", "Losses", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective", "defense_objective",
-           "excesses_per_image", "largest_excess"]
+__all__ = ["Loss", "Losses", "Weights", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective",
+           "defense_objective", "excesses_per_image", "largest_excess"]
 
 Loss = Literal["ce", "dlr"]
 Losses = Union[Loss, Sequence[Loss]]
 """One loss kind, or one per run of a stack of runs (:mod:`dad.defense_runs`)."""
+Weights = Union[float, Sequence[float]]
+"""One penalty weight, or one per run of a stack of runs."""
 LOSS_KINDS: tuple[str, ...] = ("ce", "dlr")
 PerSample = Callable[[Tensor], Tensor]
 """``objective(x_adv)`` -> per-sample values ``(n,)`` to maximise (their sum is the batch objective)."""
@@ -105,16 +107,17 @@ class DefenseObjective:
         filler: clean images in the same batch (mixed batches); None: the attacked images are the batch.
     """
 
-    def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: float | Tensor, loss: Losses = "ce",
+    def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: Weights, loss: Losses = "ce",
                  temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> None:
         if objective not in DEFENSE_OBJECTIVES:
             raise ValueError(f"Expected `objective` in {DEFENSE_OBJECTIVES}, got {objective!r}")
-        if bool((lam < 0).any()) if isinstance(lam, Tensor) else lam < 0:
+        if min(lam) < 0 if isinstance(lam, Sequence) else lam < 0:
             raise ValueError(f"Expected `lam` >= 0, got {lam}")
         check_positive("temperature", temperature)
         self.defense, self.y, self.objective, self.lam, self.loss = defense, y, objective, lam, loss
         self.temperature, self.margin, self.filler = temperature, margin, filler
         self.known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
+        self._lams: Tensor | None = None  # per-run weights on the device, made once
 
     def __call__(self, x_adv: Tensor) -> Tensor:
         """Per-sample values ``(n,)`` under one draw of the defense's randomness."""
@@ -169,12 +172,14 @@ class DefenseObjective:
 
     def _weighted(self, term: Tensor) -> Tensor:
         """``lam`` times a per-run (``(R,)`` or ``(R, n)``) or a single batch's term: each run its own weight."""
-        if isinstance(self.lam, Tensor) and self.lam.dim() > 0:
-            return self.lam.to(term).view(-1, *([1] * (term.dim() - 1))) * term
-        return self.lam * term
+        if not isinstance(self.lam, Sequence):
+            return self.lam * term
+        if self._lams is None:
+            self._lams = torch.tensor(self.lam, dtype=term.dtype, device=term.device)
+        return self._lams.view(-1, *([1] * (term.dim() - 1))) * term
 
 
-def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: float | Tensor, loss: Losses = "ce",
+def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: Weights, loss: Losses = "ce",
                       temperature: float = 0.1, margin: float = 0.1, filler: Tensor | None = None) -> DefenseObjective:
     """The :class:`DefenseObjective` of these settings (the arguments are its own)."""
     return DefenseObjective(defense, y, objective, lam, loss, temperature, margin, filler)

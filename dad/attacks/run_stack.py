@@ -64,8 +64,8 @@ def flat_runs(objective: Callable[[Tensor], Tensor], judge: Judge,
     return _FlatObjective(objective, runs), flat_judge
 
 
-def stacked_runs(judge: Judge, settings: Sequence[RunSetting], run: Callable[[tuple[str, ...], Tensor], Tensor],
-                 x: Tensor) -> Tensor:
+def stacked_runs(judge: Judge, settings: Sequence[RunSetting],
+                 run: Callable[[tuple[str, ...], tuple[float, ...]], Tensor], x: Tensor) -> Tensor:
     """The strongest batch of the runs ``settings`` on the clean batch ``x``, made by ``run(losses, lams)`` (a
     chunk's stack ``(R, B, ...)``, or ``(B, ...)`` for one run) chunk by chunk; the first settled run is returned at
     once, as :func:`~dad.attacks.judging.strongest_run` returns it."""
@@ -73,8 +73,7 @@ def stacked_runs(judge: Judge, settings: Sequence[RunSetting], run: Callable[[tu
     for size in run_chunks(len(settings), len(x)):
         part = settings[start:start + size]
         start += size
-        lams = torch.tensor([lam for _, lam in part], dtype=x.dtype, device=x.device)
-        stack = run(tuple(loss for loss, _ in part), lams)
+        stack = run(tuple(loss for loss, _ in part), tuple(lam for _, lam in part))
         stack = stack if size > 1 else stack[None]
         found = judge(stack)
         if settled(found, size):
@@ -92,7 +91,7 @@ def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, fill
     judge = defense_judge(defense, y, spec.draws, filler)
     settings = [(loss, lam) for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)]
 
-    def run(losses: tuple[str, ...] | str, lams: Tensor | float) -> Tensor:
+    def run(losses: tuple[str, ...] | str, lams: tuple[float, ...] | float) -> Tensor:
         objective = defense_objective(defense, y, spec.objective, lams, losses, spec.temperature, spec.margin, filler)
         return engine(objective, judge, 1 if isinstance(losses, str) else len(losses))
 

@@ -103,3 +103,21 @@ def test_an_attack_runs_without_host_syncs(monkeypatch: pytest.MonkeyPatch, rout
         with pytest.raises(Exception):  # the harness: a host sync is refused
             bool(x_adv.sum() > 0)
     assert x_adv.shape == x.shape
+
+
+@pytest.mark.parametrize("objective", ["adaptive", "evade_clean", "evade_bpda"])
+def test_stacked_runs_run_without_host_syncs(monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    """Three runs of APGD stacked along a leading dimension (per-run weights and losses, each run its own detector
+    batch, judged per run) on the accelerator's path: no host sync in the loop, the stack's shape returned."""
+    defense = _defense()
+    defense.routing = "both"
+    monkeypatch.setattr(DADDefense, "_purifies_every_image", staticmethod(lambda x: True))
+    monkeypatch.setattr("dad.attacks.apgd.check_unit_range", lambda x: None)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, y, filler = torch.rand(B, 1, 8, 8), torch.randint(0, 10, (B,)), torch.rand(4, 1, 8, 8)
+        judge = defense_judge(defense, y, draws=3, filler=filler)
+        objective_fn = defense_objective(defense, y, objective, (0.0, 1.0, 10.0), ("ce", "dlr", "ce"), filler=filler)
+        x_adv = apgd(objective_fn, judge, x, 0.1, steps=3, eot_samples=2, stop_when_settled=False, runs=3)
+        with pytest.raises(Exception):
+            bool(x_adv.sum() > 0)
+    assert x_adv.shape == (3, *x.shape)

@@ -63,14 +63,14 @@ def test_a_stack_of_runs_has_each_runs_values_and_gradients(defense: DADDefense,
     """Per-run penalty weights and losses: the stack's EOT values and gradients are each run's, computed alone."""
     defense.routing = "both"
     x, y = stack
-    lams, losses = torch.tensor([1.0, 10.0, 100.0]), ("ce", "dlr", "ce")
+    lams, losses = (1.0, 10.0, 100.0), ("ce", "dlr", "ce")
     x_var = x.clone().requires_grad_(True)
     values = defense_objective(defense, y, objective, lams, losses).draws(x_var, 1)[0]
     grads = torch.autograd.grad(values.sum(), x_var)[0]
     stacked = defense_objective(defense, y, objective, lams, losses).draws(x, 2)
     assert stacked.shape == (2, R, B)
     for r in range(R):
-        alone = defense_objective(defense, y, objective, float(lams[r]), losses[r])
+        alone = defense_objective(defense, y, objective, lams[r], losses[r])
         value, grad = eot_value_and_gradient(alone, x[r], 1)
         torch.testing.assert_close(values[r].detach(), value, **TOLERANCE)
         torch.testing.assert_close(grads[r], grad, **TOLERANCE)
@@ -79,7 +79,7 @@ def test_a_stack_of_runs_has_each_runs_values_and_gradients(defense: DADDefense,
 
 def test_evade_eps_refuses_a_stack(defense: DADDefense, stack: tuple[Tensor, Tensor]) -> None:
     with pytest.raises(ValueError, match="one batch at a time"):
-        defense_objective(defense, stack[1], "evade_eps", torch.ones(R)).draws(stack[0], 1)
+        defense_objective(defense, stack[1], "evade_eps", (1.0,) * R).draws(stack[0], 1)
 
 
 SPECS = {
@@ -102,8 +102,9 @@ def _attack(defense: DADDefense, spec: dict, x: Tensor, y: Tensor) -> Tensor:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_the_stacked_attack_equals_the_looped_runs_whatever_the_chunk_size(
         defense: DADDefense, stack: tuple[Tensor, Tensor], name: str) -> None:
-    """Four runs of APGD or PGD (two losses x two weights, or two restarts): stacked in one program, in chunks of one or two runs,
-    and looped, the same AEs and the same defense passes; the stack without a cap makes a fraction of the programs."""
+    """Four runs of APGD or PGD (two losses x two weights, or two restarts): stacked in one program, in chunks of one
+    or two runs, and looped, the same AEs and the same defense passes; the stack without a cap makes a fraction of
+    the programs."""
     defense.routing = "both"
     x, y = stack[0][0], stack[1]
     with looped_runs(), counting_passes() as looped_count:
@@ -123,8 +124,8 @@ def test_a_settled_run_ends_the_stack_and_nothing_else_does() -> None:
     x = torch.zeros(4, 1, 2, 2)
     made: list[float] = []
 
-    def run(losses: tuple[str, ...], lams: Tensor) -> Tensor:
-        made.extend(lams.tolist())
+    def run(losses: tuple[str, ...], lams: tuple[float, ...]) -> Tensor:
+        made.extend(lams)
         return x + lams[0]
 
     def judge(z: Tensor) -> Tensor:  # (R, n): the run of weight 1 is settled; the others nearly
