@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from dad.defense import KnownRows
 
 __all__ = ["Loss", "Losses", "Weights", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective",
-           "defense_objective", "excesses_per_image", "largest_excess"]
+           "defense_objective", "excesses_per_image", "largest_excess", "per_draw_loss"]
 
 Loss = Literal["ce", "dlr"]
 Losses = Union[Loss, Sequence[Loss]]
@@ -143,7 +143,7 @@ class DefenseObjective:
         full = x if known is None else torch.cat([x, known.images.to(x).expand(r, *known.images.shape)], 1)
         if self.objective in ("adaptive", "evade_eps"):
             out = forward_runs(defense, x, count, known, first=n)
-            values = _per_draw(out.logits, y, loss)
+            values = per_draw_loss(out.logits, y, loss)
             if self.objective == "adaptive":
                 return values + self._weighted(out.score)[..., None]
             if r > 1:
@@ -158,17 +158,18 @@ class DefenseObjective:
         logits_clean = logits_clean[:, :n]
         if self.objective == "evade_clean":
             hinge = sum(F.relu(e + self.margin) for e in excesses)
-            return (_per_draw(logits_clean[None], y, loss)[0] - self._weighted(hinge)).expand(count, r, n)
+            return (per_draw_loss(logits_clean[None], y, loss)[0] - self._weighted(hinge)).expand(count, r, n)
         purified = defense.purify_runs(x.flatten(0, 1), count)
         logits_denoised = defense.logits_of_runs(purified).view(count, r, x.shape[1], -1)[:, :, :n]
         if self.objective == "evade_denoised":  # flagged by any test is enough
-            return _per_draw(logits_denoised, y, loss) - self._weighted(F.relu(self.margin - largest_excess(excesses)))
+            flagged = F.relu(self.margin - largest_excess(excesses))
+            return per_draw_loss(logits_denoised, y, loss) - self._weighted(flagged)
         passes = [1.0 - torch.sigmoid(e / self.temperature) for e in excesses]
         soft = 1.0 - torch.stack(torch.broadcast_tensors(*passes)).prod(0)
         p = soft if self.objective == "evade_soft" else (largest_excess(excesses) > 0).to(soft) + soft - soft.detach()
         probs = (1.0 - p)[..., None] * logits_clean.softmax(-1) + p[..., None] * logits_denoised.softmax(-1)
         hinge = sum(F.relu(e + self.margin) for e in excesses)
-        return _per_draw(probs.clamp_min(_TINY).log(), y, loss) - self._weighted(hinge)
+        return per_draw_loss(probs.clamp_min(_TINY).log(), y, loss) - self._weighted(hinge)
 
     def _weighted(self, term: Tensor) -> Tensor:
         """``lam`` times a per-run (``(R,)`` or ``(R, n)``) or a single batch's term: each run its own weight."""
@@ -185,11 +186,11 @@ def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: Weight
     return DefenseObjective(defense, y, objective, lam, loss, temperature, margin, filler)
 
 
-def _per_draw(logits: Tensor, y: Tensor, loss: Losses) -> Tensor:
+def per_draw_loss(logits: Tensor, y: Tensor, loss: Losses) -> Tensor:
     """:func:`classification_loss` of logits ``(D, n, K)`` per draw, shape ``(D, n)``; of runs' logits ``(D, R, n, K)``,
     shape ``(D, R, n)``, with one loss kind for all runs or one per run (``loss`` a sequence of ``R`` kinds)."""
     if not isinstance(loss, str):
-        return torch.stack([_per_draw(logits[:, r], y, kind) for r, kind in enumerate(loss)], 1)
+        return torch.stack([per_draw_loss(logits[:, r], y, kind) for r, kind in enumerate(loss)], 1)
     return classification_loss(logits.reshape(-1, logits.shape[-1]), y.repeat(logits[..., 0].numel() // len(y)),
                                loss).view(logits.shape[:-1])
 

@@ -32,9 +32,11 @@ from torch.nn import functional as F
 from dad.attacks.catalog import register_attack
 from dad.attacks.common import (as_autograd_tensor, ascent_step, check_unit_range, gradients_enabled,
                                 preserve_mode, start_point)
-from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run, with_filler
-from dad.attacks.objectives import classification_loss, excesses_per_image, largest_excess
+from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run
+from dad.attacks.objectives import Losses, excesses_per_image, largest_excess, per_draw_loss
+from dad.attacks.run_stack import flat_judge, stacked_runs, stacks_runs
 from dad.attacks.spec import AttackSpec
+from dad.defense_runs import classify_runs
 from dad.runs import record_passes, run_settings
 
 if TYPE_CHECKING:
@@ -63,36 +65,49 @@ def orthogonal_direction(grad_f: Tensor, grad_d: Tensor, misclassified: Tensor, 
     return torch.where(~fooled, up, torch.where(seen, down, torch.zeros_like(up)))
 
 
-def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: AttackSpec, loss: str,
+def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: AttackSpec, loss: Losses,
                 filler: Tensor | None = None, orthogonal: bool = True, known: KnownRows | None = None) -> Tensor:
-    """One run of orthogonal (or selective) PGD on the batch ``x`` (the attacked images of ``cat(x, filler)``;
-    ``known``: the filler with its classifier pass made, :meth:`~dad.defense.DADDefense.known_rows`), returning the
-    judged iterate the defense gets most wrong (a settled one ends the run)."""
+    """Runs of orthogonal (or selective) PGD on the batch ``x`` (the attacked images of ``cat(x, filler)``;
+    ``known``: the filler with its classifier pass made, :meth:`~dad.defense.DADDefense.known_rows`), one per loss
+    kind of ``loss`` (a kind: one run), stacked along a leading dimension (:mod:`dad.attacks.run_stack`: each run its
+    own detector batch); per run, the judged iterate the defense gets most wrong (a settled one ends the runs).
+    Returns ``(B, ...)`` for one run, ``(runs, B, ...)`` for several."""
     check_unit_range(x)
-    n = len(y)
-    start = start_point(x, spec.eps, spec.norm, spec.random_start).clamp(0.0, 1.0)
+    n, runs = len(y), 1 if isinstance(loss, str) else len(loss)
+    clean, x = x, x.repeat(runs, *([1] * (x.dim() - 1)))
+    start = torch.cat([start_point(clean, spec.eps, spec.norm, spec.random_start) for _ in range(runs)])
+    judge = flat_judge(judge, runs)
 
     def step(x_adv: Tensor) -> Tensor:
         x_adv = x_adv.detach().requires_grad_(True)
-        record_passes(1, 1)
-        batch = x_adv if known is not None else with_filler(x_adv, filler)
-        logits, features = defense.classify_with_features(batch, known)
-        detection = defense.detect(with_filler(x_adv, filler), features)
+        record_passes(runs, 1)
+        stack = x_adv.view(runs, n, *clean.shape[1:])
+        if known is None and filler is not None:
+            stack = torch.cat([stack, filler.to(stack).expand(runs, *filler.shape)], 1)
+        full = stack if known is None else torch.cat([stack, known.images.to(stack).expand(runs, *known.images.shape)],
+                                                     1)
+        if runs > 1:
+            logits, features = classify_runs(defense, stack, known)
+            detection = defense.detect(full, features)
+        else:  # one batch: the defense's own calls (any defense with them, e.g. a toy one)
+            logits, features = defense.classify_with_features(stack[0], known)
+            detection, logits = defense.detect(full[0], features), logits[None]
         excesses = excesses_per_image(detection, n)
-        hinges = [F.relu(detection.batch_excess + spec.margin)] if detection.batch_excess is not None else []
+        hinges = [F.relu(detection.batch_excess + spec.margin).sum()] if detection.batch_excess is not None else []
         if detection.sample_excess is not None:
-            hinges.append(F.relu(detection.sample_excess[:n] + spec.margin).sum())
-        f = classification_loss(logits[:n], y, loss).sum()
+            hinges.append(F.relu(detection.sample_excess[..., :n] + spec.margin).sum())
+        f = per_draw_loss(logits[None, :, :n], y, loss).sum()
         grad_f = torch.autograd.grad(f, x_adv, retain_graph=True)[0]
         hinge = sum(hinges) if hinges else None  # a fixed routing's hinge is a constant: no gradient to follow
         grad_d = torch.autograd.grad(hinge, x_adv)[0] if hinge is not None and hinge.requires_grad else \
             torch.zeros_like(x_adv)
-        misclassified = logits[:n].argmax(1) != y
-        detected = largest_excess(excesses) > 0 if excesses else torch.zeros_like(misclassified)
+        misclassified = (logits[:, :n].argmax(-1) != y).flatten()
+        detected = (largest_excess(excesses) > 0).flatten() if excesses else torch.zeros_like(misclassified)
         direction = orthogonal_direction(grad_f, grad_d, misclassified, detected, orthogonal)
         return ascent_step(x_adv.detach(), x, direction, spec.eps, spec.step_size, spec.norm)
 
-    return judged_ascent(judge, start, spec.steps, step)
+    found = judged_ascent(judge, start.clamp(0.0, 1.0), spec.steps, step, runs)
+    return found if runs == 1 else found.view(runs, *clean.shape)
 
 
 def _attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,
@@ -105,7 +120,10 @@ def _attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: 
         judge = defense_judge(defense, y, spec.draws, filler)
         known = defense.known_rows(filler) if filler is not None and run_settings().batched else None
         run = partial(evasion_pgd, defense, judge, x, y, spec, filler=filler, orthogonal=orthogonal, known=known)
-        return strongest_run(judge, [partial(run, loss) for loss in spec.losses for _ in range(spec.restarts)])
+        settings = [(loss, 0.0) for loss in spec.losses for _ in range(spec.restarts)]
+        if stacks_runs(defense, spec.objective, len(settings)):
+            return stacked_runs(judge, settings, lambda losses, lams: run(losses), x)
+        return strongest_run(judge, [partial(run, loss) for loss, _ in settings])
 
 
 @register_attack("orthogonal_pgd", "defense")

@@ -21,7 +21,7 @@ from dad.attacks.objectives import DefenseObjective, defense_objective
 from dad.attacks.spec import AttackSpec
 from dad.runs import run_chunks, run_settings
 
-__all__ = ["RunSetting", "Engine", "stacks_runs", "flat_runs", "stacked_runs", "attack_runs"]
+__all__ = ["RunSetting", "Engine", "stacks_runs", "flat_judge", "flat_runs", "stacked_runs", "attack_runs"]
 
 RunSetting = tuple[str, float]
 """One run's settings: its loss kind and its penalty weight."""
@@ -49,19 +49,27 @@ class _FlatObjective:
         return self.objective.draws(z.view(self.runs, -1, *z.shape[1:]), count).flatten(1)
 
 
+def flat_judge(judge: Judge, runs: int) -> Judge:
+    """``judge`` of a stack of ``runs`` batches ``(runs, B, ...)`` as a function of the flat ``(runs x B, ...)`` batch
+    an attack's per-sample loop works on: each run judged as its own batch (unchanged for one run)."""
+    if runs == 1:
+        return judge
+
+    def judged(z: Tensor) -> Tensor:
+        return judge(z.view(runs, -1, *z.shape[1:])).flatten()
+
+    return judged
+
+
 def flat_runs(objective: Callable[[Tensor], Tensor], judge: Judge,
               runs: int) -> tuple[Callable[[Tensor], Tensor], Judge]:
-    """``objective`` and ``judge`` of a stack of ``runs`` batches ``(runs, B, ...)`` as functions of the flat
-    ``(runs x B, ...)`` batch an attack's per-sample loop works on (unchanged for one run)."""
+    """``objective`` and ``judge`` of a stack of ``runs`` batches as functions of the flat batch (:func:`flat_judge`;
+    unchanged for one run)."""
     if runs == 1:
         return objective, judge
     if not isinstance(objective, DefenseObjective):
         raise TypeError(f"Stacked runs need a DefenseObjective, got {type(objective).__name__}")
-
-    def flat_judge(z: Tensor) -> Tensor:
-        return judge(z.view(runs, -1, *z.shape[1:])).flatten()
-
-    return _FlatObjective(objective, runs), flat_judge
+    return _FlatObjective(objective, runs), flat_judge(judge, runs)
 
 
 def stacked_runs(judge: Judge, settings: Sequence[RunSetting],

@@ -89,6 +89,8 @@ SPECS = {
                             restarts=2, draws=2),
     "evade_bpda": dict(name="apgd", threat="defense", objective="evade_bpda", loss="ce", eps=0.3, steps=6,
                        eot_samples=2, lambdas=[0.0, 1.0], draws=2),
+    "orthogonal_pgd": dict(name="orthogonal_pgd", threat="defense", objective="evade_clean", loss="ce+dlr", eps=0.3,
+                           step_size=0.1, steps=6, restarts=2, draws=2),
     "pgd_adaptive": dict(name="pgd", threat="defense", loss="ce+dlr", eps=0.3, step_size=0.1, steps=6, eot_samples=2,
                          lambdas=[0.0, 1.0], draws=2),
 }
@@ -102,9 +104,9 @@ def _attack(defense: DADDefense, spec: dict, x: Tensor, y: Tensor) -> Tensor:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_the_stacked_attack_equals_the_looped_runs_whatever_the_chunk_size(
         defense: DADDefense, stack: tuple[Tensor, Tensor], name: str) -> None:
-    """Four runs of APGD or PGD (two losses x two weights, or two restarts): stacked in one program, in chunks of one
-    or two runs, and looped, the same AEs and the same defense passes; the stack without a cap makes a fraction of
-    the programs."""
+    """Four runs of APGD, PGD or orthogonal PGD (two losses x two weights or two restarts): stacked in one program,
+    in chunks of one or two runs, and looped, the same AEs and the same defense passes; the stack without a cap makes
+    a fraction of the programs."""
     defense.routing = "both"
     x, y = stack[0][0], stack[1]
     with looped_runs(), counting_passes() as looped_count:
