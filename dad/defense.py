@@ -177,7 +177,7 @@ class DADDefense(nn.Module):
         the runs of a chunk (:func:`~dad.runs.run_chunks`) in one pass."""
         runs, m = images.shape[:2]
         parts, start = [], 0
-        for size in run_chunks(runs, m):
+        for size in run_chunks(runs, m, images[0, 0]):
             parts.append(self.route_classifier(images[start:start + size].reshape(size * m, *images.shape[2:])))
             start += size
         return torch.cat(parts).view(runs, m, -1)
@@ -228,7 +228,7 @@ class DADDefense(nn.Module):
         logits, features = self.classify_with_features(x, known)
         detection = self.detect(batch, features)
         first = len(batch) if first is None else first
-        record_passes(draws, len(run_chunks(draws, first)))
+        record_passes(draws, len(run_chunks(draws, first, x[0])))
         stacked = self.routed_draws(batch[:first], logits[:first], detection.flags[:first], draws)
         return DefenseOutput(logits=stacked, score=detection.score, adversarial=detection.flags.any(),
                              flags=detection.flags)

@@ -34,7 +34,7 @@ def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None
     one pass."""
     runs, n = x.shape[:2]
     parts, start = [], 0
-    for size in run_chunks(runs, n):
+    for size in run_chunks(runs, n, x[0, 0]):
         parts.append(logits_and_features(defense.classifier, defense.detector.kernel,
                                          x[start:start + size].flatten(0, 1)))
         start += size
@@ -63,7 +63,7 @@ def forward_runs(defense: DADDefense, x: Tensor, draws: int, known: KnownRows | 
     logits, features = classify_runs(defense, x, known)
     detection = defense.detect(batch, features)
     first = batch.shape[1] if first is None else first
-    record_passes(draws * runs, len(run_chunks(draws, runs * first)))
+    record_passes(draws * runs, len(run_chunks(draws, runs * first, x[0, 0])))
     flat = defense.routed_draws(batch[:, :first].flatten(0, 1), logits[:, :first].flatten(0, 1),
                                 detection.flags[:, :first].flatten(), draws)
     return DefenseOutput(logits=flat.view(draws, runs, first, -1), score=detection.score,

@@ -106,7 +106,7 @@ class DenoiserPurifier(Purifier):
         """``count`` purifications of ``x``: the copies of a chunk (:func:`~dad.runs.run_chunks`) go through the
         denoiser as one batch, drawing their noise as one tensor."""
         ones = [1] * (x.dim() - 1)
-        chunks = [self(x.repeat(c, *ones)) for c in run_chunks(count, x.shape[0])]
+        chunks = [self(x.repeat(c, *ones)) for c in run_chunks(count, x.shape[0], x[0])]
         return torch.cat(chunks).view(count, *x.shape)
 
     def spec(self) -> dict[str, Any]:

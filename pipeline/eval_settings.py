@@ -110,7 +110,8 @@ class EvalSettings:
         sanity_z: noise level of the sanity comparisons and of the FPR check, in standard errors.
         plots: write PNG plots (and log them to TensorBoard).
         max_run_images: the most images one network pass of an attack's batched runs takes (EOT samples, noise
-            draws: runs times batch size; more runs go in chunks, with the same results); None: no cap. A memory
+            draws, stacked runs: runs times batch size; more runs go in chunks, with the same results); None: no cap
+            on an accelerator, :data:`~dad.runs.CPU_PASS_ELEMENTS` worth of images on a CPU. A memory and speed
             setting (:mod:`dad.runs`), not part of the attacks' settings.
         resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
     """

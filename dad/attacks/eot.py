@@ -34,7 +34,7 @@ def eot_value_and_gradient(objective: Callable[[Tensor], Tensor], x: Tensor, sam
     grad = torch.zeros_like(x)
     draws = getattr(objective, "draws", None)
     batched = draws is not None and run_settings().batched
-    for size in run_chunks(samples, len(x)) if batched else [1] * samples:
+    for size in run_chunks(samples, len(x), x[0]) if batched else [1] * samples:
         x_var = x.detach().requires_grad_(True)
         values = draws(x_var, size) if batched else objective(x_var)  # (size, n), or (n,) / () for one draw
         grad += torch.autograd.grad(values.sum(), x_var)[0]

@@ -152,7 +152,8 @@ class DefenseObjective:
             term = purifier.adaptive_term(full[0]) if purifier is not None else None
             return values if term is None else values - self._weighted(term[:n])
         # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_runs)
-        record_passes(count * r, 1 if self.objective == "evade_clean" else len(run_chunks(count, r * x.shape[1])))
+        chunks = 1 if self.objective == "evade_clean" else len(run_chunks(count, r * x.shape[1], x[0, 0]))
+        record_passes(count * r, chunks)
         logits_clean, features = classify_runs(defense, x, known)
         excesses = excesses_per_image(defense.detect(full, features), n)
         logits_clean = logits_clean[:, :n]

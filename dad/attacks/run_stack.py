@@ -73,12 +73,14 @@ def flat_runs(objective: Callable[[Tensor], Tensor], judge: Judge,
 
 
 def stacked_runs(judge: Judge, settings: Sequence[RunSetting],
-                 run: Callable[[tuple[str, ...], tuple[float, ...]], Tensor], x: Tensor) -> Tensor:
+                 run: Callable[[tuple[str, ...], tuple[float, ...]], Tensor], x: Tensor, draws: int = 1) -> Tensor:
     """The strongest batch of the runs ``settings`` on the clean batch ``x``, made by ``run(losses, lams)`` (a
     chunk's stack ``(R, B, ...)``, or ``(B, ...)`` for one run) chunk by chunk; the first settled run is returned at
-    once, as :func:`~dad.attacks.judging.strongest_run` returns it."""
+    once, as :func:`~dad.attacks.judging.strongest_run` returns it. A chunk takes the runs whose passes fit the cap
+    on images whole, ``draws`` (a run's EOT samples) x ``len(x)`` images a run: a run's EOT draws are not split
+    to stack more runs (which would make its deterministic part run once per split)."""
     candidates, rates, start = [], [], 0
-    for size in run_chunks(len(settings), len(x)):
+    for size in run_chunks(len(settings), len(x) * draws, x[0]):
         part = settings[start:start + size]
         start += size
         stack = run(tuple(loss for loss, _ in part), tuple(lam for _, lam in part))
@@ -104,5 +106,5 @@ def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, fill
         return engine(objective, judge, 1 if isinstance(losses, str) else len(losses))
 
     if stacks_runs(defense, spec.objective, len(settings)):
-        return stacked_runs(judge, settings, run, x)
+        return stacked_runs(judge, settings, run, x, spec.eot_samples)
     return strongest_run(judge, [partial(run, loss, lam) for loss, lam in settings])

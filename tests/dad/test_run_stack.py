@@ -19,7 +19,7 @@ from dad.attacks.run_stack import stacked_runs
 from dad.defense import DADDefense
 from dad.defense_runs import forward_runs
 from dad.purification import DenoiserPurifier
-from dad.runs import counting_passes, looped_runs, runs_settings
+from dad.runs import CPU_PASS_ELEMENTS, counting_passes, looped_runs, run_chunks, runs_settings
 from tests.conftest import tiny_defense
 
 B, R = 8, 3
@@ -149,3 +149,17 @@ def test_a_settled_run_ends_the_stack_and_nothing_else_does() -> None:
     with runs_settings(max_images=len(x)), counting_passes() as count:
         stacked_runs(nearly, settings, run, x)
     assert made == [0.0, 1.0, 2.0, 3.0] and count.stops == 0
+
+
+def test_a_cpu_pass_takes_a_bounded_number_of_image_elements() -> None:
+    """Without a configured cap, CPU passes stop at CPU_PASS_ELEMENTS (CIFAR-10: two batches of 100 a pass) while
+    small images and other devices take every run at once; a configured cap wins."""
+    cifar, digits = torch.zeros(3, 32, 32), torch.zeros(1, 8, 8)
+    assert CPU_PASS_ELEMENTS == 200 * cifar.numel()
+    assert run_chunks(8, 100, cifar) == [2, 2, 2, 2]  # four stacked runs x two EOT draws: 200 images a pass
+    assert run_chunks(3, 150, cifar) == [1, 1, 1]  # at least one run a pass
+    assert run_chunks(20, 50, digits) == [20]
+    assert run_chunks(8, 100, torch.zeros(3, 32, 32, device="meta")) == [8]  # not a CPU: no cap
+    assert run_chunks(8, 100) == [8]  # no image given: no cap
+    with runs_settings(max_images=400):
+        assert run_chunks(8, 100, cifar) == [4, 4]
