@@ -24,7 +24,8 @@ from dad.io import atomic_torch_save
 from dad.networks import logits_and_features, model_spec, network_specs
 from dad.purification import Purifier
 from dad.routing import ROUTERS, Detection, Detectors, Router, Routing
-from dad.runs import record_passes, run_chunks
+from dad.defense_runs import forward_runs
+from dad.runs import run_chunks
 from dad.sample_detector import SampleDetector
 
 __all__ = ["DADDefense", "DefenseOutput", "KnownRows", "InvalidInputError", "check_images", "FORMAT", "VERSION"]
@@ -215,23 +216,17 @@ class DADDefense(nn.Module):
 
         The detection does not depend on the noise, so it is computed once, and images judged clean are
         deterministic: only the purification and the classification of its output run ``draws`` times, as one
-        batch (:mod:`dad.runs`). ``validate=False`` skips the input checks (attacks, whose iterates are valid by
-        construction).
+        batch (:mod:`dad.runs`); the batch is a stack of one run (:func:`~dad.defense_runs.forward_runs`).
+        ``validate=False`` skips the input checks (attacks, whose iterates are valid by construction).
         """
         if draws < 1:
             raise ValueError(f"Expected `draws` >= 1, got {draws}")
         if validate:
             check_images(x if known is None else torch.cat([x, known.images.to(x)]), self.image_shape,
                          min_batch=self.router.min_batch)
-        x = x.to(self.detector.reference.dtype)  # float16/float64 callers get the model's precision
-        batch = x if known is None else torch.cat([x, known.images.to(x)])
-        logits, features = self.classify_with_features(x, known)
-        detection = self.detect(batch, features)
-        first = len(batch) if first is None else first
-        record_passes(draws, len(run_chunks(draws, first, x[0])))
-        stacked = self.routed_draws(batch[:first], logits[:first], detection.flags[:first], draws)
-        return DefenseOutput(logits=stacked, score=detection.score, adversarial=detection.flags.any(),
-                             flags=detection.flags)
+        out = forward_runs(self, x[None], draws, known, first)  # one run: float16/float64 get the model's precision
+        return DefenseOutput(logits=out.logits[:, 0], score=out.score[0], adversarial=out.adversarial[0],
+                             flags=out.flags[0])
 
     def routed_draws(self, x: Tensor, logits: Tensor, flags: Tensor, draws: int) -> Tensor:
         """``draws`` passes' logits ``(draws, B, K)`` given the clean path's ``logits`` and the routing's ``flags``.

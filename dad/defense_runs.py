@@ -14,18 +14,23 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from dad.networks import logits_and_features
 from dad.runs import record_passes, run_chunks
 
 if TYPE_CHECKING:
     from dad.defense import DADDefense, DefenseOutput, KnownRows
 
-__all__ = ["is_runs", "classify_runs", "forward_runs"]
+__all__ = ["is_runs", "stack_rows", "classify_runs", "forward_runs"]
 
 
 def is_runs(defense: DADDefense, x: Tensor) -> bool:
     """Whether ``x`` is a stack of runs ``(R, B, *image_shape)`` rather than one batch ``(B, *image_shape)``."""
     return x.dim() == len(defense.image_shape) + 2
+
+
+def stack_rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    """Each run's batch of the stack ``x`` ``(R, n, ...)`` followed by the same ``rows`` (a clean filler), shape
+    ``(R, n + m, ...)``; ``x`` itself without rows."""
+    return x if rows is None else torch.cat([x, rows.to(x).expand(len(x), *rows.shape)], 1)
 
 
 def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
@@ -35,16 +40,14 @@ def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None
     runs, n = x.shape[:2]
     parts, start = [], 0
     for size in run_chunks(runs, n, x[0, 0]):
-        parts.append(logits_and_features(defense.classifier, defense.detector.kernel,
-                                         x[start:start + size].flatten(0, 1)))
+        parts.append(defense.classify_with_features(x[start:start + size].flatten(0, 1)))
         start += size
     logits = torch.cat([p[0] for p in parts]).view(runs, n, -1)
     features = torch.cat([p[1] for p in parts])
     features = features.view(runs, n, *features.shape[1:])
     if known is None:
         return logits, features
-    return (torch.cat([logits, known.logits.to(logits).expand(runs, *known.logits.shape)], 1),
-            torch.cat([features, known.features.to(features).expand(runs, *known.features.shape)], 1))
+    return stack_rows(logits, known.logits), stack_rows(features, known.features)
 
 
 def forward_runs(defense: DADDefense, x: Tensor, draws: int, known: KnownRows | None = None,
@@ -59,7 +62,7 @@ def forward_runs(defense: DADDefense, x: Tensor, draws: int, known: KnownRows | 
         raise ValueError(f"Expected `draws` >= 1, got {draws}")
     runs, n = x.shape[:2]
     x = x.to(defense.detector.reference.dtype)
-    batch = x if known is None else torch.cat([x, known.images.to(x).expand(runs, *known.images.shape)], 1)
+    batch = stack_rows(x, None if known is None else known.images)
     logits, features = classify_runs(defense, x, known)
     detection = defense.detect(batch, features)
     first = batch.shape[1] if first is None else first

@@ -36,12 +36,11 @@ from dad.attacks.common import (
     normalized_step,
     preserve_mode,
     project,
-    start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
-from dad.attacks.judging import Judge, error_rates, judged_steps, settled, strongest_batch
+from dad.attacks.judging import Judge, error_rates, judged_steps, per_run_mask, settled, strongest_batch
 from dad.attacks.objectives import DefenseObjective, PerSample, classification_loss
-from dad.attacks.run_stack import attack_runs, flat_runs
+from dad.attacks.run_stack import as_stack, attack_runs, flat_runs, run_starts
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -121,20 +120,16 @@ def apgd(
     check_unit_range(x)
 
     check_at_least_one("runs", runs)
-    clean = x
-    x = x.repeat(runs, *([1] * (x.dim() - 1)))
+    shape = x.shape
+    x, start = run_starts(x, eps, norm, random_start, runs, generator)
     objective, judge = flat_runs(objective, judge, runs)
 
     def project_ball(z: Tensor) -> Tensor:
         return (x + project(z - x, eps, norm)).clamp(0.0, 1.0).detach()
 
-    def per_run(values: Tensor) -> Tensor:  # a per-run value (runs,) for each of the runs x B samples
-        return values.repeat_interleave(len(clean))
+    def shaped(z: Tensor) -> Tensor:
+        return as_stack(z, runs, shape)
 
-    def shaped(z: Tensor) -> Tensor:  # the flat runs x B samples as the stack of runs (one run: the batch)
-        return z if runs == 1 else z.view(runs, *clean.shape)
-
-    start = torch.cat([start_point(clean, eps, norm, random_start, generator) for _ in range(runs)])
     current = project_ball(start)
     value, grad = eot_value_and_gradient(objective, current, eot_samples)
     rates = judge(current)
@@ -166,7 +161,7 @@ def apgd(
                 return shaped(candidate)
             errors = rates.view(runs, -1).sum(1)
             better = errors >= best_errors
-            best_batch = torch.where(_per_sample(per_run(better), x), candidate, best_batch)
+            best_batch = torch.where(per_run_mask(better, x), candidate, best_batch)
             best_errors = torch.where(better, errors, best_errors)
         previous, current, value, grad = current, candidate, new_value, new_grad
         if k + 1 in marks and k + 1 > last_mark:
@@ -180,7 +175,7 @@ def apgd(
             successes.zero_()
             last_mark, value_at_mark, step_at_mark = k + 1, best_value.clone(), step.clone()
     final = judge(best_point).view(runs, -1).sum(1) > best_errors
-    return shaped(torch.where(_per_sample(per_run(final), x), best_point, best_batch).detach())
+    return shaped(torch.where(per_run_mask(final, x), best_point, best_batch).detach())
 
 
 @register_attack("apgd", "classifier")

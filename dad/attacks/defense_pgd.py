@@ -26,12 +26,11 @@ from dad.attacks.common import (
     gradients_enabled,
     Norm,
     preserve_mode,
-    start_point,
 )
 from dad.attacks.eot import eot_value_and_gradient
 from dad.attacks.judging import Judge, judged_ascent
 from dad.attacks.objectives import DefenseObjective, PerSample
-from dad.attacks.run_stack import attack_runs, flat_runs
+from dad.attacks.run_stack import as_stack, attack_runs, flat_runs, run_starts
 from dad.attacks.catalog import register_attack
 from dad.attacks.spec import AttackSpec
 
@@ -79,16 +78,15 @@ def defense_pgd(
     check_unit_range(x)
 
     check_at_least_one("runs", runs)
-    clean, x = x, x.repeat(runs, *([1] * (x.dim() - 1)))
+    shape = x.shape
+    x, start = run_starts(x, eps, norm, random_start, runs, generator)
     objective, judge = flat_runs(objective, judge, runs)
 
     def step(x_adv: Tensor) -> Tensor:
         grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
         return ascent_step(x_adv, x, grad, eps, step_size, norm)
 
-    start = torch.cat([start_point(clean, eps, norm, random_start, generator) for _ in range(runs)])
-    found = judged_ascent(judge, start.clamp(0.0, 1.0), steps, step, runs)
-    return found if runs == 1 else found.view(runs, *clean.shape)
+    return as_stack(judged_ascent(judge, start.clamp(0.0, 1.0), steps, step, runs), runs, shape)
 
 
 @register_attack("pgd", "defense")

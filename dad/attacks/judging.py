@@ -18,8 +18,8 @@ from dad.attacks.common import check_at_least_one
 from dad.defense_runs import forward_runs, is_runs
 from dad.runs import record_stop, run_settings
 
-__all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "settled", "strongest_batch",
-           "strongest_run", "with_filler"]
+__all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "per_run_mask", "settled",
+           "strongest_batch", "strongest_run", "with_filler"]
 
 Judge = Callable[[Tensor], Tensor]
 """``judge(x_adv)`` -> per-sample error rates ``(n,)`` of the real defense on the whole batch ``x_adv``."""
@@ -97,9 +97,14 @@ def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tenso
                 return x_adv
             errors = rates.view(runs, -1).sum(1)
             better = errors >= best_errors
-            mask = better.repeat_interleave(len(x_adv) // runs).view(-1, *([1] * (x_adv.dim() - 1)))
-            best, best_errors = torch.where(mask, x_adv, best), torch.where(better, errors, best_errors)
+            best = torch.where(per_run_mask(better, x_adv), x_adv, best)
+            best_errors = torch.where(better, errors, best_errors)
     return best.detach()
+
+
+def per_run_mask(chosen: Tensor, like: Tensor) -> Tensor:
+    """A per-run choice ``(R,)`` for each of the ``R x B`` flat samples of ``like``, broadcastable against it."""
+    return chosen.repeat_interleave(len(like) // len(chosen)).view(-1, *([1] * (like.dim() - 1)))
 
 
 def settled(rates: Tensor, runs: int = 1) -> bool:

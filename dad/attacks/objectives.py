@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from dad.attacks.common import check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
-from dad.defense_runs import classify_runs, forward_runs, is_runs
+from dad.defense_runs import classify_runs, forward_runs, is_runs, stack_rows
 from dad.routing import Detection
 from dad.runs import record_passes, run_chunks, run_settings
 
@@ -138,9 +138,7 @@ class DefenseObjective:
     def _run_values(self, x: Tensor, count: int, known: KnownRows | None) -> Tensor:
         """Values ``(count, R, n)`` of the runs ``x`` ``(R, n, ...)``, each run its own batch (one batch: R = 1)."""
         defense, y, loss, (r, n) = self.defense, self.y, self.loss, x.shape[:2]
-        if known is None and self.filler is not None:  # looped: the filler is passed again with every call
-            x = torch.cat([x, self.filler.to(x).expand(r, *self.filler.shape)], 1)
-        full = x if known is None else torch.cat([x, known.images.to(x).expand(r, *known.images.shape)], 1)
+        x = stack_rows(x, self.filler if known is None else None)  # looped: the filler passed with every call
         if self.objective in ("adaptive", "evade_eps"):
             out = forward_runs(defense, x, count, known, first=n)
             values = per_draw_loss(out.logits, y, loss)
@@ -149,12 +147,14 @@ class DefenseObjective:
             if r > 1:
                 raise ValueError("The evade_eps objective takes one batch at a time, not a stack of runs")
             purifier = getattr(defense, "purifier", None)  # lower what the purifier keys on, where it keys on one
-            term = purifier.adaptive_term(full[0]) if purifier is not None else None
+            whole = stack_rows(x, None if known is None else known.images)[0]
+            term = purifier.adaptive_term(whole) if purifier is not None else None
             return values if term is None else values - self._weighted(term[:n])
         # the passes of the defense this makes (adaptive and evade_eps count theirs in forward_runs)
         chunks = 1 if self.objective == "evade_clean" else len(run_chunks(count, r * x.shape[1], x[0, 0]))
         record_passes(count * r, chunks)
         logits_clean, features = classify_runs(defense, x, known)
+        full = stack_rows(x, None if known is None else known.images)  # each run's whole batch
         excesses = excesses_per_image(defense.detect(full, features), n)
         logits_clean = logits_clean[:, :n]
         if self.objective == "evade_clean":

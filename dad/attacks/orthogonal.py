@@ -31,12 +31,12 @@ from torch.nn import functional as F
 
 from dad.attacks.catalog import register_attack
 from dad.attacks.common import (as_autograd_tensor, ascent_step, check_unit_range, gradients_enabled,
-                                preserve_mode, start_point)
+                                preserve_mode)
 from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_run
 from dad.attacks.objectives import Losses, excesses_per_image, largest_excess, per_draw_loss
-from dad.attacks.run_stack import flat_judge, stacked_runs, stacks_runs
+from dad.attacks.run_stack import as_stack, flat_judge, run_starts, stacked_runs, stacks_runs
 from dad.attacks.spec import AttackSpec
-from dad.defense_runs import classify_runs
+from dad.defense_runs import classify_runs, stack_rows
 from dad.runs import record_passes, run_settings
 
 if TYPE_CHECKING:
@@ -73,25 +73,19 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
     own detector batch); per run, the judged iterate the defense gets most wrong (a settled one ends the runs).
     Returns ``(B, ...)`` for one run, ``(runs, B, ...)`` for several."""
     check_unit_range(x)
-    n, runs = len(y), 1 if isinstance(loss, str) else len(loss)
-    clean, x = x, x.repeat(runs, *([1] * (x.dim() - 1)))
-    start = torch.cat([start_point(clean, spec.eps, spec.norm, spec.random_start) for _ in range(runs)])
+    n, runs, shape = len(y), 1 if isinstance(loss, str) else len(loss), x.shape
+    x, start = run_starts(x, spec.eps, spec.norm, spec.random_start, runs)
     judge = flat_judge(judge, runs)
 
     def step(x_adv: Tensor) -> Tensor:
         x_adv = x_adv.detach().requires_grad_(True)
         record_passes(runs, 1)
-        stack = x_adv.view(runs, n, *clean.shape[1:])
-        if known is None and filler is not None:
-            stack = torch.cat([stack, filler.to(stack).expand(runs, *filler.shape)], 1)
-        full = stack if known is None else torch.cat([stack, known.images.to(stack).expand(runs, *known.images.shape)],
-                                                     1)
-        if runs > 1:
-            logits, features = classify_runs(defense, stack, known)
-            detection = defense.detect(full, features)
-        else:  # one batch: the defense's own calls (any defense with them, e.g. a toy one)
-            logits, features = defense.classify_with_features(stack[0], known)
-            detection, logits = defense.detect(full[0], features), logits[None]
+        stack = x_adv.view(runs, n, *shape[1:])
+        stack = stack_rows(stack, filler if known is None else None)  # looped: the filler passed with every call
+        full = stack_rows(stack, None if known is None else known.images)
+        logits, features = classify_runs(defense, stack, known)
+        # one batch is decided by the defense's own call (any defense with it, e.g. a toy one)
+        detection = defense.detect(full, features) if runs > 1 else defense.detect(full[0], features[0])
         excesses = excesses_per_image(detection, n)
         hinges = [F.relu(detection.batch_excess + spec.margin).sum()] if detection.batch_excess is not None else []
         if detection.sample_excess is not None:
@@ -106,8 +100,7 @@ def evasion_pgd(defense: nn.Module, judge: Judge, x: Tensor, y: Tensor, spec: At
         direction = orthogonal_direction(grad_f, grad_d, misclassified, detected, orthogonal)
         return ascent_step(x_adv.detach(), x, direction, spec.eps, spec.step_size, spec.norm)
 
-    found = judged_ascent(judge, start.clamp(0.0, 1.0), spec.steps, step, runs)
-    return found if runs == 1 else found.view(runs, *clean.shape)
+    return as_stack(judged_ascent(judge, start.clamp(0.0, 1.0), spec.steps, step, runs), runs, shape)
 
 
 def _attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,

@@ -16,12 +16,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from dad.attacks.common import Norm, start_point
 from dad.attacks.judging import Judge, defense_judge, settled, strongest_batch, strongest_run
 from dad.attacks.objectives import DefenseObjective, defense_objective
 from dad.attacks.spec import AttackSpec
 from dad.runs import run_chunks, run_settings
 
-__all__ = ["RunSetting", "Engine", "stacks_runs", "flat_judge", "flat_runs", "stacked_runs", "attack_runs"]
+__all__ = ["RunSetting", "Engine", "stacks_runs", "run_starts", "as_stack", "flat_judge", "flat_runs", "stacked_runs",
+           "attack_runs"]
 
 RunSetting = tuple[str, float]
 """One run's settings: its loss kind and its penalty weight."""
@@ -34,6 +36,20 @@ def stacks_runs(defense: nn.Module, objective: str, runs: int) -> bool:
     """Whether an attack's ``runs`` through ``defense`` go along a leading dimension: batched runs
     (:mod:`dad.runs`), more than one, a defense that routes stacks of runs and an objective that takes them."""
     return run_settings().batched and runs > 1 and hasattr(defense, "routed_draws") and objective != "evade_eps"
+
+
+def run_starts(x: Tensor, eps: float, norm: Norm, random_start: bool, runs: int,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """For ``runs`` stacked runs on the clean batch ``x``: ``x`` repeated (the flat ``runs x B`` batch a per-sample
+    loop projects around) and each run's own start (:func:`~dad.attacks.common.start_point`), drawn run after run
+    as the looped runs draw them."""
+    starts = torch.cat([start_point(x, eps, norm, random_start, generator) for _ in range(runs)])
+    return x.repeat(runs, *([1] * (x.dim() - 1))), starts
+
+
+def as_stack(z: Tensor, runs: int, batch_shape: torch.Size) -> Tensor:
+    """The flat ``runs x B`` samples as the stack ``(runs, B, ...)``; one run stays the batch ``(B, ...)``."""
+    return z if runs == 1 else z.view(runs, *batch_shape)
 
 
 class _FlatObjective:
