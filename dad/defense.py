@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from dad.io import atomic_torch_save
 from dad.networks import logits_and_features, model_spec, network_specs
 from dad.purification import Purifier
 from dad.routing import ROUTERS, Detection, Detectors, Router, Routing
-from dad.defense_runs import forward_runs
+from dad.defense_runs import DefenseOutput, KnownRows, forward_runs
 from dad.runs import run_chunks
 from dad.sample_detector import SampleDetector
 
@@ -38,27 +37,6 @@ the images the routing flags, optional)."""
 
 class InvalidInputError(ValueError):
     """Raised for inputs the defense must not silently process (wrong shape, NaN/inf, outside [0, 1])."""
-
-
-@dataclass
-class DefenseOutput:
-    """What one forward pass of the defense produced."""
-
-    logits: Tensor  # (B, K), or (draws, B, K) from DADDefense.forward_draws
-    score: Tensor  # the routing's detection statistic (see Detection), differentiable in the input
-    adversarial: Tensor  # True if any image of the batch was purified
-    flags: Tensor | None = None  # (B,): which images were purified
-
-
-@dataclass(frozen=True)
-class KnownRows:
-    """Images appended to every batch an attack shows the defense, which the attack never changes (the clean filler
-    of a mixed batch), with their classifier pass done once: the defense's networks treat images independently in
-    eval mode, so a batch's logits and features are those of its parts."""
-
-    images: Tensor
-    logits: Tensor
-    features: Tensor
 
 
 def check_images(x: Tensor, shape: tuple[int, ...], min_batch: int = 2) -> None:

@@ -4,25 +4,45 @@ An attack's restarts, penalty weights and losses are independent runs on differe
 batch. Here their images go through the classifier and the purifier as one tensor program of ``R x B`` images (in
 chunks of at most :attr:`~dad.runs.RunSettings.max_images` images), while each run is decided as its own detector
 batch of ``B`` images (its own MMD score against its own threshold, :meth:`~dad.routing.Router.decide`), never as
-one batch of ``R x B``: a run sees exactly the defense a lone batch sees.
+one batch of ``R x B``: a run sees exactly the defense a lone batch sees (a lone batch is a stack of one:
+:meth:`~dad.defense.DADDefense.forward_draws`). The types a pass takes and gives live here too (:class:`KnownRows`,
+:class:`DefenseOutput`; :mod:`dad.defense` re-exports them).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dad.runs import record_passes, run_chunks
 
-if TYPE_CHECKING:
-    from dad.defense import DADDefense, DefenseOutput, KnownRows
-
-__all__ = ["is_runs", "stack_rows", "classify_runs", "forward_runs"]
+__all__ = ["DefenseOutput", "KnownRows", "is_runs", "stack_rows", "classify_runs", "forward_runs"]
 
 
-def is_runs(defense: DADDefense, x: Tensor) -> bool:
+@dataclass
+class DefenseOutput:
+    """What one forward pass of the defense produced."""
+
+    logits: Tensor  # (B, K); (draws, B, K) from DADDefense.forward_draws; (draws, R, B, K) from forward_runs
+    score: Tensor  # the routing's detection statistic (see Detection), differentiable in the input
+    adversarial: Tensor  # True if any image of the batch was purified
+    flags: Tensor | None = None  # (B,): which images were purified
+
+
+@dataclass(frozen=True)
+class KnownRows:
+    """Images appended to every batch an attack shows the defense, which the attack never changes (the clean filler
+    of a mixed batch), with their classifier pass done once: the defense's networks treat images independently in
+    eval mode, so a batch's logits and features are those of its parts."""
+
+    images: Tensor
+    logits: Tensor
+    features: Tensor
+
+
+def is_runs(defense: nn.Module, x: Tensor) -> bool:
     """Whether ``x`` is a stack of runs ``(R, B, *image_shape)`` rather than one batch ``(B, *image_shape)``."""
     return x.dim() == len(defense.image_shape) + 2
 
@@ -33,7 +53,7 @@ def stack_rows(x: Tensor, rows: Tensor | None) -> Tensor:
     return x if rows is None else torch.cat([x, rows.to(x).expand(len(x), *rows.shape)], 1)
 
 
-def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
+def classify_runs(defense: nn.Module, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
     """The classifier's logits ``(R, n (+ m), K)`` and the detector's features of the runs ``x`` ``(R, n, ...)``,
     then each run's ``known`` rows (``m`` of them, passed once for all runs); the images of a chunk of runs in
     one pass."""
@@ -50,14 +70,12 @@ def classify_runs(defense: DADDefense, x: Tensor, known: KnownRows | None = None
     return stack_rows(logits, known.logits), stack_rows(features, known.features)
 
 
-def forward_runs(defense: DADDefense, x: Tensor, draws: int, known: KnownRows | None = None,
+def forward_runs(defense: nn.Module, x: Tensor, draws: int, known: KnownRows | None = None,
                  first: int | None = None) -> DefenseOutput:
     """``draws`` independent passes of the defense on each run's batch ``cat(x[r], known.images)``, ``x`` of shape
     ``(R, n, ...)``: logits ``(draws, R, first, K)`` (the runs' ``first`` images; all by default), score ``(R,)``,
     flags ``(R, n (+ m))``. Run ``r`` gets what :meth:`~dad.defense.DADDefense.forward_draws` gives its batch
     alone; the inputs are an attack's iterates, valid by construction (not checked)."""
-    from dad.defense import DefenseOutput
-
     if draws < 1:
         raise ValueError(f"Expected `draws` >= 1, got {draws}")
     runs, n = x.shape[:2]

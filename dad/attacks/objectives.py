@@ -38,7 +38,7 @@ counts the attacked images only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +46,9 @@ from torch.nn import functional as F
 
 from dad.attacks.common import check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
-from dad.defense_runs import classify_runs, forward_runs, is_runs, stack_rows
+from dad.defense_runs import KnownRows, classify_runs, forward_runs, is_runs, stack_rows
 from dad.routing import Detection
 from dad.runs import record_passes, run_chunks, run_settings
-
-if TYPE_CHECKING:
-    from dad.defense import KnownRows
 
 __all__ = ["Loss", "Losses", "Weights", "LOSS_KINDS", "PerSample", "classification_loss", "DefenseObjective",
            "defense_objective", "excesses_per_image", "largest_excess", "per_draw_loss"]

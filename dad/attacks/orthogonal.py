@@ -23,7 +23,6 @@ wrong kept (:mod:`dad.attacks.judging`).
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +35,8 @@ from dad.attacks.judging import Judge, defense_judge, judged_ascent, strongest_r
 from dad.attacks.objectives import Losses, excesses_per_image, largest_excess, per_draw_loss
 from dad.attacks.run_stack import as_stack, flat_judge, run_starts, stacked_runs, stacks_runs
 from dad.attacks.spec import AttackSpec
-from dad.defense_runs import classify_runs, stack_rows
+from dad.defense_runs import KnownRows, classify_runs, stack_rows
 from dad.runs import record_passes, run_settings
-
-if TYPE_CHECKING:
-    from dad.defense import KnownRows
 
 __all__ = ["orthogonal_direction", "evasion_pgd"]
 
