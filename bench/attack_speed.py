@@ -7,7 +7,8 @@ Every attack through the defense of the run's ``eval.attacks``, and every mixed-
 first ``--batches`` batches of the test split exactly as the evaluation runs it (:class:`DefenseEvaluator`: the
 same seeds, the evaluation's own noise draws for the accuracy), twice: under :func:`~dad.runs.looped_runs` (one call
 per EOT sample and per draw, every budget spent: the program the evaluation ran before the runs were batched) and
-with the batched runs (the evaluation's default; ``--max-images`` caps the images of one network pass). Per attack:
+with the batched runs (the evaluation's default; ``--max-images`` caps the images of one network pass,
+``--stack-groups on|off`` stacks a mixed batch's groups or not, by default off the CPU only). Per attack:
 the seconds of each and their ratio, DAD's accuracy under each (equal for fixed seeds up to the early stops, which
 pick an earlier iterate of the same judged strength), and the defense passes and programs per batch. The machine
 (CPU or GPU model, threads, load) is recorded with the numbers. Writes ``bench/results/attack_speed_<run>.json`` and
@@ -37,12 +38,12 @@ log = logging.getLogger("bench.attack_speed")
 MODES = ("looped", "batched")
 
 
-def _settings(mode: str, max_images: int | None) -> contextlib.AbstractContextManager[Any]:
-    return looped_runs() if mode == "looped" else runs_settings(max_images=max_images)
+def _settings(mode: str, max_images: int | None, stack_groups: bool | None) -> contextlib.AbstractContextManager[Any]:
+    return looped_runs() if mode == "looped" else runs_settings(max_images=max_images, stack_groups=stack_groups)
 
 
 def time_attacks(evaluator: DefenseEvaluator, names: list[str], x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 batches: int, max_images: int | None) -> dict[str, dict[str, Any]]:
+                 batches: int, max_images: int | None, stack_groups: bool | None = None) -> dict[str, dict[str, Any]]:
     """Per name and mode: seconds, DAD's accuracy, passes and programs over ``batches`` batches of ``batch_size``."""
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -52,7 +53,7 @@ def time_attacks(evaluator: DefenseEvaluator, names: list[str], x: torch.Tensor,
             for k in range(batches):
                 rows_k = slice(k * batch_size, (k + 1) * batch_size)
                 index = torch.arange(rows_k.start, rows_k.stop, device=x.device)
-                with _settings(mode, max_images):
+                with _settings(mode, max_images, stack_groups):
                     record = evaluator.run_batch(name, x[rows_k], y[rows_k], index, k)
                 for key in ("seconds", "passes", "programs", "stops"):
                     totals[key] += float(record[key])
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attacks", default=None, help="comma-separated names (default: every attack through the "
                         "defense and every mixed attack through it)")
     parser.add_argument("--max-images", type=int, default=None, help="images per network pass of the batched runs")
+    parser.add_argument("--stack-groups", choices=("auto", "on", "off"), default="auto",
+                        help="mixed batches' groups as one stack of runs (auto: off the CPU only)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default=None, help="result file name (default: attack_speed_<run name>)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
@@ -117,9 +120,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluator = DefenseEvaluator(defense, through, keep_images=False, with_clean=False, batch_size=b, draws=ev.draws,
                                  mixed=mixed, filler=(pool_x, pool_y)).to(device)
     machine = machine_description(device)
-    rows = time_attacks(evaluator, names, pool_x, pool_y, b, args.batches, args.max_images)
+    stack_groups = {"auto": None, "on": True, "off": False}[args.stack_groups]
+    rows = time_attacks(evaluator, names, pool_x, pool_y, b, args.batches, args.max_images, stack_groups)
     result = {"run": args.run.name, "batches": args.batches, "batch_size": b, "draws": ev.draws,
-              "max_images": args.max_images, "threads": threads, "machine": machine, "attacks": rows,
+              "max_images": args.max_images, "stack_groups": args.stack_groups, "threads": threads, "machine": machine,
+              "attacks": rows,
               "total_seconds": {mode: sum(row[mode]["seconds"] for row in rows.values()) for mode in MODES}}
     stem = args.name or f"attack_speed_{args.run.name}"
     atomic_write_json(result, args.results / f"{stem}.json")

@@ -163,11 +163,13 @@ class DADDefense(nn.Module):
 
     def known_rows(self, images: Tensor) -> KnownRows:
         """``images`` with their classifier pass, to append to batches without passing them again
-        (:class:`KnownRows`)."""
+        (:class:`KnownRows`); a stack ``(G, m, ...)`` gives each group of runs its own rows
+        (:func:`~dad.defense_runs.stack_rows`)."""
         with torch.no_grad():
             images = images.to(self.detector.reference.dtype)
-            logits, features = self.classify_with_features(images)
-        return KnownRows(images, logits, features)
+            logits, features = self.classify_with_features(images.flatten(0, images.dim() - len(self.image_shape) - 1))
+        lead = images.shape[: images.dim() - len(self.image_shape)]
+        return KnownRows(images, logits.view(*lead, -1), features.view(*lead, *features.shape[1:]))
 
     def classify_with_features(self, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:
         """Logits of the classifier and the detector's features of ``x`` (one pass when phi is the classifier),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dad.runs import record_passes, run_chunks
 
-__all__ = ["DefenseOutput", "KnownRows", "is_runs", "stack_rows", "classify_runs", "forward_runs"]
+__all__ = ["DefenseOutput", "KnownRows", "is_runs", "per_run", "stack_rows", "classify_runs", "forward_runs"]
 
 
 @dataclass
@@ -47,10 +47,21 @@ def is_runs(defense: nn.Module, x: Tensor) -> bool:
     return x.dim() == len(defense.image_shape) + 2
 
 
+def per_run(rows: Tensor, runs: int) -> Tensor:
+    """Rows given per group of runs, ``(G, ...)``, as rows per run, ``(runs, ...)``: a stack of runs on ``G``
+    independent batches (the groups of a mixed-batch attack) is group-major, each group's rows repeated for its
+    ``runs // G`` consecutive runs."""
+    return rows if len(rows) == runs else rows.repeat_interleave(runs // len(rows), 0)
+
+
 def stack_rows(x: Tensor, rows: Tensor | None) -> Tensor:
-    """Each run's batch of the stack ``x`` ``(R, n, ...)`` followed by the same ``rows`` (a clean filler), shape
+    """Each run's batch of the stack ``x`` ``(R, n, ...)`` followed by its ``rows`` (a clean filler): the same
+    ``rows`` ``(m, ...)`` for every run, or one set per group of runs ``(G, m, ...)`` (:func:`per_run`); shape
     ``(R, n + m, ...)``; ``x`` itself without rows."""
-    return x if rows is None else torch.cat([x, rows.to(x).expand(len(x), *rows.shape)], 1)
+    if rows is None:
+        return x
+    rows = rows.to(x)
+    return torch.cat([x, per_run(rows, len(x)) if rows.dim() == x.dim() else rows.expand(len(x), *rows.shape)], 1)
 
 
 def classify_runs(defense: nn.Module, x: Tensor, known: KnownRows | None = None) -> tuple[Tensor, Tensor]:

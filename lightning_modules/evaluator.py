@@ -8,7 +8,8 @@ draws is kept too, for the mean over draws.
 Mixed batches: an attack of ``mixed`` attacks ``k = round(fraction * B)`` images at a time, in a batch of
 ``B`` completed with clean images drawn from the other test images (the filler), so every attacked image
 appears as an AE exactly once per fraction. A classifier-only attack crafts its AEs alone; an attack through
-the defense sees and scores the whole mixed batch (e.g. ``evade_clean`` keeps it below the threshold).
+the defense sees and scores the whole mixed batch (e.g. ``evade_clean`` keeps it below the threshold), the groups
+of a batch stacked as independent runs where the attack takes them (:mod:`lightning_modules.mixed_batches`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from dad.attacks.judging import with_filler
 from dad.attacks.registry import seeded
 from dad.defense import DADDefense
 from dad.runs import PassCount, counting_passes
+from lightning_modules.mixed_batches import FILLER_STREAM, group_aes, mixed_groups
 from lightning_modules.stores import CraftedAEs, RecordStore, stored_aes
 
 __all__ = ["DefenseEvaluator", "CLEAN", "RecordStore", "FILLER_STREAM", "COST_FIELDS"]
 
 CLEAN = "clean"
-FILLER_STREAM = 2
-"""Random stream of the filler draws (0: attacks, 1: the evaluation's noise)."""
 COST_FIELDS = ("passes", "programs", "stops")
 """What a record's attacks ran of the defense (:class:`~dad.runs.PassCount`; ``stops``: the defense batches whose
 attack stopped early)."""
@@ -164,31 +164,25 @@ class DefenseEvaluator(pl.LightningModule):
 
     def _mixed(self, spec: AttackSpec, fraction: float, x: Tensor, y: Tensor, index: Tensor,
                batch_idx: int) -> dict[str, Tensor]:
-        """Attack ``x`` in groups of ``round(fraction * B)`` images, each in a batch of ``B`` with clean filler."""
-        pool_x, pool_y = self.filler_pool  # type: ignore[misc]
-        b = int(self.batch_size)  # type: ignore[arg-type]
-        k = min(max(1, round(fraction * b)), b - 1)
-        others = torch.ones(len(pool_y), dtype=torch.bool)
-        others[index.cpu()] = False
-        candidates = others.nonzero().squeeze(1)
+        """Attack ``x`` in groups of ``round(fraction * B)`` images, each in a batch of ``B`` with clean filler
+        (:mod:`lightning_modules.mixed_batches`)."""
+        groups = mixed_groups(self.filler_pool, index, x, y, int(self.batch_size),  # type: ignore[arg-type]
+                              fraction, spec.seed, batch_idx)
+
+        def attack(spec: AttackSpec, x: Tensor, y: Tensor, chunk: int, filler: Tensor | None) -> Tensor:
+            return self.attack(spec, x, y, chunk, filler=filler)
+
         parts: dict[str, list[Tensor]] = {}
-        for g, start in enumerate(range(0, len(y), k)):
-            rows = slice(start, min(start + k, len(y)))
-            chunk = batch_idx * 4096 + g  # one seed per group, the same on any number of processes
-            with seeded(chunk_seed(spec.seed, chunk, FILLER_STREAM), x):
-                pick = candidates[torch.randperm(len(candidates))[: b - (rows.stop - rows.start)]]
-            filler, filler_y = pool_x[pick].to(x), pool_y[pick].to(y)
-            own = filler if spec.threat == "defense" else None
-            x_adv = self.attack(spec, x[rows], y[rows], chunk, filler=own)
-            with seeded(chunk_seed(spec.seed, chunk, stream=1), x):
-                judged = self._judge(x_adv, y[rows], filler, filler_y)
+        for group, x_adv in zip(groups, group_aes(spec, self.defense, attack, x, y, groups)):
+            with seeded(chunk_seed(spec.seed, group.chunk, stream=1), x):
+                judged = self._judge(x_adv, y[group.rows], group.filler, group.filler_y)
             for key, value in {"x_adv": x_adv, **judged}.items():
                 parts.setdefault(key, []).append(value)
         per_sample = {key: torch.cat(parts[key]) for key in ("x_adv", "undefended", "dad", "dad_correct", "denoised")}
-        groups = float(len(parts["score"]))
+        groups_run = float(len(parts["score"]))
         return {"index": index, **per_sample, "x_adv": per_sample["x_adv"] if self.keep_images else x.new_empty(0),
                 "score": torch.stack(parts["score"]).mean(), "flagged": torch.stack(parts["flagged"]).mean(),
-                "filler_acc": torch.stack(parts["filler_acc"]).mean(), "batches": torch.tensor(groups)}
+                "filler_acc": torch.stack(parts["filler_acc"]).mean(), "batches": torch.tensor(groups_run)}
 
     @staticmethod
     def _unpack(batch: tuple[Tensor, ...], batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:

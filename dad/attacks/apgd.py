@@ -81,6 +81,7 @@ def apgd(
     generator: torch.Generator | None = None,
     stop_when_settled: bool = True,
     runs: int = 1,
+    groups: int = 1,
 ) -> Tensor:
     """Maximise ``objective`` over the ``eps``-ball around ``x`` (and [0, 1]) with APGD; return the best judged batch.
 
@@ -89,7 +90,9 @@ def apgd(
     ``runs > 1`` makes that many independent runs along a leading dimension of one tensor program (each from its own
     start): ``objective`` and ``judge`` then take the stack ``(runs, B, ...)`` (values and rates ``(runs, B)``),
     each run judged as its own batch, and the result is ``(runs, B, ...)``, each run's best judged batch; one run
-    :func:`~dad.attacks.judging.settled` ends them all. Inside, the runs are one flat batch of ``runs x B`` samples:
+    :func:`~dad.attacks.judging.settled` ends them all. ``groups > 1``: ``x`` ``(groups, B, ...)`` holds independent
+    clean batches, each attacked by ``runs // groups`` consecutive runs, and the runs end once every group has a
+    settled run. Inside, the runs are one flat batch of ``runs x B`` samples:
     APGD's step sizes, momentum and checkpoints are per sample, only the judged batches are per run.
 
     Args:
@@ -108,6 +111,7 @@ def apgd(
         stop_when_settled: return the first judged batch that is wrong for every sample in every draw
             (:func:`~dad.attacks.judging.settled`); only where ``judge`` is the model the AEs are evaluated on.
         runs: independent runs made at once (see above).
+        groups: independent clean batches stacked in ``x`` (see above).
 
     Returns:
         Detached AEs of the shape of ``x``, in [0, 1] and within ``eps`` of ``x``. The caller handles the
@@ -120,8 +124,8 @@ def apgd(
     check_unit_range(x)
 
     check_at_least_one("runs", runs)
-    shape = x.shape
-    x, start = run_starts(x, eps, norm, random_start, runs, generator)
+    shape = x.shape[1:] if groups > 1 else x.shape
+    x, start = run_starts(x, eps, norm, random_start, runs, generator, groups)
     objective, judge = flat_runs(objective, judge, runs)
 
     def project_ball(z: Tensor) -> Tensor:
@@ -133,7 +137,7 @@ def apgd(
     current = project_ball(start)
     value, grad = eot_value_and_gradient(objective, current, eot_samples)
     rates = judge(current)
-    if stop_when_settled and settled(rates, runs):
+    if stop_when_settled and settled(rates, runs, groups):
         return shaped(current)
     best_batch, best_errors = current, rates.view(runs, -1).sum(1)
     best_point, best_value, best_grad = current.clone(), value.clone(), grad.clone()
@@ -157,12 +161,12 @@ def apgd(
         best_value = torch.where(improved, new_value, best_value)
         if k + 1 in judged:
             rates = judge(candidate)
-            if stop_when_settled and settled(rates, runs):
-                return shaped(candidate)
             errors = rates.view(runs, -1).sum(1)
             better = errors >= best_errors
             best_batch = torch.where(per_run_mask(better, x), candidate, best_batch)
             best_errors = torch.where(better, errors, best_errors)
+            if stop_when_settled and settled(rates, runs, groups):
+                return shaped(best_batch)
         previous, current, value, grad = current, candidate, new_value, new_grad
         if k + 1 in marks and k + 1 > last_mark:
             too_few = successes < _RHO * (k + 1 - last_mark)
@@ -194,7 +198,7 @@ def apgd_attack(spec: AttackSpec, model: nn.Module, x: Tensor, y: Tensor) -> Ten
         return strongest_batch(judge, candidates)
 
 
-@register_attack("apgd", "defense")
+@register_attack("apgd", "defense", groups=True)
 def apgd_defense_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor,
                         filler: Tensor | None = None) -> Tensor:
     """APGD with EOT through the defense on ``spec.objective``: one run per loss of ``spec.loss``, weight of
@@ -204,8 +208,8 @@ def apgd_defense_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tens
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        def engine(objective: DefenseObjective, judge: Judge, runs: int) -> Tensor:
+        def engine(objective: DefenseObjective, judge: Judge, runs: int, groups: int) -> Tensor:
             return apgd(objective, judge, x, spec.eps, spec.steps, spec.norm, spec.eot_samples, spec.random_start,
-                        runs=runs)
+                        runs=runs, groups=groups)
 
         return attack_runs(spec, defense, x, y, filler, engine)

@@ -12,17 +12,21 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-__all__ = ["AttackFn", "register_attack", "list_attacks", "check_registered", "attack_fn"]
+__all__ = ["AttackFn", "register_attack", "list_attacks", "check_registered", "attack_fn", "takes_groups"]
 
 AttackFn = Callable[..., Tensor]
 """``fn(spec, target, x, y[, filler])`` -> detached AEs in [0, 1] within ``spec.eps`` of ``x``."""
 
 _ATTACKS: dict[tuple[str, str], AttackFn] = {}
 _NORMS: dict[tuple[str, str], tuple[str, ...]] = {}
+_GROUPS: set[tuple[str, str]] = set()
 
 
-def register_attack(name: str, threat: str, norms: tuple[str, ...] = ("linf", "l2")) -> Callable[[AttackFn], AttackFn]:
-    """Register ``fn`` as attack ``name`` under ``threat`` for the threat models ``norms``.
+def register_attack(name: str, threat: str, norms: tuple[str, ...] = ("linf", "l2"),
+                    groups: bool = False) -> Callable[[AttackFn], AttackFn]:
+    """Register ``fn`` as attack ``name`` under ``threat`` for the threat models ``norms``; ``groups``: ``fn``
+    also takes independent batches stacked, ``x`` ``(G, k, ...)``, ``y`` ``(G, k)``, ``filler`` ``(G, m, ...)``,
+    and returns each group's AEs (:mod:`dad.attacks.run_stack`).
 
     A second registration of the same pair is an error.
     """
@@ -32,6 +36,8 @@ def register_attack(name: str, threat: str, norms: tuple[str, ...] = ("linf", "l
             raise ValueError(f"Attack {name!r} is already registered for threat {threat!r}")
         _ATTACKS[(name, threat)] = fn
         _NORMS[(name, threat)] = norms
+        if groups:
+            _GROUPS.add((name, threat))
         return fn
 
     return decorate
@@ -55,3 +61,8 @@ def attack_fn(name: str, threat: str) -> AttackFn:
     """The function registered as ``name`` under ``threat`` (see :func:`check_registered` for the error)."""
     check_registered(name, threat)
     return _ATTACKS[(name, threat)]
+
+
+def takes_groups(name: str, threat: str) -> bool:
+    """Whether attack ``name`` under ``threat`` takes a stack of independent batches (:func:`register_attack`)."""
+    return (name, threat) in _GROUPS

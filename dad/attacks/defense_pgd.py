@@ -49,6 +49,7 @@ def defense_pgd(
     eot_samples: int = 1,
     generator: torch.Generator | None = None,
     runs: int = 1,
+    groups: int = 1,
 ) -> Tensor:
     """PGD with EOT on ``objective``, returning the iterate the defense gets most wrong.
 
@@ -65,6 +66,8 @@ def defense_pgd(
             :func:`~dad.attacks.common.starting_from`, replaces the random start).
         runs: independent runs along a leading dimension, each from its own start: ``objective`` and ``judge``
             then take the stack ``(runs, B, ...)`` (:mod:`dad.attacks.run_stack`).
+        groups: independent clean batches stacked in ``x`` ``(groups, B, ...)``, each attacked by
+            ``runs // groups`` consecutive runs (:func:`~dad.attacks.judging.judged_ascent`).
 
     Returns:
         Detached AEs of the shape of ``x`` (``(runs, *x.shape)`` for several runs), in [0, 1] and within ``eps`` of
@@ -78,18 +81,18 @@ def defense_pgd(
     check_unit_range(x)
 
     check_at_least_one("runs", runs)
-    shape = x.shape
-    x, start = run_starts(x, eps, norm, random_start, runs, generator)
+    shape = x.shape[1:] if groups > 1 else x.shape
+    x, start = run_starts(x, eps, norm, random_start, runs, generator, groups)
     objective, judge = flat_runs(objective, judge, runs)
 
     def step(x_adv: Tensor) -> Tensor:
         grad = eot_value_and_gradient(objective, x_adv, eot_samples)[1]
         return ascent_step(x_adv, x, grad, eps, step_size, norm)
 
-    return as_stack(judged_ascent(judge, start.clamp(0.0, 1.0), steps, step, runs), runs, shape)
+    return as_stack(judged_ascent(judge, start.clamp(0.0, 1.0), steps, step, runs, groups), runs, shape)
 
 
-@register_attack("pgd", "defense")
+@register_attack("pgd", "defense", groups=True)
 def defense_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor,
                        filler: Tensor | None = None) -> Tensor:
     """PGD through the defense on ``spec.objective`` with the ``spec.loss`` term(s): one run per loss, weight of
@@ -98,8 +101,8 @@ def defense_pgd_attack(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tenso
     with preserve_mode(defense), gradients_enabled():
         x, y = as_autograd_tensor(x), as_autograd_tensor(y)
 
-        def engine(objective: DefenseObjective, judge: Judge, runs: int) -> Tensor:
+        def engine(objective: DefenseObjective, judge: Judge, runs: int, groups: int) -> Tensor:
             return defense_pgd(objective, judge, x, spec.eps, spec.step_size, spec.steps, spec.norm,
-                               spec.random_start, spec.eot_samples, runs=runs)
+                               spec.random_start, spec.eot_samples, runs=runs, groups=groups)
 
         return attack_runs(spec, defense, x, y, filler, engine)

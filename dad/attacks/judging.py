@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks.common import check_at_least_one
-from dad.defense_runs import forward_runs, is_runs
+from dad.defense_runs import forward_runs, is_runs, per_run
 from dad.runs import record_stop, run_settings
 
 __all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "per_run_mask", "settled",
@@ -50,7 +50,8 @@ def defense_judge(defense: nn.Module, y: Tensor, draws: int, filler: Tensor | No
     """The judge of an attack through ``defense``: :func:`error_rates` over ``draws`` draws on ``cat(x, filler)``;
     batched (:mod:`dad.runs`), without host synchronisation on an accelerator, the filler's classifier pass made once
     for the whole attack, and a stack of runs ``(R, n, ...)`` judged run by run in one program
-    (:mod:`dad.defense_runs`)."""
+    (:mod:`dad.defense_runs`). Labels ``(G, n)`` and a filler ``(G, m, ...)`` are those of ``G`` groups of runs
+    (:func:`~dad.defense_runs.per_run`; batched only)."""
     check_at_least_one("draws", draws)
     if not run_settings().batched:
         return lambda z: error_rates(defense, z, y, draws, filler)
@@ -59,10 +60,10 @@ def defense_judge(defense: nn.Module, y: Tensor, draws: int, filler: Tensor | No
     @torch.no_grad()
     def judge(z: Tensor) -> Tensor:  # the attack's iterates are valid images: no checks, no host syncs
         if is_runs(defense, z):  # a stack of runs (R, n, ...), each judged as its own batch: rates (R, n)
-            logits = forward_runs(defense, z, draws, known, first=len(y)).logits
+            logits = forward_runs(defense, z, draws, known, first=y.shape[-1]).logits
         else:
             logits = defense.forward_draws(z, draws, known, validate=False, first=len(y)).logits
-        return (logits.argmax(-1) != y).float().mean(0)
+        return (logits.argmax(-1) != (per_run(y, len(z)) if y.dim() == 2 else y)).float().mean(0)
 
     return judge
 
@@ -79,13 +80,15 @@ def judged_steps(steps: int, every: int = 10) -> set[int]:
     return {k for k in range(1, steps + 1) if k % stride == 0} | {steps}
 
 
-def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tensor], Tensor], runs: int = 1) -> Tensor:
+def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tensor], Tensor], runs: int = 1,
+                  groups: int = 1) -> Tensor:
     """``steps`` iterations ``x_adv = step(x_adv)`` from the start ``x_adv``, judged at the start and after the steps
     of :func:`judged_steps`: the judged iterate with the most errors is returned (ties go to the later one), a
     :func:`settled` one at once. With ``runs`` batches stacked in ``x_adv`` (flat, ``runs x B`` samples, ``judge``
-    giving their rates), each run keeps its own best judged batch and one settled run ends them all."""
+    giving their rates), each run keeps its own best judged batch and the runs end once each of their ``groups``
+    (independent batches, :func:`~dad.defense_runs.per_run`) has a settled run, each run's best returned."""
     rates = judge(x_adv)
-    if settled(rates, runs):
+    if settled(rates, runs, groups):
         return x_adv.detach()
     best, best_errors = x_adv, rates.view(runs, -1).sum(1)
     judged = judged_steps(steps)
@@ -93,12 +96,12 @@ def judged_ascent(judge: Judge, x_adv: Tensor, steps: int, step: Callable[[Tenso
         x_adv = step(x_adv).detach()
         if k in judged:
             rates = judge(x_adv)
-            if settled(rates, runs):
-                return x_adv
             errors = rates.view(runs, -1).sum(1)
             better = errors >= best_errors
             best = torch.where(per_run_mask(better, x_adv), x_adv, best)
             best_errors = torch.where(better, errors, best_errors)
+            if settled(rates, runs, groups):
+                return best.detach()
     return best.detach()
 
 
@@ -107,12 +110,15 @@ def per_run_mask(chosen: Tensor, like: Tensor) -> Tensor:
     return chosen.repeat_interleave(len(like) // len(chosen)).view(-1, *([1] * (like.dim() - 1)))
 
 
-def settled(rates: Tensor, runs: int = 1) -> bool:
+def settled(rates: Tensor, runs: int = 1, groups: int = 1) -> bool:
     """Whether an attack stops on a batch judged with per-sample error ``rates``: every sample wrong in every draw
     (no candidate can do better), and early stopping on (:class:`~dad.runs.RunSettings`); for ``runs`` batches
-    stacked along ``rates``' first dimension, whether one of them is. A host sync: attacks ask at their judged steps
-    only."""
-    if run_settings().early_stop and bool((rates.reshape(runs, -1) >= 1.0).all(1).any()):
+    stacked along ``rates``' first dimension, whether one of them is, and for runs on ``groups`` independent batches
+    (group-major), whether each group has one. A host sync: attacks ask at their judged steps only."""
+    if not run_settings().early_stop:
+        return False
+    done = (rates.reshape(runs, -1) >= 1.0).all(1).view(groups, -1).any(1).all()
+    if bool(done):
         record_stop()
         return True
     return False

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 
 from dad.attacks.common import check_positive
 from dad.attacks.spec import DEFENSE_OBJECTIVES
-from dad.defense_runs import KnownRows, classify_runs, forward_runs, is_runs, stack_rows
+from dad.defense_runs import KnownRows, classify_runs, forward_runs, is_runs, per_run, stack_rows
 from dad.routing import Detection
 from dad.runs import record_passes, run_chunks, run_settings
 
@@ -94,14 +94,16 @@ class DefenseObjective:
 
     Args:
         defense: a calibrated :class:`~dad.defense.DADDefense`.
-        y: true labels of the attacked images.
+        y: true labels of the attacked images; ``(G, n)`` for ``G`` independent batches (the groups of a
+            mixed-batch attack), attacked as a group-major stack of runs (:func:`~dad.defense_runs.per_run`).
         objective: one of :data:`~dad.attacks.spec.DEFENSE_OBJECTIVES`.
         lam: weight of the MMD term (``adaptive``), of the EPS norm (``evade_eps``) or of the hinge on the
             detector's score (>= 0).
         loss: the classification term, ``ce`` or ``dlr``.
         temperature: width of the sigmoid relaxation, relative to the threshold (> 0).
         margin: how far below (clean path) or above (denoiser path) the threshold the hinge aims.
-        filler: clean images in the same batch (mixed batches); None: the attacked images are the batch.
+        filler: clean images in the same batch (mixed batches), ``(G, m, ...)`` for groups; None: the attacked
+            images are the batch.
     """
 
     def __init__(self, defense: nn.Module, y: Tensor, objective: str, lam: Weights, loss: Losses = "ce",
@@ -186,11 +188,15 @@ def defense_objective(defense: nn.Module, y: Tensor, objective: str, lam: Weight
 
 def per_draw_loss(logits: Tensor, y: Tensor, loss: Losses) -> Tensor:
     """:func:`classification_loss` of logits ``(D, n, K)`` per draw, shape ``(D, n)``; of runs' logits ``(D, R, n, K)``,
-    shape ``(D, R, n)``, with one loss kind for all runs or one per run (``loss`` a sequence of ``R`` kinds)."""
+    shape ``(D, R, n)``, with one loss kind for all runs or one per run (``loss`` a sequence of ``R`` kinds), and the
+    labels ``y`` ``(n,)`` of every run or ``(G, n)`` of each group of runs (:func:`~dad.defense_runs.per_run`)."""
+    if y.dim() == 2:
+        y = per_run(y, logits.shape[1])
     if not isinstance(loss, str):
-        return torch.stack([per_draw_loss(logits[:, r], y, kind) for r, kind in enumerate(loss)], 1)
-    return classification_loss(logits.reshape(-1, logits.shape[-1]), y.repeat(logits[..., 0].numel() // len(y)),
-                               loss).view(logits.shape[:-1])
+        return torch.stack([per_draw_loss(logits[:, r], y[r] if y.dim() == 2 else y, kind)
+                            for r, kind in enumerate(loss)], 1)
+    labels = y.flatten().repeat(logits[..., 0].numel() // y.numel())
+    return classification_loss(logits.reshape(-1, logits.shape[-1]), labels, loss).view(logits.shape[:-1])
 
 
 def excesses_per_image(detection: Detection, n: int) -> list[Tensor]:

@@ -6,6 +6,11 @@ go through the networks together while each run is judged as its own detector ba
 chunks of runs that keep a pass under :attr:`~dad.runs.RunSettings.max_images` images. The strongest batch is kept
 as :func:`~dad.attacks.judging.strongest_run` keeps it (the runs' order and ties unchanged), and a settled run
 ends the attack. Under :func:`~dad.runs.looped_runs` the runs run one after another (the reference).
+
+The groups of a mixed-batch attack (``G`` batches of ``k`` attacked images, each among its own clean filler) are
+independent batches: given as a stack ``(G, k, ...)`` with labels ``(G, k)`` and fillers ``(G, m, ...)``, all their
+runs are one stack of ``G x R`` runs (group-major, :func:`~dad.defense_runs.per_run`), and each group keeps its own
+strongest batch (:func:`strongest_per_group`).
 """
 
 from __future__ import annotations
@@ -17,19 +22,21 @@ import torch
 from torch import Tensor, nn
 
 from dad.attacks.common import Norm, start_point
+from dad.attacks.catalog import takes_groups
 from dad.attacks.judging import Judge, defense_judge, settled, strongest_batch, strongest_run
 from dad.attacks.objectives import DefenseObjective, defense_objective
 from dad.attacks.spec import AttackSpec
+from dad.defense_runs import is_runs
 from dad.runs import run_chunks, run_settings
 
-__all__ = ["RunSetting", "Engine", "stacks_runs", "run_starts", "as_stack", "flat_judge", "flat_runs", "stacked_runs",
-           "attack_runs"]
+__all__ = ["RunSetting", "Engine", "stacks_runs", "stacks_groups", "run_starts", "as_stack", "flat_judge", "flat_runs",
+           "stacked_runs", "strongest_per_group", "attack_runs"]
 
 RunSetting = tuple[str, float]
 """One run's settings: its loss kind and its penalty weight."""
-Engine = Callable[[DefenseObjective, Judge, int], Tensor]
-"""``engine(objective, judge, runs)``: one attack's ascent (APGD, PGD) of ``runs`` stacked runs, their AEs
-``(runs, B, ...)`` (``(B, ...)`` for one run)."""
+Engine = Callable[[DefenseObjective, Judge, int, int], Tensor]
+"""``engine(objective, judge, runs, groups)``: one attack's ascent (APGD, PGD) of ``runs`` stacked runs on
+``groups`` clean batches, their AEs ``(runs, B, ...)`` (``(B, ...)`` for one run)."""
 
 
 def stacks_runs(defense: nn.Module, objective: str, runs: int) -> bool:
@@ -38,13 +45,29 @@ def stacks_runs(defense: nn.Module, objective: str, runs: int) -> bool:
     return run_settings().batched and runs > 1 and hasattr(defense, "routed_draws") and objective != "evade_eps"
 
 
+def stacks_groups(spec: AttackSpec, defense: nn.Module, x: Tensor) -> bool:
+    """Whether the independent batches ``x`` ``(G, k, ...)`` (a mixed-batch attack's groups of ``k`` attacked
+    images) go through ``spec`` as one stack of runs: groups stacked (:attr:`~dad.runs.RunSettings.stack_groups`;
+    by default off the CPU), an attack through the defense that takes them (:func:`~dad.attacks.catalog.takes_groups`),
+    runs that stack (:func:`stacks_runs`), and all the groups' runs, their EOT draws whole, in one pass under the cap
+    on images (else the groups run one after another)."""
+    runs = len(x) * len(spec.losses) * len(spec.schedule) * spec.restarts
+    stack = run_settings().stack_groups
+    return ((x.device.type != "cpu" if stack is None else stack)
+            and spec.threat == "defense" and len(x) > 1 and takes_groups(spec.name, spec.threat)
+            and stacks_runs(defense, spec.objective, runs)
+            and len(run_chunks(runs, x.shape[1] * spec.eot_samples, x[0, 0])) == 1)
+
+
 def run_starts(x: Tensor, eps: float, norm: Norm, random_start: bool, runs: int,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """For ``runs`` stacked runs on the clean batch ``x``: ``x`` repeated (the flat ``runs x B`` batch a per-sample
-    loop projects around) and each run's own start (:func:`~dad.attacks.common.start_point`), drawn run after run
-    as the looped runs draw them."""
-    starts = torch.cat([start_point(x, eps, norm, random_start, generator) for _ in range(runs)])
-    return x.repeat(runs, *([1] * (x.dim() - 1))), starts
+               generator: torch.Generator | None = None, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """For ``runs`` stacked runs on the clean batch ``x`` (or, ``groups > 1``, on the clean batches ``x``
+    ``(groups, B, ...)``, ``runs // groups`` runs each): each run's clean batch, flat (the ``runs x B`` batch a
+    per-sample loop projects around), and each run's own start (:func:`~dad.attacks.common.start_point`), drawn run
+    after run as the looped runs draw them."""
+    clean = x.repeat_interleave(runs // groups, 0) if groups > 1 else x.expand(runs, *x.shape)
+    starts = torch.cat([start_point(batch, eps, norm, random_start, generator) for batch in clean])
+    return clean.flatten(0, 1), starts
 
 
 def as_stack(z: Tensor, runs: int, batch_shape: torch.Size) -> Tensor:
@@ -109,18 +132,47 @@ def stacked_runs(judge: Judge, settings: Sequence[RunSetting],
     return strongest_batch(judge, candidates, torch.cat(rates))
 
 
+def strongest_per_group(judge: Judge, stack: Tensor, groups: int) -> Tensor:
+    """Each group's strongest batch, ``(groups, B, ...)``, of the runs ``stack`` ``(groups x S, B, ...)`` on
+    ``groups`` independent batches (group-major): per group, its first settled run, else what
+    :func:`~dad.attacks.judging.strongest_batch` keeps of its ``S`` runs (the runs' order and ties unchanged; the
+    per-sample mixes of all groups judged in one stack)."""
+    per = len(stack) // groups
+    stack = stack.view(groups, per, *stack.shape[1:])
+    if per == 1:
+        return stack[:, 0]
+    rates = judge(stack.flatten(0, 1)).view(groups, per, -1)
+    rows = torch.arange(groups, device=stack.device)[:, None]
+    order = rates.sum(2).argsort(dim=1, descending=True, stable=True)
+    ranked, ranked_rates = stack[rows, order], rates[rows, order]
+    mixed = ranked[rows, ranked_rates.argmax(1), torch.arange(stack.shape[2], device=stack.device)]
+    per_group = (groups, *([1] * (mixed.dim() - 1)))
+    best = torch.where((judge(mixed).sum(1) > ranked_rates[:, 0].sum(1)).view(per_group), mixed, ranked[:, 0])
+    if not run_settings().early_stop:
+        return best
+    done = (rates >= 1.0).all(2)
+    return torch.where(done.any(1).view(per_group), stack[rows[:, 0], done.int().argmax(1)], best)
+
+
 def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,
                 engine: Engine) -> Tensor:
     """The strongest batch of an attack's runs through ``defense`` (one per loss of ``spec.loss``, weight of
     ``spec.schedule`` and restart; the candidates judged whole over ``spec.draws`` draws), made by ``engine``:
-    stacked where :func:`stacks_runs`, else one after another."""
+    stacked where :func:`stacks_runs`, else one after another. On groups (``x`` ``(G, k, ...)``, see the module's
+    docstring; only where :func:`stacks_groups`), each group's strongest batch, ``(G, k, ...)``."""
     judge = defense_judge(defense, y, spec.draws, filler)
     settings = [(loss, lam) for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)]
 
-    def run(losses: tuple[str, ...] | str, lams: tuple[float, ...] | float) -> Tensor:
+    def run(losses: tuple[str, ...] | str, lams: tuple[float, ...] | float, groups: int = 1) -> Tensor:
         objective = defense_objective(defense, y, spec.objective, lams, losses, spec.temperature, spec.margin, filler)
-        return engine(objective, judge, 1 if isinstance(losses, str) else len(losses))
+        return engine(objective, judge, 1 if isinstance(losses, str) else len(losses), groups)
 
+    if is_runs(defense, x):
+        if not stacks_groups(spec, defense, x):
+            raise ValueError(f"The {spec.name} attack cannot run {len(x)} groups of {x.shape[1]} images as one stack")
+        grouped = settings * len(x)
+        stack = run(tuple(loss for loss, _ in grouped), tuple(lam for _, lam in grouped), len(x))
+        return strongest_per_group(judge, stack, len(x))
     if stacks_runs(defense, spec.objective, len(settings)):
         return stacked_runs(judge, settings, run, x, spec.eot_samples)
     return strongest_run(judge, [partial(run, loss, lam) for loss, lam in settings])

@@ -17,8 +17,10 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTen
 from dad.attacks.apgd import apgd
 from dad.attacks.judging import defense_judge
 from dad.attacks.objectives import defense_objective
+from dad.attacks.run_stack import strongest_per_group
 from dad.defense import DADDefense
 from dad.routing import ROUTINGS
+from dad.runs import runs_settings
 from tests.conftest import tiny_defense
 
 B = 10
@@ -121,3 +123,21 @@ def test_stacked_runs_run_without_host_syncs(monkeypatch: pytest.MonkeyPatch, ob
         with pytest.raises(Exception):
             bool(x_adv.sum() > 0)
     assert x_adv.shape == (3, *x.shape)
+
+
+def test_groups_run_without_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two groups of a mixed batch (their own labels and fillers), two runs each, through APGD, then each group's
+    strongest batch chosen (:func:`~dad.attacks.run_stack.strongest_per_group`): no host sync."""
+    defense = _defense()
+    defense.routing = "both"
+    monkeypatch.setattr(DADDefense, "_purifies_every_image", staticmethod(lambda x: True))
+    monkeypatch.setattr("dad.attacks.apgd.check_unit_range", lambda x: None)
+    with FakeTensorMode(allow_non_fake_inputs=True), runs_settings(early_stop=False, stack_groups=True):
+        x, y, filler = torch.rand(2, 3, 1, 8, 8), torch.randint(0, 10, (2, 3)), torch.rand(2, 4, 1, 8, 8)
+        judge = defense_judge(defense, y, draws=3, filler=filler)
+        objective_fn = defense_objective(defense, y, "evade_clean", (1.0, 10.0) * 2, ("ce", "dlr") * 2, filler=filler)
+        stack = apgd(objective_fn, judge, x, 0.1, steps=3, runs=4, groups=2)
+        x_adv = strongest_per_group(judge, stack, 2)
+        with pytest.raises(Exception):
+            bool(x_adv.sum() > 0)
+    assert stack.shape == (4, 3, 1, 8, 8) and x_adv.shape == x.shape
