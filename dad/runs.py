@@ -50,8 +50,8 @@ class RunSettings:
         stack_groups: the groups of a mixed-batch attack go through the attack as one stack of runs
             (:func:`~dad.attacks.run_stack.stacks_groups`); None: off the CPU only. A stack runs until every group
             is settled, so on a CPU, where the work is compute-bound, one group after another with its own early
-            stop is faster (the digits demo's mixed ``evade_clean``, 2 batches on 2 threads of an AMD EPYC: 9.4 s
-            one after another, 12.7 s stacked, 5 programs a group instead of 31 but 1.8x the passes).
+            stop is faster (the digits demo's mixed ``evade_clean``, 2 batches on 2 threads of an AMD EPYC: 8.5 s
+            one after another, 10.4 s stacked, 5 programs a group instead of 31 but 1.8x the passes).
     """
 
     batched: bool = True
