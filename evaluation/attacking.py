@@ -23,7 +23,7 @@ from dad.models import create_model, freeze, load_classifier_weights
 from dad.runs import runs_settings
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
-from evaluation.context import Context
+from evaluation.context import Context, memory_format
 from evaluation.crafted import CraftedStore, module_digest
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -123,6 +123,7 @@ def transfer_defenses(ctx: Context, spec: TransferSettings) -> dict[str, tuple[n
     sources = {}
     for name, path in spec.defenses.items():
         source = load_defense(path, map_location=ctx.device, checkpoint=ctx.cfg.eval.purifier_checkpointing)
+        source.to(memory_format=memory_format(ctx.cfg.eval.channels_last, ctx.device))
         if source.image_shape != ctx.defense.image_shape:
             raise ValueError(f"`eval.transfer.defenses.{name}` ({path}) takes images of shape {source.image_shape}, "
                              f"this defense {ctx.defense.image_shape}")
@@ -145,6 +146,7 @@ def transfer_source(ctx: Context, dm: DADDataModule, spec: TransferSettings) -> 
     own = {k: v for k, v in asdict(spec).items() if k not in ("defenses", "defense_attacks")}  # the source's settings
     key = state_key(transfer=own, model=name, kwargs=kwargs, **ctx.key_parts)
     path = ctx.state_dir / "transfer_source.pt"
+    pl.seed_everything(spec.seed, verbose=False)  # the source's initial weights too: not what ran before
     module = ClassifierModule(create_model(name, num_classes=num_classes, **kwargs),
                               ClassifierSettings(model=name, epochs=spec.epochs, lr=spec.lr))
     try:
@@ -155,7 +157,6 @@ def transfer_source(ctx: Context, dm: DADDataModule, spec: TransferSettings) -> 
         module.model.load_state_dict(saved["state_dict"])
     else:
         log.info("transfer: training a %s source model for %d epochs (seed %d)", name, spec.epochs, spec.seed)
-        pl.seed_everything(spec.seed, verbose=False)
         quiet = {"enable_progress_bar": False, "enable_model_summary": False}
         trainer = pl.Trainer(max_epochs=spec.epochs, logger=False, enable_checkpointing=False,
                              use_distributed_sampler=False, callbacks=[BatchesOnDevice()],

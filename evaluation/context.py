@@ -80,5 +80,11 @@ def open_context(cfg: PipelineConfig, run_dir: str | Path | None = None) -> tupl
                  "routing": defense.routing, "protocol": PROTOCOL}
     ctx = Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger, key_parts,
                   variant, run_device(cfg.trainer), defense_file.name)
-    defense.to(ctx.device)
+    defense.to(ctx.device, memory_format=memory_format(cfg.eval.channels_last, ctx.device))
     return ctx, dm
+
+
+def memory_format(channels_last: bool | None, device: torch.device) -> torch.memory_format:
+    """The memory format of the evaluated networks under ``eval.channels_last`` (None: channels-last on a CPU)."""
+    last = device.type == "cpu" if channels_last is None else channels_last
+    return torch.channels_last if last else torch.preserve_format

@@ -113,6 +113,10 @@ class EvalSettings:
             draws, stacked runs: runs times batch size; more runs go in chunks, with the same results); None: no cap
             on an accelerator, :data:`~dad.runs.CPU_PASS_ELEMENTS` worth of images on a CPU. A memory and speed
             setting (:mod:`dad.runs`), not part of the attacks' settings.
+        channels_last: the defense's networks in channels-last memory format (the same numbers up to the order of
+            floating-point sums); None: on a CPU only, where it made the attacks through the defense 1.2-1.5x faster
+            (CIFAR-10 CPU scale, a batch of 100 on 1 thread of an AMD EPYC: evade_denoised 10.0 -> 6.7 s,
+            autoattack_rand 37.7 -> 28.3 s, evade_clean 25.8 -> 18.2 s, square_eot 79.5 -> 66.2 s); a speed setting.
         resume: reuse per-attack results saved in ``eval_state/`` when their configuration matches.
     """
 
@@ -134,6 +138,7 @@ class EvalSettings:
     sanity_z: float = 2.0
     plots: bool = True
     max_run_images: int | None = None
+    channels_last: bool | None = None
     resume: bool = True
 
     def __post_init__(self) -> None:

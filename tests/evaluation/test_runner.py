@@ -15,6 +15,8 @@ import dad.attacks.common as attack_common
 import lightning_modules.evaluator as evaluator_module
 from bench.robust import leaderboard_rows
 from dad.attacks import AttackSpec
+from evaluation.attacking import transfer_source
+from evaluation.context import open_context
 from evaluation.runner import evaluate
 from pipeline.eval_settings import TransferSettings
 from evaluation.state import AttackState
@@ -275,3 +277,18 @@ def test_an_evasion_attack_rechecked_with_heavier_penalties_folds_what_they_find
     assert check["detail"].startswith("evade_clean: penalty weights [1.0, 10.0, 100.0]")
     folded = report["worst_case"]["linf eps=0.2"]["folded"]
     assert "sanity__evade_clean__lambdas_x10" in folded["attacks"] and folded["n"] == 25  # the sanity subset
+
+
+def test_the_transfer_source_depends_on_its_seed_only(evaluated: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """Trained twice after different random states (what ran before it in an evaluation), the transfer source model
+    has the same weights: its seed fixes its initialisation and its training."""
+    cfg = _copy(evaluated, tmp_path)
+    cfg = replace(cfg, eval=replace(cfg.eval, resume=False))
+    ctx, dm = open_context(cfg)
+    weights = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        model, _ = transfer_source(ctx, dm, cfg.eval.transfer)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
