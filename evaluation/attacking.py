@@ -23,7 +23,7 @@ from dad.models import create_model, freeze, load_classifier_weights
 from dad.runs import runs_settings
 from datamodules import DADDataModule
 from datamodules.sampling import ShardedBatchSampler
-from evaluation.context import Context, memory_format
+from evaluation.context import Context, in_memory_format
 from evaluation.crafted import CraftedStore, module_digest
 from evaluation.state import AttackState, state_key
 from lightning_modules.classifier import ClassifierModule, ClassifierSettings
@@ -123,7 +123,7 @@ def transfer_defenses(ctx: Context, spec: TransferSettings) -> dict[str, tuple[n
     sources = {}
     for name, path in spec.defenses.items():
         source = load_defense(path, map_location=ctx.device, checkpoint=ctx.cfg.eval.purifier_checkpointing)
-        source.to(memory_format=memory_format(ctx.cfg.eval.channels_last, ctx.device))
+        in_memory_format(source, ctx.cfg.eval.channels_last, ctx.fpr_pool[:2].to(ctx.device))
         if source.image_shape != ctx.defense.image_shape:
             raise ValueError(f"`eval.transfer.defenses.{name}` ({path}) takes images of shape {source.image_shape}, "
                              f"this defense {ctx.defense.image_shape}")

@@ -4,6 +4,7 @@ reports and states)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = ["Context", "open_context", "PROTOCOL"]
 PROTOCOL = 3
 """Version of how attacks are seeded and evaluated: part of every state's key, bumped when it changes
 (2: R draws per evaluation, whole-batch judged candidates; 3: batched runs, early stops on settled batches)."""
+
+log = logging.getLogger("evaluation.context")
 
 
 @dataclass
@@ -80,7 +83,8 @@ def open_context(cfg: PipelineConfig, run_dir: str | Path | None = None) -> tupl
                  "routing": defense.routing, "protocol": PROTOCOL}
     ctx = Context(cfg, paths, defense, fpr_pool[:n], fpr_labels[:n], b, fpr_pool, fpr_labels, logger, key_parts,
                   variant, run_device(cfg.trainer), defense_file.name)
-    defense.to(ctx.device, memory_format=memory_format(cfg.eval.channels_last, ctx.device))
+    defense.to(ctx.device)
+    in_memory_format(defense, cfg.eval.channels_last, fpr_pool[:2].to(ctx.device))
     return ctx, dm
 
 
@@ -88,3 +92,24 @@ def memory_format(channels_last: bool | None, device: torch.device) -> torch.mem
     """The memory format of the evaluated networks under ``eval.channels_last`` (None: channels-last on a CPU)."""
     last = device.type == "cpu" if channels_last is None else channels_last
     return torch.channels_last if last else torch.preserve_format
+
+
+def in_memory_format(defense: DADDefense, channels_last: bool | None, probe: Tensor) -> None:
+    """Put ``defense``'s networks in the memory format of ``eval.channels_last``; a network that cannot run in
+    channels-last format (e.g. one that ``view``s its activations: a pass on the ``probe`` images fails) is put back
+    in its own format, with a warning, unless channels-last was asked for explicitly."""
+    fmt = memory_format(channels_last, probe.device)
+    if fmt == torch.preserve_format:
+        return
+    defense.to(memory_format=fmt)
+    try:
+        with torch.no_grad():  # every network: the classifier and detector features, the purified route
+            defense.classify_with_features(probe)
+            defense.logits_of_runs(defense.purify_runs(probe, 1))
+    except RuntimeError as error:
+        if channels_last:
+            raise ValueError(f"`eval.channels_last: true`, but the defense cannot run in channels-last format: {error}"
+                             ) from error
+        defense.to(memory_format=torch.contiguous_format)
+        log.warning("the defense runs in its own memory format: in channels-last format it failed (%s)",
+                    str(error).splitlines()[0])

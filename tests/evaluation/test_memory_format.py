@@ -4,11 +4,14 @@ routing and gradients equal up to the order of floating-point sums), by default 
 from __future__ import annotations
 
 import copy
+import logging
 
+import pytest
 import torch
+from torch import Tensor, nn
 
 from dad.attacks.objectives import defense_objective
-from evaluation.context import memory_format
+from evaluation.context import in_memory_format, memory_format
 from tests.conftest import tiny_defense
 
 
@@ -35,3 +38,32 @@ def test_a_channels_last_defense_computes_the_same_values_and_gradients() -> Non
         outputs.append((values.detach(), torch.autograd.grad(values.sum(), z)[0], out.logits, out.score, out.flags))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Viewing(nn.Module):
+    """A denoiser that ``view``s its activations: it cannot run in channels-last format."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.0 * self.convs(x).view(len(x), -1).mean(1).view(-1, 1, 1, 1)
+
+
+def test_a_network_that_cannot_run_channels_last_keeps_its_format(caplog: pytest.LogCaptureFixture) -> None:
+    """By default such a network stays in its own format (a warning); asked for explicitly, a one-line error."""
+    defense = tiny_defense([8])
+    probe = torch.rand(2, 1, 8, 8)
+    in_memory_format(defense, None, probe)
+    assert not all(p.is_contiguous() for p in defense.parameters())  # the tiny defense runs channels-last
+    defense.purifier.denoiser = _Viewing()
+    defense.to(memory_format=torch.contiguous_format)
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(defense).to(memory_format=torch.channels_last).purify_runs(probe, 1)
+    with caplog.at_level(logging.WARNING, logger="evaluation.context"):
+        in_memory_format(defense, None, probe)
+    assert "its own memory format" in caplog.text
+    assert all(p.is_contiguous() for p in defense.parameters())
+    with pytest.raises(ValueError, match="cannot run in channels-last format"):
+        in_memory_format(defense, True, probe)
