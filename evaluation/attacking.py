@@ -73,7 +73,9 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
         states[name] = AttackState.resume(ctx.state_path(name), key) if ctx.cfg.eval.resume else AttackState(key)
         if states[name].batches:
             log.info("%s: %d batches reused from %s", name, len(states[name].batches), ctx.state_path(name))
-    crafted = crafted_stores(ctx, attacks, sources)
+    # a classifier-only mixed attack judges the AEs of the same attack on whole batches: the same crafted store
+    alone = {name: spec for name, (spec, _) in mixed.items() if spec.threat == "classifier"}
+    crafted = crafted_stores(ctx, {**attacks, **alone}, sources)
     module = DefenseEvaluator(ctx.defense, attacks, states=states, with_clean=with_clean,
                               sources={name: model for name, (model, _) in sources.items()}, batch_size=ctx.batch_size,
                               draws=ctx.cfg.eval.draws, mixed=mixed, filler=(ctx.fpr_pool, ctx.fpr_labels),

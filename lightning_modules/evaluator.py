@@ -7,7 +7,8 @@ draws is kept too, for the mean over draws.
 
 Mixed batches: an attack of ``mixed`` attacks ``k = round(fraction * B)`` images at a time, in a batch of
 ``B`` completed with clean images drawn from the other test images (the filler), so every attacked image
-appears as an AE exactly once per fraction. A classifier-only attack crafts its AEs alone; an attack through
+appears as an AE exactly once per fraction. A classifier-only attack's AEs do not depend on the batch: those of
+the same attack on whole batches are judged among the filler (one crafted store); an attack through
 the defense sees and scores the whole mixed batch (e.g. ``evade_clean`` keeps it below the threshold), the groups
 of a batch stacked as independent runs where the attack takes them (:mod:`lightning_modules.mixed_batches`).
 """
@@ -109,8 +110,8 @@ class DefenseEvaluator(pl.LightningModule):
                                            for slot in self._slot.values() for key in _COUNTS})
         self.states = dict(states or {})
         self.crafted, self.starts = dict(crafted or {}), dict(starts or {})
-        if any(n not in self.attacks or self.attacks[n].threat == "defense" and n not in (sources or {})
-               for n in crafted or {}):
+        if any(n not in self.attacks and n not in self.mixed or self._spec(n).threat == "defense"
+               and n not in (sources or {}) for n in crafted or {}):
             raise ValueError("Only attacks that do not see the defense (classifier-only, transfer) reuse crafted AEs")
         self.dirty: set[str] = set()
         self._totals: dict[str, dict[str, float]] | None = None  # the counts read at the end of the last epoch
@@ -162,18 +163,23 @@ class DefenseEvaluator(pl.LightningModule):
         self._cost.stops += count.stops > 0
         return x_adv
 
-    def _mixed(self, spec: AttackSpec, fraction: float, x: Tensor, y: Tensor, index: Tensor,
-               batch_idx: int) -> dict[str, Tensor]:
+    def _spec(self, name: str) -> AttackSpec:
+        return self.attacks[name] if name in self.attacks else self.mixed[name][0]
+
+    def _mixed(self, name: str, x: Tensor, y: Tensor, index: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """Attack ``x`` in groups of ``round(fraction * B)`` images, each in a batch of ``B`` with clean filler
-        (:mod:`lightning_modules.mixed_batches`)."""
+        (:mod:`lightning_modules.mixed_batches`); an attack with a crafted store (classifier-only: its AEs do not
+        depend on the batch) judges the whole batch's AEs of that store among the filler, crafting them if absent."""
+        spec, fraction = self.mixed[name]
         groups = mixed_groups(self.filler_pool, index, x, y, int(self.batch_size),  # type: ignore[arg-type]
                               fraction, spec.seed, batch_idx)
-
-        def attack(spec: AttackSpec, x: Tensor, y: Tensor, chunk: int, filler: Tensor | None) -> Tensor:
-            return self.attack(spec, x, y, chunk, filler=filler)
-
+        if name in self.crafted:
+            whole = self._crafted_or_attack(name, x, y, index, batch_idx)
+            aes = [whole[group.rows] for group in groups]
+        else:
+            aes = group_aes(spec, self.defense, lambda *a: self.attack(*a[:4], filler=a[4]), x, y, groups)
         parts: dict[str, list[Tensor]] = {}
-        for group, x_adv in zip(groups, group_aes(spec, self.defense, attack, x, y, groups)):
+        for group, x_adv in zip(groups, aes):
             with seeded(chunk_seed(spec.seed, group.chunk, stream=1), x):
                 judged = self._judge(x_adv, y[group.rows], group.filler, group.filler_y)
             for key, value in {"x_adv": x_adv, **judged}.items():
@@ -206,8 +212,7 @@ class DefenseEvaluator(pl.LightningModule):
         took (its device's queued work finished) and what its attacks ran of the defense (:data:`COST_FIELDS`)."""
         start, self._cost = time.perf_counter(), PassCount()
         if name in self.mixed:
-            spec, fraction = self.mixed[name]
-            record = self._mixed(spec, fraction, x, y, index, batch_idx)
+            record = self._mixed(name, x, y, index, batch_idx)
         else:
             x_adv = x if name == CLEAN else self._crafted_or_attack(name, x, y, index, batch_idx)
             # the evaluation's noise (stream 1) is never the noise the attack saw (stream 0)
@@ -225,7 +230,7 @@ class DefenseEvaluator(pl.LightningModule):
         x_adv = store.load(batch_idx, index, x) if store is not None else None
         if x_adv is None:
             source = self.sources[self._slot[name]] if self._slot[name] in self.sources else None
-            x_adv = self.attack(self.attacks[name], x, y, batch_idx, source,
+            x_adv = self.attack(self._spec(name), x, y, batch_idx, source,
                                 start=stored_aes(self.starts.get(name), batch_idx, index, x))
             if store is not None:
                 store.save(batch_idx, index, x_adv)

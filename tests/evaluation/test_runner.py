@@ -292,3 +292,14 @@ def test_the_transfer_source_depends_on_its_seed_only(evaluated: tuple[Path, dic
         weights.append(model.state_dict())
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
+
+
+def test_classifier_only_mixed_attacks_judge_the_aes_of_the_same_attack(evaluated: tuple[Path, dict[str, Any]]) -> None:
+    """A classifier-only attack's AEs do not depend on the batch: each mixed batch judges the AEs the same attack
+    made on whole batches (one crafted store), at every fraction."""
+    states = evaluated[0] / "tiny" / "eval_state"
+    main = AttackState.from_disk(states / "pgd_linf.pt", _key(states / "pgd_linf.pt")).gather("x_adv")
+    for fraction in ("0.1", "0.5"):
+        path = states / f"mixed_pgd_linf_{fraction}.pt"
+        mixed = AttackState.from_disk(path, _key(path)).gather("x_adv")
+        assert len(mixed) == 50 and torch.equal(mixed, main[:50])
