@@ -95,8 +95,8 @@ def run_attacks(ctx: Context, attacks: Mapping[str, AttackSpec], n: int,
     ctx.defense.to(ctx.device)  # the teardown moved it back to the CPU: the analysis runs on the run's device
     for name, store in crafted.items():
         if store.reads:
-            log.info("%s: the AEs of %d batches read from %s (crafted by an earlier evaluation of this run)", name,
-                     store.reads, store.folder)
+            made = "the same attack on whole batches" if name in alone else "an earlier evaluation of this run"
+            log.info("%s: the AEs of %d batches read from %s (crafted by %s)", name, store.reads, store.folder, made)
     return module
 
 
