@@ -48,12 +48,15 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunSettings:
     """Where the run lives, ``<root>/<name>/``; ``seed`` seeds every stage; ``last.ckpt`` is written every
-    ``checkpoint_every_n_steps`` training steps (None: at the end of every epoch)."""
+    ``checkpoint_every_n_steps`` training steps (None: at the end of every epoch); ``channels_last``: the training
+    stages' built-in networks in channels-last memory format (None: on a CPU only, where a CIFAR ResNet-18 training
+    step ran 1.3-1.5x faster; :class:`callbacks.ChannelsLast`)."""
 
     name: str = "default"
     root: str = "runs"
     seed: int = 0
     checkpoint_every_n_steps: int | None = None
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from callbacks import BatchesOnDevice, ResumeState, StepProgressBar
+from callbacks import BatchesOnDevice, ChannelsLast, ResumeState, StepProgressBar
 from pipeline.checkpoints import AtomicCheckpointIO
 from pipeline.config import PipelineConfig, trainer_parser
 from pipeline.paths import RunPaths
@@ -70,8 +70,10 @@ def build_trainer(trainer: Mapping[str, Any], root: str, log_name: str, callback
 
 def stage_trainer(cfg: PipelineConfig, paths: RunPaths, stage: str, callbacks: list[Callback],
                   **kwargs: Any) -> pl.Trainer:
-    """The Trainer of ``stage`` in the run ``cfg`` (:func:`build_trainer`; ``kwargs``: what the stage owns)."""
-    return build_trainer(cfg.trainer, str(paths.root), stage, callbacks, **kwargs)
+    """The Trainer of ``stage`` in the run ``cfg`` (:func:`build_trainer`; ``kwargs``: what the stage owns), its
+    built-in networks in channels-last format where ``run.channels_last`` says so (:class:`ChannelsLast`)."""
+    return build_trainer(cfg.trainer, str(paths.root), stage, [ChannelsLast(cfg.run.channels_last), *callbacks],
+                         **kwargs)
 
 
 def checkpointing(cfg: PipelineConfig, paths: RunPaths, stage: str, monitor: str | None = None,
