@@ -7,10 +7,16 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-__all__ = ["ChannelsLast", "built_in"]
+__all__ = ["ChannelsLast", "built_in", "wants_channels_last"]
 
 _BUILT_IN = ("dad", "torch", "torchvision")
 """The packages whose networks are known to run in channels-last format (they never ``view`` their activations)."""
+
+
+def wants_channels_last(setting: bool | None, device: torch.device) -> bool:
+    """Whether networks run in channels-last format under ``setting`` (``run.channels_last``,
+    ``eval.channels_last``) on ``device``: None means on a CPU only, where it was measured faster."""
+    return device.type == "cpu" if setting is None else setting
 
 
 def built_in(network: nn.Module) -> bool:
@@ -29,8 +35,7 @@ class ChannelsLast(Callback):
         self.enabled = enabled
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        on = trainer.strategy.root_device.type == "cpu" if self.enabled is None else self.enabled
-        if on:
+        if wants_channels_last(self.enabled, trainer.strategy.root_device):
             for network in pl_module.children():
                 if built_in(network):
                     network.to(memory_format=torch.channels_last)

@@ -167,7 +167,7 @@ class DADDefense(nn.Module):
         (:func:`~dad.defense_runs.stack_rows`)."""
         with torch.no_grad():
             images = images.to(self.detector.reference.dtype)
-            logits, features = self.classify_with_features(images.flatten(0, images.dim() - len(self.image_shape) - 1))
+            logits, features = self.classify_with_features(images.reshape(-1, *self.image_shape))
         lead = images.shape[: images.dim() - len(self.image_shape)]
         return KnownRows(images, logits.view(*lead, -1), features.view(*lead, *features.shape[1:]))
 

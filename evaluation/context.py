@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
+from callbacks.memory_format import wants_channels_last
 from dad.defense import DADDefense
 from dad.defense_file import load_defense
 from dad.io import sha256_file
@@ -90,8 +91,7 @@ def open_context(cfg: PipelineConfig, run_dir: str | Path | None = None) -> tupl
 
 def memory_format(channels_last: bool | None, device: torch.device) -> torch.memory_format:
     """The memory format of the evaluated networks under ``eval.channels_last`` (None: channels-last on a CPU)."""
-    last = device.type == "cpu" if channels_last is None else channels_last
-    return torch.channels_last if last else torch.preserve_format
+    return torch.channels_last if wants_channels_last(channels_last, device) else torch.preserve_format
 
 
 def in_memory_format(defense: DADDefense, channels_last: bool | None, probe: Tensor) -> None:

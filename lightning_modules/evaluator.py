@@ -177,7 +177,7 @@ class DefenseEvaluator(pl.LightningModule):
             whole = self._crafted_or_attack(name, x, y, index, batch_idx)
             aes = [whole[group.rows] for group in groups]
         else:
-            aes = group_aes(spec, self.defense, lambda *a: self.attack(*a[:4], filler=a[4]), x, y, groups)
+            aes = group_aes(spec, self.defense, self.attack, x, y, groups)
         parts: dict[str, list[Tensor]] = {}
         for group, x_adv in zip(groups, aes):
             with seeded(chunk_seed(spec.seed, group.chunk, stream=1), x):

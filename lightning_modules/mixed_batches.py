@@ -25,8 +25,9 @@ __all__ = ["FILLER_STREAM", "Group", "mixed_groups", "group_aes"]
 FILLER_STREAM = 2
 """Random stream of the filler draws (0: attacks, 1: the evaluation's noise)."""
 
-Attack = Callable[[AttackSpec, Tensor, Tensor, int, "Tensor | None"], Tensor]
-"""``attack(spec, x, y, chunk, filler)``: the AEs of ``x`` seeded by ``chunk``, the defense seeing ``filler`` too."""
+Attack = Callable[..., Tensor]
+"""``attack(spec, x, y, chunk, filler=...)``: the AEs of ``x`` seeded by ``chunk``, the defense seeing ``filler`` too
+(:meth:`~lightning_modules.evaluator.DefenseEvaluator.attack`)."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,13 @@ def group_aes(spec: AttackSpec, defense: nn.Module, attack: Attack, x: Tensor, y
     """Each group's AEs under ``spec``: the groups of equal size as one stack where ``spec`` takes it (see the
     module's docstring), else one group at a time; a classifier-only attack crafts its AEs alone."""
     if spec.threat != "defense":
-        return [attack(spec, x[g.rows], y[g.rows], g.chunk, None) for g in groups]
+        return [attack(spec, x[g.rows], y[g.rows], g.chunk, filler=None) for g in groups]
     size = groups[0].rows.stop - groups[0].rows.start
-    full = [g for g in groups if g.rows.stop - g.rows.start == size]
-    stack = torch.stack([x[g.rows] for g in full])
+    full = [g for g in groups if g.rows.stop - g.rows.start == size]  # consecutive from the first row: views
+    stack = x[: len(full) * size].unflatten(0, (len(full), size))
     if not stacks_groups(spec, defense, stack):
-        return [attack(spec, x[g.rows], y[g.rows], g.chunk, g.filler) for g in groups]
+        return [attack(spec, x[g.rows], y[g.rows], g.chunk, filler=g.filler) for g in groups]
     fillers = torch.stack([g.filler for g in full])
-    stacked = attack(spec, stack, torch.stack([y[g.rows] for g in full]), full[0].chunk, fillers)
-    return list(stacked) + [attack(spec, x[g.rows], y[g.rows], g.chunk, g.filler) for g in groups[len(full):]]
+    stacked = attack(spec, stack, y[: len(full) * size].unflatten(0, (len(full), size)), full[0].chunk,
+                     filler=fillers)
+    return list(stacked) + [attack(spec, x[g.rows], y[g.rows], g.chunk, filler=g.filler) for g in groups[len(full):]]

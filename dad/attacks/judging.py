@@ -19,7 +19,7 @@ from dad.defense_runs import forward_runs, is_runs, per_run
 from dad.runs import record_stop, run_settings
 
 __all__ = ["Judge", "error_rates", "defense_judge", "judged_steps", "judged_ascent", "per_run_mask", "settled",
-           "strongest_batch", "strongest_run", "with_filler"]
+           "strongest_batch", "ranked_mix", "strongest_run", "with_filler"]
 
 Judge = Callable[[Tensor], Tensor]
 """``judge(x_adv)`` -> per-sample error rates ``(n,)`` of the real defense on the whole batch ``x_adv``."""
@@ -139,11 +139,20 @@ def strongest_batch(judge: Judge, candidates: Sequence[Tensor], rates: Tensor | 
         return candidates[0]
     if rates is None:
         rates = torch.stack([judge(c) for c in candidates])
-    order = rates.sum(1).argsort(descending=True, stable=True)
-    stacked = torch.stack(list(candidates))[order]
-    pick = rates[order].argmax(0)
-    mixed = stacked[pick, torch.arange(stacked.shape[1], device=pick.device)]
-    return torch.where(judge(mixed).sum() > rates[order[0]].sum(), mixed, stacked[0])
+    best, errors, mixed = ranked_mix(torch.stack(list(candidates))[None], rates[None])
+    return torch.where(judge(mixed[0]).sum() > errors[0], mixed[0], best[0])
+
+
+def ranked_mix(stack: Tensor, rates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``G`` independent sets of ``S`` candidate batches ``stack`` ``(G, S, B, ...)`` judged with ``rates``
+    ``(G, S, B)``: per set, its best batch ``(G, B, ...)`` (the highest total error, the earlier on ties), that total
+    ``(G,)``, and the per-sample mix ``(G, B, ...)`` taking each sample from the candidate it is most often
+    misclassified in (the best batch on ties), for the caller to judge whole (:func:`strongest_batch`)."""
+    rows = torch.arange(len(stack), device=stack.device)[:, None]
+    order = rates.sum(2).argsort(dim=1, descending=True, stable=True)
+    ranked, ranked_rates = stack[rows, order], rates[rows, order]
+    mixed = ranked[rows, ranked_rates.argmax(1), torch.arange(stack.shape[2], device=stack.device)]
+    return ranked[:, 0], ranked_rates[:, 0].sum(1), mixed
 
 
 def strongest_run(judge: Judge, runs: Sequence[Callable[[], Tensor]]) -> Tensor:

@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 from dad.attacks.common import Norm, start_point
 from dad.attacks.catalog import takes_groups
-from dad.attacks.judging import Judge, defense_judge, settled, strongest_batch, strongest_run
+from dad.attacks.judging import Judge, defense_judge, ranked_mix, settled, strongest_batch, strongest_run
 from dad.attacks.objectives import DefenseObjective, defense_objective
 from dad.attacks.spec import AttackSpec
 from dad.defense_runs import is_runs
 from dad.runs import run_chunks, run_settings
 
 __all__ = ["RunSetting", "Engine", "stacks_runs", "stacks_groups", "run_starts", "as_stack", "flat_judge", "flat_runs",
-           "stacked_runs", "strongest_per_group", "attack_runs"]
+           "stacked_runs", "strongest_per_group", "spec_runs", "attack_runs"]
 
 RunSetting = tuple[str, float]
 """One run's settings: its loss kind and its penalty weight."""
@@ -51,7 +51,7 @@ def stacks_groups(spec: AttackSpec, defense: nn.Module, x: Tensor) -> bool:
     by default off the CPU), an attack through the defense that takes them (:func:`~dad.attacks.catalog.takes_groups`),
     runs that stack (:func:`stacks_runs`), and all the groups' runs, their EOT draws whole, in one pass under the cap
     on images (else the groups run one after another)."""
-    runs = len(x) * len(spec.losses) * len(spec.schedule) * spec.restarts
+    runs = len(x) * len(spec_runs(spec))
     stack = run_settings().stack_groups
     return ((x.device.type != "cpu" if stack is None else stack)
             and spec.threat == "defense" and len(x) > 1 and takes_groups(spec.name, spec.threat)
@@ -142,16 +142,20 @@ def strongest_per_group(judge: Judge, stack: Tensor, groups: int) -> Tensor:
     if per == 1:
         return stack[:, 0]
     rates = judge(stack.flatten(0, 1)).view(groups, per, -1)
-    rows = torch.arange(groups, device=stack.device)[:, None]
-    order = rates.sum(2).argsort(dim=1, descending=True, stable=True)
-    ranked, ranked_rates = stack[rows, order], rates[rows, order]
-    mixed = ranked[rows, ranked_rates.argmax(1), torch.arange(stack.shape[2], device=stack.device)]
+    best, errors, mixed = ranked_mix(stack, rates)
     per_group = (groups, *([1] * (mixed.dim() - 1)))
-    best = torch.where((judge(mixed).sum(1) > ranked_rates[:, 0].sum(1)).view(per_group), mixed, ranked[:, 0])
+    best = torch.where((judge(mixed).sum(1) > errors).view(per_group), mixed, best)
     if not run_settings().early_stop:
         return best
     done = (rates >= 1.0).all(2)
-    return torch.where(done.any(1).view(per_group), stack[rows[:, 0], done.int().argmax(1)], best)
+    first = stack[torch.arange(groups, device=stack.device), done.int().argmax(1)]
+    return torch.where(done.any(1).view(per_group), first, best)
+
+
+def spec_runs(spec: AttackSpec) -> list[RunSetting]:
+    """The runs of an attack through the defense: one per loss of ``spec.loss``, weight of ``spec.schedule`` and
+    restart, in that order."""
+    return [(loss, lam) for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)]
 
 
 def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, filler: Tensor | None,
@@ -161,7 +165,7 @@ def attack_runs(spec: AttackSpec, defense: nn.Module, x: Tensor, y: Tensor, fill
     stacked where :func:`stacks_runs`, else one after another. On groups (``x`` ``(G, k, ...)``, see the module's
     docstring; only where :func:`stacks_groups`), each group's strongest batch, ``(G, k, ...)``."""
     judge = defense_judge(defense, y, spec.draws, filler)
-    settings = [(loss, lam) for loss in spec.losses for lam in spec.schedule for _ in range(spec.restarts)]
+    settings = spec_runs(spec)
 
     def run(losses: tuple[str, ...] | str, lams: tuple[float, ...] | float, groups: int = 1) -> Tensor:
         objective = defense_objective(defense, y, spec.objective, lams, losses, spec.temperature, spec.margin, filler)
